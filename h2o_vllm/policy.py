@@ -1,0 +1,216 @@
+"""Eviction policies: which KV blocks of one sequence to drop. No engine, no torch.
+
+The unit is a *block* of ``block_size`` consecutive logical token positions
+(``block_size=1`` is token-level H2O as in the paper; 32 is the vLLM engine's
+block). A policy looks at one sequence at a time through a :class:`SequenceView`
+and returns the logical indices of the blocks to evict now. Every engine (the
+Hugging Face cache, the vLLM scheduler) calls the same code, so they can only
+differ in the scores they feed in.
+
+Rules shared by every policy:
+
+- Only *resident*, *full* blocks can be evicted. The last, partly written
+  block never is.
+- *Sink* blocks (those holding the first ``n_sink`` tokens) and *recent* blocks
+  (those holding the last ``n_recent`` tokens) are never evicted.
+- The budget is a number of blocks: ``floor(budget_tokens / block_size)``,
+  where ``budget_tokens`` is a token count or a fraction of the sequence's
+  current length. After eviction a sequence holds at most
+  ``max(budget_blocks, protected_blocks)`` blocks: protected blocks win when
+  the budget is smaller than sinks plus recent window.
+
+Tie-breaking is deterministic: among equal scores, the older block (lower
+index) is evicted first, so a policy's choice depends on the scores only.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much KV a sequence may keep: a token count, or a fraction of its current length."""
+
+    tokens: int | None = None
+    fraction: float | None = None
+
+    def __post_init__(self):
+        if (self.tokens is None) == (self.fraction is None):
+            raise ValueError("Budget needs exactly one of tokens or fraction")
+        if self.tokens is not None and (isinstance(self.tokens, bool) or int(self.tokens) != self.tokens or self.tokens < 1):
+            raise ValueError(f"budget tokens must be a positive integer, got {self.tokens!r}")
+        if self.fraction is not None and not (0.0 < self.fraction <= 1.0):  # also rejects NaN
+            raise ValueError(f"budget fraction must be in (0, 1], got {self.fraction!r}")
+
+    @classmethod
+    def parse(cls, value: "Budget | int | float | str") -> "Budget":
+        """``256`` or ``"256"`` -> 256 tokens; ``0.2``, ``"0.2"`` or ``"20%"`` -> 20% of the sequence.
+
+        A float up to 1.0 is a fraction (``1.0`` = the whole sequence); integers are tokens.
+        """
+        if isinstance(value, Budget):
+            return value
+        if isinstance(value, str):
+            text = value.strip()
+            if text.endswith("%"):
+                return cls(fraction=float(text[:-1]) / 100.0)
+            value = float(text)
+        if isinstance(value, bool):
+            raise ValueError(f"budget must be a number, got {value!r}")
+        if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+            raise ValueError(f"budget must be finite, got {value!r}")
+        if isinstance(value, float) and value <= 1.0:
+            return cls(fraction=value)
+        if float(value) != int(value):
+            raise ValueError(f"a budget of {value!r}: use a fraction below 1 or a whole token count")
+        return cls(tokens=int(value))
+
+    def tokens_for(self, num_tokens: int) -> int:
+        if self.tokens is not None:
+            return self.tokens
+        return int(math.floor(self.fraction * num_tokens))
+
+    def blocks_for(self, num_tokens: int, block_size: int) -> int:
+        return self.tokens_for(num_tokens) // block_size
+
+    def __str__(self) -> str:
+        return f"{self.tokens} tokens" if self.tokens is not None else f"{self.fraction:.0%}"
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Everything that decides evictions, shared by every engine."""
+
+    policy: str = "h2o"
+    budget: Budget = Budget(fraction=0.2)
+    n_sink: int = 4  # tokens
+    n_recent: int | None = None  # tokens; None = half of what the budget leaves after the sinks
+    block_size: int = 1
+    # "sum": accumulated attention (the paper). "mean": divided by how many queries could
+    # see each token (as kvpress and OpenVINO do), so old tokens are not favoured for age.
+    score_norm: str = "sum"
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}")
+        if self.block_size < 1 or self.n_sink < 0 or (self.n_recent is not None and self.n_recent < 0):
+            raise ValueError("block_size must be >= 1, n_sink and n_recent >= 0")
+        if self.score_norm not in ("sum", "mean"):
+            raise ValueError(f"score_norm must be 'sum' or 'mean', got {self.score_norm!r}")
+
+    def recent_tokens(self, num_tokens: int) -> int:
+        if self.n_recent is not None:
+            return self.n_recent
+        return max(0, self.budget.tokens_for(num_tokens) - self.n_sink) // 2
+
+
+@dataclass
+class SequenceView:
+    """What a policy sees of one sequence. Arrays are indexed by logical block."""
+
+    num_tokens: int  # logical tokens with KV written (positions 0 .. num_tokens-1)
+    resident: np.ndarray  # bool: the block's KV is still in memory
+    scores: np.ndarray  # accumulated attention mass per block (summed over layers, heads, queries)
+    visibility: np.ndarray | None = None  # number of (query, token) pairs that could attend each block
+
+    @classmethod
+    def fresh(cls, num_tokens: int, block_size: int, scores=None, visibility=None) -> "SequenceView":
+        n = -(-num_tokens // block_size)
+        return cls(
+            num_tokens,
+            np.ones(n, dtype=bool),
+            np.zeros(n) if scores is None else np.asarray(scores, dtype=np.float64),
+            None if visibility is None else np.asarray(visibility, dtype=np.float64),
+        )
+
+
+def protected_mask(cfg: PolicyConfig, num_tokens: int, num_blocks: int) -> np.ndarray:
+    """Blocks that may never be evicted now: sinks, recent window, and the unfilled tail."""
+    bs = cfg.block_size
+    protected = np.zeros(num_blocks, dtype=bool)
+    protected[: min(num_blocks, -(-cfg.n_sink // bs))] = True
+    recent = cfg.recent_tokens(num_tokens)
+    first_recent_block = max(0, (num_tokens - recent) // bs) if recent > 0 else num_blocks
+    protected[first_recent_block:] = True
+    full_blocks = num_tokens // bs
+    protected[full_blocks:] = True  # the partly written block, and anything not yet written
+    return protected
+
+
+class EvictionPolicy(ABC):
+    """One eviction rule. Subclasses only say in which order candidates go."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: PolicyConfig):
+        self.config = config
+
+    def select(self, view: SequenceView) -> list[int]:
+        """Logical indices (ascending) of the blocks to evict now."""
+        cfg = self.config
+        num_blocks = len(view.resident)
+        budget_blocks = cfg.budget.blocks_for(view.num_tokens, cfg.block_size)
+        excess = int(view.resident.sum()) - budget_blocks
+        if excess <= 0:
+            return []
+        candidates = np.flatnonzero(view.resident & ~protected_mask(cfg, view.num_tokens, num_blocks))
+        if len(candidates) == 0:
+            return []
+        order = self.eviction_order(view, candidates)
+        return sorted(int(i) for i in order[:excess])
+
+    @abstractmethod
+    def eviction_order(self, view: SequenceView, candidates: np.ndarray) -> np.ndarray:
+        """``candidates`` rearranged so that the first ones are evicted first."""
+
+
+class NoEviction(EvictionPolicy):
+    """The full cache: never evicts."""
+
+    name = "none"
+
+    def select(self, view: SequenceView) -> list[int]:
+        return []
+
+    def eviction_order(self, view, candidates):
+        return candidates[:0]
+
+
+class StreamingLLM(EvictionPolicy):
+    """Sinks + the most recent blocks (Xiao et al., 2023): the oldest non-sink block goes first."""
+
+    name = "streaming"
+
+    def eviction_order(self, view, candidates):
+        return candidates  # already ascending, i.e. oldest first
+
+
+class H2O(EvictionPolicy):
+    """Sinks + recent window + heavy hitters: the lowest accumulated score goes first."""
+
+    name = "h2o"
+
+    def block_scores(self, view: SequenceView) -> np.ndarray:
+        if self.config.score_norm == "mean":
+            if view.visibility is None:
+                raise ValueError("score_norm='mean' needs visibility counts")
+            return view.scores / np.maximum(view.visibility, 1.0)
+        return view.scores
+
+    def eviction_order(self, view, candidates):
+        scores = self.block_scores(view)[candidates]
+        # lexsort: last key is primary. Lowest score first; among ties the lower (older) index.
+        return candidates[np.lexsort((candidates, scores))]
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (H2O, StreamingLLM, NoEviction)}
+
+
+def make_policy(config: PolicyConfig) -> EvictionPolicy:
+    return POLICIES[config.policy](config)

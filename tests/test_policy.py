@@ -1,0 +1,146 @@
+"""Property tests of the engine-agnostic policy core."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from h2o_vllm.policy import Budget, PolicyConfig, SequenceView, make_policy, protected_mask
+
+
+@st.composite
+def scenarios(draw, policy=st.sampled_from(["h2o", "streaming", "none"])):
+    block_size = draw(st.sampled_from([1, 2, 4, 16, 32]))
+    num_tokens = draw(st.integers(1, 40 * block_size))
+    num_blocks = -(-num_tokens // block_size)
+    if draw(st.booleans()):
+        budget = Budget(fraction=draw(st.floats(0.01, 1.0)))
+    else:
+        budget = Budget(tokens=draw(st.integers(1, 2 * num_tokens)))
+    cfg = PolicyConfig(
+        policy=draw(policy),
+        budget=budget,
+        n_sink=draw(st.integers(0, 3 * block_size)),
+        n_recent=draw(st.one_of(st.none(), st.integers(0, 6 * block_size))),
+        block_size=block_size,
+        score_norm=draw(st.sampled_from(["sum", "mean"])),
+    )
+    # Coarse scores so that ties happen often.
+    scores = np.array(draw(st.lists(st.integers(0, 5), min_size=num_blocks, max_size=num_blocks)), dtype=float)
+    visibility = np.array(draw(st.lists(st.integers(1, 9), min_size=num_blocks, max_size=num_blocks)), dtype=float)
+    resident = np.array(draw(st.lists(st.booleans(), min_size=num_blocks, max_size=num_blocks)))
+    resident |= protected_mask(cfg, num_tokens, num_blocks)  # protected blocks are never gone
+    view = SequenceView(num_tokens, resident, scores, visibility)
+    return cfg, view
+
+
+def _evict(cfg, view):
+    return make_policy(cfg).select(view)
+
+
+@settings(max_examples=400, deadline=None)
+@given(scenarios())
+def test_budget_holds_unless_protected_blocks_exceed_it(case):
+    cfg, view = case
+    evicted = _evict(cfg, view)
+    assert evicted == sorted(set(evicted))
+    assert all(view.resident[i] for i in evicted)  # only resident blocks go
+    after = int(view.resident.sum()) - len(evicted)
+    budget_blocks = cfg.budget.blocks_for(view.num_tokens, cfg.block_size)
+    protected = int(protected_mask(cfg, view.num_tokens, len(view.resident)).sum())
+    if cfg.policy == "none":
+        assert evicted == []
+    else:
+        assert after <= max(budget_blocks, protected, int(view.resident.sum()) - _num_candidates(cfg, view))
+        assert after >= min(int(view.resident.sum()), budget_blocks)  # never evicts more than needed
+
+
+def _num_candidates(cfg, view):
+    return int((view.resident & ~protected_mask(cfg, view.num_tokens, len(view.resident))).sum())
+
+
+@settings(max_examples=400, deadline=None)
+@given(scenarios())
+def test_sinks_recent_and_unfilled_blocks_are_never_evicted(case):
+    cfg, view = case
+    bs, n = cfg.block_size, view.num_tokens
+    for block in _evict(cfg, view):
+        first, last = block * bs, block * bs + bs - 1
+        assert last < n, "an unfilled block was evicted"
+        assert first >= cfg.n_sink, "a sink token was evicted"
+        assert last < n - cfg.recent_tokens(n), "a recent token was evicted"
+
+
+@settings(max_examples=400, deadline=None)
+@given(scenarios(policy=st.sampled_from(["h2o", "streaming"])), st.integers(1, 64))
+def test_larger_budget_never_evicts_what_a_smaller_one_keeps(case, extra_tokens):
+    cfg, view = case
+    if cfg.n_recent is None:  # the default recent window grows with the budget; pin it
+        cfg = PolicyConfig(**{**cfg.__dict__, "n_recent": cfg.recent_tokens(view.num_tokens)})
+    small = cfg.budget
+    large = (
+        Budget(tokens=small.tokens + extra_tokens)
+        if small.tokens is not None
+        else Budget(fraction=min(1.0, small.fraction + extra_tokens / 64))
+    )
+    evicted_small = set(_evict(cfg, view))
+    evicted_large = set(_evict(PolicyConfig(**{**cfg.__dict__, "budget": large}), view))
+    assert evicted_large <= evicted_small
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios(policy=st.just("none")))
+def test_none_never_evicts(case):
+    cfg, view = case
+    view.resident[:] = True
+    assert _evict(PolicyConfig(**{**cfg.__dict__, "budget": Budget(tokens=1)}), view) == []
+
+
+def test_h2o_evicts_lowest_scores_and_breaks_ties_towards_older_blocks():
+    cfg = PolicyConfig("h2o", Budget(tokens=5), n_sink=1, n_recent=1, block_size=1)
+    view = SequenceView.fresh(10, 1, scores=[9, 1, 3, 1, 7, 0.5, 8, 2, 6, 9])
+    # 10 resident, budget 5 -> evict 5 of blocks 1..8: scores 0.5 (5), 1 (1), 1 (3), 2 (7), 3 (2)
+    assert make_policy(cfg).select(view) == [1, 2, 3, 5, 7]
+
+
+def test_streaming_keeps_sinks_and_the_most_recent_blocks():
+    cfg = PolicyConfig("streaming", Budget(tokens=4 * 32), n_sink=8, n_recent=32, block_size=32)
+    view = SequenceView.fresh(10 * 32 + 5, 32, scores=np.arange(11)[::-1])  # scores are ignored
+    # 11 blocks (the last holds 5 tokens), budget 4: keep block 0 (sinks) and the 3 newest (8, 9, 10)
+    assert make_policy(cfg).select(view) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_mean_normalisation_ranks_by_attention_per_query():
+    view = SequenceView.fresh(6, 1, scores=[0, 8, 3, 0, 0, 0], visibility=[1, 8, 2, 1, 1, 1])
+    base = dict(budget=Budget(tokens=5), n_sink=1, n_recent=3, block_size=1)
+    # sum: block 2 (3) < block 1 (8); mean: block 1 (1.0) < block 2 (1.5)
+    assert make_policy(PolicyConfig("h2o", score_norm="sum", **base)).select(view) == [2]
+    assert make_policy(PolicyConfig("h2o", score_norm="mean", **base)).select(view) == [1]
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(256, Budget(tokens=256)), ("256", Budget(tokens=256)), (0.2, Budget(fraction=0.2)),
+     ("20%", Budget(fraction=0.2)), (1.0, Budget(fraction=1.0)), (1, Budget(tokens=1)), ("0.5", Budget(fraction=0.5))],
+)
+def test_budget_parsing(value, expected):
+    assert Budget.parse(value) == expected
+
+
+@pytest.mark.parametrize("bad", [0, -3, float("nan"), float("inf"), "abc", 2.5, True, "-10%", "0%"])
+def test_bad_budgets_are_refused(bad):
+    with pytest.raises(ValueError):
+        Budget.parse(bad)
+
+
+def test_budget_rounds_down_to_whole_blocks():
+    assert Budget(fraction=0.2).blocks_for(1024, 32) == 6  # 204.8 tokens -> 6 blocks
+    assert Budget(tokens=256).blocks_for(5000, 32) == 8
+    assert math.isclose(Budget(fraction=0.5).tokens_for(101), 50)
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="unknown policy"):
+        PolicyConfig(policy="lru")
