@@ -1,0 +1,21 @@
+"""H2O for Hugging Face transformers: an evicting ``Cache`` and the seed's enable/disable API."""
+
+from h2o_vllm.hf.api import (
+    disable_h2o_llm,
+    disable_streaming_llm,
+    enable_h2o_llm,
+    enable_policy,
+    enable_streaming_llm,
+    make_cache,
+)
+from h2o_vllm.hf.cache import H2OCache
+
+__all__ = [
+    "H2OCache",
+    "disable_h2o_llm",
+    "disable_streaming_llm",
+    "enable_h2o_llm",
+    "enable_policy",
+    "enable_streaming_llm",
+    "make_cache",
+]

@@ -1,0 +1,89 @@
+"""The seed's API: switch a transformers model to H2O or StreamingLLM and call ``generate`` as usual.
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    enable_h2o_llm(model, n_sink=8, recent_window=32, max_capacity=256)
+    model.generate(**inputs, max_new_tokens=512)     # H2O: 8 sinks + 216 heavy hitters + 32 recent
+    enable_streaming_llm(model, n_sink=8, window_size=256)
+    disable_streaming_llm(model)                     # back to the full cache
+"""
+
+from __future__ import annotations
+
+import functools
+
+from h2o_vllm.hf import attention
+from h2o_vllm.hf.cache import H2OCache
+from h2o_vllm.policy import Budget, PolicyConfig
+
+_STATE = "_h2o_vllm_state"
+
+
+def enable_h2o_llm(
+    model,
+    n_sink: int = 8,
+    recent_window: int = 32,
+    max_capacity: int = 256,
+    *,
+    block_size: int = 1,
+    per_layer: bool = False,
+    score_norm: str = "sum",
+    prompt_window: int | None = None,
+):
+    """H2O: keep ``n_sink`` first tokens, ``recent_window`` last ones and
+    ``max_capacity - n_sink - recent_window`` heavy hitters."""
+    if max_capacity < n_sink + recent_window:
+        raise ValueError(
+            f"max_capacity ({max_capacity}) must hold n_sink + recent_window ({n_sink} + {recent_window})"
+        )
+    config = PolicyConfig("h2o", Budget(tokens=max_capacity), n_sink, recent_window, block_size, score_norm)
+    return enable_policy(model, config, per_layer=per_layer, prompt_window=prompt_window)
+
+
+def enable_streaming_llm(model, n_sink: int = 8, window_size: int = 256, *, block_size: int = 1):
+    """StreamingLLM: keep ``n_sink`` first tokens and the last ``window_size`` ones."""
+    config = PolicyConfig("streaming", Budget(tokens=n_sink + window_size), n_sink, window_size, block_size)
+    return enable_policy(model, config)
+
+
+def enable_policy(model, config: PolicyConfig, *, per_layer: bool = False, prompt_window: int | None = None):
+    """Any policy of the core. Re-enabling replaces the previous setting."""
+    attention.register()
+    state = getattr(model, _STATE, None)
+    if state is None:
+        state = {"attn_implementation": model.config._attn_implementation, "generate": model.generate}
+        setattr(model, _STATE, state)
+    model.set_attn_implementation(attention.h2o_name(state["attn_implementation"]))
+    cache_kwargs = {"per_layer": per_layer, "prompt_window": prompt_window}
+    state["make_cache"] = lambda: H2OCache.for_model(model, config, **cache_kwargs)
+    original_generate = state["generate"]
+
+    @functools.wraps(original_generate)
+    def generate(*args, **kwargs):
+        if kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = state["make_cache"]()
+        return original_generate(*args, **kwargs)
+
+    model.generate = generate
+    return model
+
+
+def make_cache(model) -> H2OCache:
+    """A fresh cache with the policy the model was enabled with (for manual forward loops)."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError("call enable_h2o_llm or enable_streaming_llm on the model first")
+    return state["make_cache"]()
+
+
+def disable_streaming_llm(model):
+    """Back to the unmodified model: full cache, original attention."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        return model
+    model.set_attn_implementation(state["attn_implementation"])
+    model.generate = state["generate"]
+    delattr(model, _STATE)
+    return model
+
+
+disable_h2o_llm = disable_streaming_llm

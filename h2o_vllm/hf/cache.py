@@ -1,0 +1,272 @@
+"""A transformers ``Cache`` that evicts KV with the policy core, for real.
+
+Each layer stores its keys and values as ``[batch, kv_heads, slots, head_dim]``
+plus the position of every slot. Evicted slots are removed and the tensors
+repacked, so evicted KV is gone from memory; positions keep counting, so RoPE
+and generation go on as if nothing had been dropped (keys are stored already
+rotated). Rows of a batch may keep different slots; a row with fewer slots
+than the widest one is padded with empty slots that no query can see.
+
+Scores come from the attention function in :mod:`h2o_vllm.hf.attention`,
+which calls :meth:`H2OCache.attend` for every layer. With ``per_layer=False``
+(the default, as paging requires) the attention mass is summed over layers,
+heads and queries into one ledger per row, and one decision after the last
+layer holds for all layers. With ``per_layer=True`` each layer keeps its own
+ledger and evicts right after its own attention (the paper's setting).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from h2o_vllm.ledger import BlockLedger
+from h2o_vllm.policy import PolicyConfig, make_policy
+
+# update() and the attention call of the same layer run back to back on one thread;
+# this is how the attention function finds the cache it belongs to.
+_ACTIVE = threading.local()
+
+
+def take_active_cache() -> "H2OCache | None":
+    cache = getattr(_ACTIVE, "cache", None)
+    _ACTIVE.cache = None
+    return cache
+
+
+class EvictingLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self):
+        super().__init__()
+        self.positions: torch.Tensor | None = None  # [batch, slots]; -1 marks an empty slot
+        self.seen = 0  # positions handed out so far (what generation counts as cache length)
+        self.compacted = False  # once true, transformers' own masks no longer describe the slots
+
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.positions = torch.zeros(key_states.shape[0], 0, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    @property
+    def width(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, q_len = key_states.shape[0], key_states.shape[-2]
+        new_positions = torch.arange(self.seen, self.seen + q_len, device=self.device).expand(batch, q_len)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, new_positions], dim=1)
+        self.seen += q_len
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.width + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.positions = None
+        self.is_initialized = False
+        self.seen = 0
+        self.compacted = False
+
+    def keep_only(self, keep: torch.Tensor) -> None:
+        """Remove every slot where ``keep`` [batch, slots] is False and repack rows to the left."""
+        batch, width = keep.shape
+        counts = keep.sum(dim=1)
+        new_width = int(counts.max())
+        index = torch.arange(width, device=keep.device)
+        # Kept slots first, each in its original order (keys are unique, so the sort is stable).
+        order = torch.argsort((~keep).long() * width + index, dim=1)[:, :new_width]
+        gather = order[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, gather)
+        self.values = self.values.gather(2, gather)
+        positions = self.positions.gather(1, order)
+        positions[index[:new_width][None, :] >= counts[:, None]] = -1
+        self.positions = positions
+        self.compacted = True
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("H2OCache does not support beam search")
+
+
+@dataclass
+class CacheStats:
+    evicted_blocks: int = 0
+    evictions: int = 0  # eviction decisions that dropped something
+    peak_slots: int = 0  # widest any layer has been (tokens of KV per row)
+    per_row_evicted: list[list[int]] = field(default_factory=list)  # logical block indices, row by row
+
+
+class H2OCache(Cache):
+    """KV cache that applies an eviction policy (h2o, streaming, none) as it goes."""
+
+    def __init__(
+        self,
+        policy_config: PolicyConfig,
+        num_layers: int,
+        *,
+        per_layer: bool = False,
+        prompt_window: int | None = None,
+        score_chunk: int = 256,
+    ):
+        super().__init__(layers=[EvictingLayer() for _ in range(num_layers)])
+        self.policy_config = policy_config
+        self.policy = make_policy(policy_config)
+        self.per_layer = per_layer
+        # None: every prompt query scores (the paper's column sums); W: only the last W prompt queries.
+        self.prompt_window = prompt_window
+        self.score_chunk = score_chunk
+        self.padding: torch.Tensor | None = None  # [batch] left-padding tokens per row
+        self.ledgers: list[list[BlockLedger]] = []  # [score group][row]
+        self.stats = CacheStats()
+
+    @classmethod
+    def for_model(cls, model, policy_config: PolicyConfig, **kwargs) -> "H2OCache":
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        return cls(policy_config, config.num_hidden_layers, **kwargs)
+
+    # -- transformers Cache interface ----------------------------------------------------
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.layers[layer_idx].update(key_states, value_states)
+        _ACTIVE.cache = self
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("H2OCache does not support beam search")
+
+    # -- called by the attention function -------------------------------------------------
+
+    def attend(self, module, base_attention, query, key, value, attention_mask, scaling, dropout, additive_mask, **kwargs):
+        layer_idx = module.layer_idx
+        layer = self.layers[layer_idx]
+        q_len = query.shape[2]
+        first_query = layer.seen - q_len
+        if self.padding is None:
+            self._start(attention_mask, query.shape[0], q_len)
+        if layer.compacted:
+            allowed = self._allowed(layer, first_query, 0, q_len)
+            attention_mask = _as_mask(allowed, query.dtype, additive_mask)
+        out, weights = base_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if self.policy_config.policy != "none":
+            self._score(module, layer, layer_idx, query, key, weights, first_query, scaling)
+            last_layer = layer_idx == len(self.layers) - 1
+            if self.per_layer:
+                self._evict(layer_idx, [layer])
+            elif last_layer:
+                self._evict(0, self.layers)
+        width = layer.width
+        self.stats.peak_slots = max(self.stats.peak_slots, width)
+        return out, weights
+
+    # -- internals --------------------------------------------------------------------
+
+    def _start(self, attention_mask, batch: int, q_len: int) -> None:
+        """First forward: learn each row's left padding and open the ledgers."""
+        self.padding = _left_padding(attention_mask, batch, q_len)
+        groups = len(self.layers) if self.per_layer else 1
+        self.ledgers = [[BlockLedger(self.policy_config.block_size) for _ in range(batch)] for _ in range(groups)]
+        self.stats.per_row_evicted = [[] for _ in range(batch)]
+
+    def _allowed(self, layer: EvictingLayer, first_query: int, row_start: int, row_end: int) -> torch.Tensor:
+        """[batch, 1, rows, slots]: which slots each query may attend (causal, no padding, no empty slot)."""
+        pos = layer.positions
+        q_pos = torch.arange(first_query + row_start, first_query + row_end, device=pos.device)
+        valid = pos >= self.padding[:, None].to(pos.device)
+        allowed = valid[:, None, :] & (pos[:, None, :] <= q_pos[None, :, None])
+        # A padding query would see nothing (NaN softmax); let it see itself. Its output is never used.
+        allowed |= pos[:, None, :] == q_pos[None, :, None]
+        return allowed[:, None]
+
+    def _score(self, module, layer, layer_idx, query, key, weights, first_query, scaling) -> None:
+        q_len = query.shape[2]
+        is_prompt = first_query == 0
+        row_start = max(0, q_len - self.prompt_window) if (is_prompt and self.prompt_window) else 0
+        batch, width = layer.positions.shape
+        mass = torch.zeros(batch, width, dtype=torch.float64)
+        visibility = torch.zeros(batch, width, dtype=torch.float64)
+        groups = getattr(module, "num_key_value_groups", 1)
+        keys = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+        for start in range(row_start, q_len, self.score_chunk):
+            end = min(q_len, start + self.score_chunk)
+            allowed = self._allowed(layer, first_query, start, end)  # [B, 1, r, W]
+            q_pos = torch.arange(first_query + start, first_query + end)
+            query_is_real = q_pos[None, :] >= self.padding[:, None]  # [B, r]
+            if weights is not None:  # eager attention already computed the probabilities
+                probs = weights[:, :, start:end].float()
+            else:
+                logits = torch.matmul(query[:, :, start:end].float(), keys.float().transpose(2, 3)) * scaling
+                probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+            probs = probs * query_is_real[:, None, :, None]
+            mass += probs.sum(dim=(1, 2)).double()
+            visibility += (allowed[:, 0] & query_is_real[:, :, None]).sum(dim=1).double()
+        group = layer_idx if self.per_layer else 0
+        positions = layer.positions
+        for row, ledger in enumerate(self.ledgers[group]):
+            ledger.grow(layer.seen - int(self.padding[row]))
+            logical = positions[row] - self.padding[row]
+            real = logical >= 0
+            ledger.add(logical[real].cpu().numpy(), mass[row, real].numpy(), visibility[row, real].numpy())
+
+    def _evict(self, group: int, layers: list[EvictingLayer]) -> None:
+        bs = self.policy_config.block_size
+        decisions = [ledger.evict(self.policy) for ledger in self.ledgers[group]]
+        has_padding_slots = bool((layers[0].positions < self.padding[:, None]).any())
+        if not any(decisions) and not has_padding_slots:
+            return  # nothing to remove: keep the cache exactly as an unmodified one would be
+        for row, blocks in enumerate(decisions):
+            if blocks:
+                self.stats.evicted_blocks += len(blocks)
+                self.stats.evictions += 1
+                if group == 0:
+                    self.stats.per_row_evicted[row].extend(blocks)
+        for layer in layers:
+            logical = layer.positions - self.padding[:, None]
+            keep = logical >= 0
+            for row, blocks in enumerate(decisions):
+                if blocks:
+                    gone = torch.as_tensor(blocks, dtype=torch.long)
+                    keep[row] &= ~torch.isin(logical[row] // bs, gone)
+            layer.keep_only(keep)
+
+    def resident_tokens(self, row: int = 0, layer_idx: int = 0) -> int:
+        layer = self.layers[layer_idx]
+        return int((layer.positions[row] >= self.padding[row]).sum())
+
+
+def _left_padding(attention_mask, batch: int, q_len: int) -> torch.Tensor:
+    """Leading padding tokens per row, read from the mask transformers built for the first forward."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return torch.zeros(batch, dtype=torch.long)
+    last_row = attention_mask[:, 0, -1, -q_len:]
+    visible = last_row if last_row.dtype == torch.bool else last_row == 0
+    if visible.shape[0] != batch:
+        visible = visible.expand(batch, -1)
+    # Padding sits on the left: count the leading invisible columns.
+    return (visible.cumsum(dim=1) == 0).sum(dim=1).long().cpu()
+
+
+def _as_mask(allowed: torch.Tensor, dtype, additive: bool) -> torch.Tensor:
+    if not additive:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -1,0 +1,59 @@
+"""Per-sequence bookkeeping of logical blocks: accumulated score, visibility, residency.
+
+Engine-agnostic (numpy only). Engines add attention mass as they compute it and
+ask the policy which blocks to drop; the ledger remembers what is gone so a
+block is never evicted twice and never scored again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from h2o_vllm.policy import EvictionPolicy, SequenceView
+
+
+class BlockLedger:
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.num_tokens = 0
+        self.scores = np.zeros(0)
+        self.visibility = np.zeros(0)
+        self.resident = np.zeros(0, dtype=bool)
+        self.num_evicted = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.resident)
+
+    def grow(self, num_tokens: int) -> None:
+        """The sequence now has ``num_tokens`` tokens with KV written."""
+        if num_tokens < self.num_tokens:
+            raise ValueError("a sequence never shrinks; reset the ledger instead")
+        self.num_tokens = num_tokens
+        extra = -(-num_tokens // self.block_size) - self.num_blocks
+        if extra > 0:
+            self.scores = np.concatenate([self.scores, np.zeros(extra)])
+            self.visibility = np.concatenate([self.visibility, np.zeros(extra)])
+            self.resident = np.concatenate([self.resident, np.ones(extra, dtype=bool)])
+
+    def add(self, token_positions: np.ndarray, mass: np.ndarray, visibility: np.ndarray | None = None) -> None:
+        """Add attention mass received by tokens at logical ``token_positions``."""
+        blocks = np.asarray(token_positions, dtype=np.int64) // self.block_size
+        np.add.at(self.scores, blocks, np.asarray(mass, dtype=np.float64))
+        if visibility is not None:
+            np.add.at(self.visibility, blocks, np.asarray(visibility, dtype=np.float64))
+
+    def view(self) -> SequenceView:
+        return SequenceView(self.num_tokens, self.resident, self.scores, self.visibility)
+
+    def evict(self, policy: EvictionPolicy) -> list[int]:
+        """Ask ``policy`` which blocks to drop, record it, and return their logical indices."""
+        blocks = policy.select(self.view())
+        if blocks:
+            self.resident[blocks] = False
+            self.num_evicted += len(blocks)
+        return blocks
+
+    @property
+    def num_resident(self) -> int:
+        return int(self.resident.sum())
