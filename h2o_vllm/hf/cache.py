@@ -139,12 +139,29 @@ class H2OCache(Cache):
 
     @classmethod
     def for_model(cls, model, policy_config: PolicyConfig, **kwargs) -> "H2OCache":
+        """A cache for ``model``, whose attention is switched to the h2o_ wrapper if it is not yet.
+
+        The wrapper runs the model's own eager or SDPA attention, unchanged when no
+        H2OCache is in play, so the switch is harmless for other uses of the model.
+        """
+        from h2o_vllm.hf import attention
+
+        attention.register()
+        wanted = attention.h2o_name(model.config._attn_implementation)
+        if model.config._attn_implementation != wanted:
+            model.set_attn_implementation(wanted)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         return cls(policy_config, config.num_hidden_layers, **kwargs)
 
     # -- transformers Cache interface ----------------------------------------------------
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if getattr(_ACTIVE, "cache", None) is self:
+            # The previous layer's attention never picked the cache up: nothing would be scored.
+            raise RuntimeError(
+                "H2OCache needs the model's attention switched to h2o_eager or h2o_sdpa; "
+                "create it with H2OCache.for_model(model, ...) or use enable_h2o_llm(model, ...)"
+            )
         keys, values = self.layers[layer_idx].update(key_states, value_states)
         _ACTIVE.cache = self
         return keys, values

@@ -1,0 +1,175 @@
+"""H2O for transformers: exactness without eviction, real eviction with it, and the seed API.
+
+Uses the tiny random model for mechanics and the real default model where the
+weights matter (the exactness test against the unmodified model).
+"""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from h2o_vllm.hf import H2OCache, disable_streaming_llm, enable_h2o_llm, enable_policy, enable_streaming_llm
+from h2o_vllm.policy import Budget, PolicyConfig
+
+PROMPTS = [
+    "The history of the Roman empire is long and complicated. It began when",
+    "Water boils at",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    tok.padding_side = "left"
+    return tok
+
+
+def _load(path, impl, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=impl).eval()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_budget_as_large_as_the_sequence_gives_the_unmodified_tokens(default_model_dir, tokenizer, impl):
+    model = _load(default_model_dir, impl)
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)  # batch of 2, left-padded
+    baseline = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    enable_h2o_llm(model, n_sink=4, recent_window=8, max_capacity=inputs.input_ids.shape[1] + 24)
+    with_h2o = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    disable_streaming_llm(model)
+    again = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    assert torch.equal(baseline, with_h2o)
+    assert torch.equal(baseline, again)
+
+
+def _run_tokens(model, cache, ids):
+    """Feed ``ids`` [batch, n] one token at a time through ``cache``; return per-step logits."""
+    logits = []
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_eviction_frees_memory_and_holds_the_budget(tiny_model_dir, impl, block_size):
+    model = _load(tiny_model_dir, impl)
+    cfg = PolicyConfig("h2o", Budget(tokens=16), n_sink=block_size, n_recent=2 * block_size, block_size=block_size)
+    cache = H2OCache.for_model(model, cfg)
+    ids = torch.randint(0, 1000, (2, 60), generator=torch.Generator().manual_seed(0))
+    _run_tokens(model, cache, ids)
+    for layer in cache.layers:
+        assert layer.keys.shape[-2] <= 16  # evicted KV is gone from the tensors
+        assert layer.seen == 60  # logical positions kept counting
+    assert cache.get_seq_length() == 60
+    assert cache.stats.evicted_blocks > 0
+    for row in range(2):
+        kept = sorted(cache.layers[0].positions[row].tolist())
+        assert kept[: block_size] == list(range(block_size))  # sinks stay
+        assert kept[-2 * block_size :] == list(range(60 - 2 * block_size, 60))  # the recent window stays
+
+
+def test_cache_matches_a_plain_cache_with_the_same_slots_removed(tiny_model_dir):
+    """Each step's logits equal those of transformers' own DynamicCache from which the
+    same slots were cut by hand: masks, positions and repacking are right."""
+    from transformers import DynamicCache
+
+    model = _load(tiny_model_dir, "sdpa")
+    reference_model = _load(tiny_model_dir, "sdpa")
+    cfg = PolicyConfig("h2o", Budget(tokens=12), n_sink=2, n_recent=4, block_size=1)
+    cache = H2OCache.for_model(model, cfg)
+    plain, plain_positions = DynamicCache(), []
+    ids = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for t in range(30):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+            ref = reference_model(
+                input_ids=ids[:, t : t + 1], past_key_values=plain, position_ids=torch.tensor([[t]]), use_cache=True
+            ).logits[0, -1]
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            plain_positions.append(t)
+            kept = set(cache.layers[0].positions[0].tolist())
+            keep = [i for i, p in enumerate(plain_positions) if p in kept]
+            for layer in plain.layers:
+                layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+            plain_positions = [plain_positions[i] for i in keep]
+    assert len(plain_positions) == 12 and cache.stats.evicted_blocks == 30 - 12
+
+
+def test_a_cache_without_the_attention_wrapper_is_refused(tiny_model_dir):
+    model = _load(tiny_model_dir, "sdpa")
+    cache = H2OCache(PolicyConfig("h2o"), num_layers=2)
+    with pytest.raises(RuntimeError, match="h2o_eager or h2o_sdpa"), torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]), past_key_values=cache)
+
+
+def test_token_level_h2o_keeps_heavy_hitters_that_streaming_drops(tiny_model_dir):
+    model = _load(tiny_model_dir, "eager")
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(2))
+    h2o = H2OCache.for_model(model, PolicyConfig("h2o", Budget(tokens=12), n_sink=2, n_recent=4))
+    streaming = H2OCache.for_model(model, PolicyConfig("streaming", Budget(tokens=12), n_sink=2, n_recent=10))
+    _run_tokens(model, h2o, ids)
+    _run_tokens(model, streaming, ids)
+    assert sorted(streaming.layers[0].positions[0].tolist()) == [0, 1] + list(range(30, 40))
+    kept = sorted(h2o.layers[0].positions[0].tolist())
+    assert len(kept) == 12 and kept[:2] == [0, 1] and kept[-4:] == [36, 37, 38, 39]
+    assert any(2 <= p < 30 for p in kept)  # heavy hitters from the middle
+
+
+def test_per_layer_decisions_differ_between_layers(tiny_model_dir):
+    model = _load(tiny_model_dir, "sdpa")
+    cfg = PolicyConfig("h2o", Budget(tokens=10), n_sink=1, n_recent=2)
+    cache = H2OCache.for_model(model, cfg, per_layer=True)
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(3))
+    _run_tokens(model, cache, ids)
+    kept = [tuple(sorted(layer.positions[0].tolist())) for layer in cache.layers]
+    assert all(len(k) == 10 for k in kept)
+    assert kept[0] != kept[1]
+
+
+def test_prompt_is_compressed_right_after_prefill_and_scoring_is_chunked(tiny_model_dir):
+    model = _load(tiny_model_dir, "sdpa")
+    cfg = PolicyConfig("h2o", Budget(fraction=0.25), n_sink=4, n_recent=8, block_size=4)
+    full = H2OCache.for_model(model, cfg, score_chunk=16)
+    windowed = H2OCache.for_model(model, cfg, prompt_window=8, score_chunk=16)
+    ids = torch.randint(0, 1000, (1, 200), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=full, use_cache=True)
+        model(input_ids=ids, past_key_values=windowed, use_cache=True)
+    assert full.layers[0].keys.shape[-2] == 48  # 25% of 200 = 50 tokens -> 12 blocks of 4
+    assert windowed.layers[0].keys.shape[-2] == 48
+    assert full.stats.per_row_evicted != windowed.stats.per_row_evicted  # the window changes the choice
+
+
+def test_chunked_scores_equal_eager_probabilities(tiny_model_dir):
+    """SDPA scoring (recomputed in chunks) ranks exactly as eager's own probabilities do."""
+    ids = torch.randint(0, 1000, (1, 90), generator=torch.Generator().manual_seed(5))
+    cfg = PolicyConfig("h2o", Budget(tokens=30), n_sink=2, n_recent=6)
+    ledgers = {}
+    for impl in ("sdpa", "eager"):
+        model = _load(tiny_model_dir, impl)
+        cache = H2OCache.for_model(model, cfg, score_chunk=7)
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+        ledgers[impl] = cache
+    np.testing.assert_allclose(ledgers["sdpa"].ledgers[0][0].scores, ledgers["eager"].ledgers[0][0].scores, rtol=1e-4)
+    assert ledgers["sdpa"].stats.per_row_evicted == ledgers["eager"].stats.per_row_evicted
+
+
+def test_seed_api_validates_and_switches(tiny_model_dir, tokenizer):
+    model = _load(tiny_model_dir, "sdpa")
+    with pytest.raises(ValueError, match="max_capacity"):
+        enable_h2o_llm(model, n_sink=8, recent_window=32, max_capacity=16)
+    enable_streaming_llm(model, n_sink=2, window_size=6)
+    assert model.config._attn_implementation == "h2o_sdpa"
+    inputs = tokenizer(PROMPTS[:1], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    assert out.shape[1] == inputs.input_ids.shape[1] + 20
+    disable_streaming_llm(model)
+    assert model.config._attn_implementation == "sdpa"
+    flash = _load(tiny_model_dir, "sdpa")
+    flash.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="eager or sdpa"):
+        enable_policy(flash, PolicyConfig("h2o"))
