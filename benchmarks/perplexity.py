@@ -1,0 +1,266 @@
+"""Streaming perplexity of H2O, StreamingLLM and the full cache on the default model.
+
+Every token is fed one at a time and scored under the cache state it would see
+while generating: the cache has already evicted down to its budget after each
+previous token. One pass over N tokens gives the perplexity at every prefix
+length (a budget given as a fraction follows the current length), so
+``--report-at 1024 2048 4096`` costs one 4096-token pass per configuration.
+Both corpora run as one batch of two rows, each row with its own decisions.
+
+    python benchmarks/perplexity.py                      # the README table (about 1.5 h on 2 cores)
+    python benchmarks/perplexity.py --configs h2o_20%_layer --corpora essays --max-tokens 1024
+
+Configuration names:
+    baseline                   full cache (transformers' own DynamicCache)
+    streaming_S_W              S sink tokens + W recent tokens
+    h2o_S_R_C                  S sinks + R recent + (C - S - R) heavy hitters, C tokens in all
+    h2o_P% / streaming_P%      a budget of P% of the current length, 8 sinks; H2O splits the
+                               rest half recent, half heavy hitters
+    ..._layer                  per-layer decisions (the paper) instead of one shared decision
+    ..._bN                     blocks of N tokens instead of single tokens
+
+Results accumulate in OUT/results.json (one entry per configuration, corpus and
+length); OUT/table.md is rewritten from all of them after every configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_CONFIGS = [
+    "baseline",
+    "streaming_8_256", "h2o_8_32_256", "streaming_8_504", "h2o_8_64_512",
+    "streaming_10%", "h2o_10%", "streaming_20%", "h2o_20%", "streaming_50%", "h2o_50%",
+]
+
+
+@dataclass
+class RunSpec:
+    name: str
+    policy_config: object | None  # None = baseline
+    per_layer: bool = False
+
+
+def parse_config(name: str) -> RunSpec:
+    from h2o_vllm.policy import Budget, PolicyConfig
+
+    if name == "baseline":
+        return RunSpec(name, None)
+    rest, per_layer, block_size = name, False, 1
+    if rest.endswith("_layer"):
+        rest, per_layer = rest[: -len("_layer")], True
+    if m := re.fullmatch(r"(.*)_b(\d+)", rest):
+        rest, block_size = m.group(1), int(m.group(2))
+    if m := re.fullmatch(r"(h2o|streaming)_(\d+(?:\.\d+)?)%", rest):
+        policy, budget = m.group(1), Budget(fraction=float(m.group(2)) / 100)
+        cfg = PolicyConfig(policy, budget, n_sink=8, n_recent=None, block_size=block_size)
+    elif m := re.fullmatch(r"streaming_(\d+)_(\d+)", rest):
+        sink, window = int(m.group(1)), int(m.group(2))
+        cfg = PolicyConfig("streaming", Budget(tokens=sink + window), sink, window, block_size)
+    elif m := re.fullmatch(r"h2o_(\d+)_(\d+)_(\d+)", rest):
+        sink, recent, capacity = (int(g) for g in m.groups())
+        cfg = PolicyConfig("h2o", Budget(tokens=capacity), sink, recent, block_size)
+    else:
+        raise SystemExit(f"unknown configuration {name!r}; see --help")
+    return RunSpec(name, cfg, per_layer)
+
+
+def budget_tokens(spec: RunSpec, length: int) -> int:
+    if spec.policy_config is None:
+        return length
+    return min(length, spec.policy_config.budget.tokens_for(length))
+
+
+def kv_bytes_per_token(model) -> int:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.finfo(model.dtype).bits // 8
+
+
+def resident_tokens(cache) -> torch.Tensor:
+    """[batch] KV tokens each row holds, averaged over layers (equal for shared decisions)."""
+    from transformers import DynamicCache
+
+    if isinstance(cache, DynamicCache):
+        return torch.full((cache.layers[0].keys.shape[0],), cache.layers[0].keys.shape[-2], dtype=torch.float64)
+    counts = [(layer.positions >= cache.padding[:, None]).sum(dim=1) for layer in cache.layers]
+    return torch.stack(counts).double().mean(dim=0)
+
+
+def run_pass(model, specs: list[RunSpec], ids: torch.Tensor, log_every: int) -> dict:
+    """One token-by-token pass over ``ids`` for every spec at once: rows = specs x corpora.
+
+    Each row has its own policy and its own decisions; batching only shares the forward passes.
+    The full cache runs alone in transformers' own DynamicCache.
+    """
+    from transformers import DynamicCache
+
+    from h2o_vllm.hf import H2OCache
+
+    corpora, n = ids.shape
+    batch_ids = ids.repeat(len(specs), 1)  # row = spec_index * corpora + corpus_index
+    if specs[0].policy_config is None:
+        assert len(specs) == 1
+        cache = DynamicCache()
+    else:
+        row_configs = [spec.policy_config for spec in specs for _ in range(corpora)]
+        cache = H2OCache.for_model(model, row_configs, per_layer=specs[0].per_layer)
+    nll = torch.zeros(batch_ids.shape[0], n - 1, dtype=torch.float64)
+    peak_tokens = torch.zeros(batch_ids.shape[0], dtype=torch.float64)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for t in range(n - 1):
+            logits = model(input_ids=batch_ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            nll[:, t] = torch.nn.functional.cross_entropy(logits.double(), batch_ids[:, t + 1], reduction="none")
+            peak_tokens = torch.maximum(peak_tokens, resident_tokens(cache))
+            if (t + 1) % log_every == 0 or t == n - 2:
+                rate = batch_ids.shape[0] * (t + 1) / (time.perf_counter() - start)
+                ppl = " ".join(f"{spec.name}={math.exp(nll[k * corpora, : t + 1].mean()):.2f}" for k, spec in enumerate(specs))
+                print(f"  {t + 1}/{n - 1} tokens ({rate:.1f} tok/s over {batch_ids.shape[0]} rows): {ppl}", flush=True)
+    return {"nll": nll, "peak_kv_bytes": peak_tokens * kv_bytes_per_token(model)}
+
+
+def time_alone(model, spec: RunSpec, ids: torch.Tensor) -> float:
+    """Tokens/s of one configuration alone (batch of one), token by token over ``ids``."""
+    from transformers import DynamicCache
+
+    from h2o_vllm.hf import H2OCache
+
+    cache = DynamicCache() if spec.policy_config is None else H2OCache.for_model(
+        model, spec.policy_config, per_layer=spec.per_layer)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+    return ids.shape[1] / (time.perf_counter() - start)
+
+
+def pass_groups(specs: list[RunSpec], max_tokens: int) -> list[list[RunSpec]]:
+    """Batch configurations whose caches are of similar size (rows are padded to the widest)."""
+    groups: dict[tuple, list[RunSpec]] = {}
+    for spec in specs:
+        if spec.policy_config is None:
+            key = ("baseline",)
+        else:
+            key = (spec.per_layer, max(1, budget_tokens(spec, max_tokens) - 1).bit_length())
+        groups.setdefault(key, []).append(spec)
+    return list(groups.values())
+
+
+def load_results(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def save_results(path: Path, entries: list[dict]) -> None:
+    path.write_text(json.dumps(entries, indent=1) + "\n")
+
+
+def write_table(entries: list[dict], out: Path) -> str:
+    order = {"essays": 0, "books": 1}
+    corpora = sorted({e["corpus"] for e in entries}, key=lambda c: order.get(c, 9))
+    lengths = sorted({e["length"] for e in entries})
+    configs = list(dict.fromkeys(e["config"] for e in entries))
+    by_key = {(e["config"], e["corpus"], e["length"]): e for e in entries}
+    header = ["config"] + [f"{c} {n}" for c in corpora for n in lengths] + ["budget (tokens)", "tok/s alone", "peak KV MiB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for config in configs:
+        row, meta = [config], None
+        for corpus in corpora:
+            for n in lengths:
+                e = by_key.get((config, corpus, n))
+                row.append(f"{e['ppl']:.2f}" if e else "")
+                meta = meta or e
+        row += [f"{meta['budget_tokens_at_max']} @ {meta['max_tokens']}", f"{meta['tokens_per_s']:.1f}",
+                f"{meta['peak_kv_bytes'] / 2**20:.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    commands = "\n".join(f"    {c}" for c in dict.fromkeys(e["command"] for e in entries))
+    text = (
+        "Streaming perplexity (lower is better) of SmolLM2-135M-Instruct in float32, token by token: each token\n"
+        "is scored under the cache its policy had left after the previous one. Columns: corpus and number of\n"
+        "tokens scored. Budget: KV tokens kept at the longest length run. tok/s: the configuration alone,\n"
+        "batch of one, over the first essay tokens. Peak KV: one sequence's cache at its largest.\n\n"
+        + "\n".join(lines)
+        + f"\n\nProduced by:\n{commands}\n"
+    )
+    (out / "table.md").write_text(text)
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    parser.add_argument("--corpora", nargs="+", default=["essays", "books"], choices=["essays", "books"])
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--report-at", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--model", type=Path, default=None, help="default: the prepared default model")
+    parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--timing-tokens", type=int, default=1024,
+                        help="tokens/s is measured per configuration alone over this many essay tokens (0: skip)")
+    parser.add_argument("--log-every", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=Path("results/perplexity"))
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from h2o_vllm import assets, datasets
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = [parse_config(c) for c in args.configs]
+    model_dir = args.model or assets.prepare_default_model().path
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = []
+    for corpus in args.corpora:
+        ids = tokenizer(datasets.CORPORA[corpus]()).input_ids[: args.max_tokens]
+        if len(ids) < args.max_tokens:
+            raise SystemExit(f"{corpus} has only {len(ids)} tokens")
+        rows.append(ids)
+    ids = torch.tensor(rows)
+    report_at = sorted(n for n in args.report_at if n <= args.max_tokens) or [args.max_tokens]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    command = "python benchmarks/perplexity.py " + " ".join(sys.argv[1:])
+
+    def load_model():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=args.attn).eval()
+
+    timing_ids = ids[:1, : args.timing_tokens]
+    for group in pass_groups(specs, args.max_tokens):
+        names = ", ".join(spec.name for spec in group)
+        print(f"pass: {names} ({len(group) * len(args.corpora)} rows x {args.max_tokens} tokens)", flush=True)
+        run = run_pass(load_model(), group, ids, args.log_every)
+        entries = load_results(results_path)
+        for k, spec in enumerate(group):
+            speed = time_alone(load_model(), spec, timing_ids) if args.timing_tokens else float("nan")
+            print(f"  {spec.name}: {speed:.1f} tok/s alone over the first {args.timing_tokens} essay tokens", flush=True)
+            entries = [e for e in entries if not (e["config"] == spec.name and e["corpus"] in args.corpora
+                                                  and e["length"] in report_at)]
+            for c, corpus in enumerate(args.corpora):
+                row = k * len(args.corpora) + c
+                for n in report_at:
+                    entries.append({
+                        "config": spec.name, "corpus": corpus, "length": n,
+                        "ppl": math.exp(run["nll"][row, : n - 1].mean().item()),
+                        "budget_tokens_at_max": budget_tokens(spec, args.max_tokens),
+                        "max_tokens": args.max_tokens,
+                        "tokens_per_s": speed, "timing_tokens": args.timing_tokens,
+                        "peak_kv_bytes": float(run["peak_kv_bytes"][row]),
+                        "attn": args.attn, "command": command,
+                    })
+        save_results(results_path, entries)
+        print(write_table(entries, args.out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
