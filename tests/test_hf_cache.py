@@ -173,3 +173,24 @@ def test_seed_api_validates_and_switches(tiny_model_dir, tokenizer):
     flash.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="eager or sdpa"):
         enable_policy(flash, PolicyConfig("h2o"))
+
+
+def test_rows_of_a_batch_can_follow_different_policies(tiny_model_dir):
+    """One batched pass with a policy per row decides exactly as separate runs do."""
+    model = _load(tiny_model_dir, "sdpa")
+    configs = [
+        PolicyConfig("h2o", Budget(tokens=10), n_sink=2, n_recent=3),
+        PolicyConfig("streaming", Budget(tokens=10), n_sink=2, n_recent=3),
+        PolicyConfig("none"),
+    ]
+    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(6))
+    batched = H2OCache.for_model(model, configs)
+    batched_logits = _run_tokens(model, batched, ids.repeat(3, 1))
+    for row, cfg in enumerate(configs):
+        alone = H2OCache.for_model(model, cfg)
+        alone_logits = _run_tokens(model, alone, ids)
+        kept_alone = sorted(alone.layers[0].positions[0].tolist())
+        kept_batched = sorted(p for p in batched.layers[0].positions[row].tolist() if p >= 0)
+        assert kept_batched == kept_alone
+        torch.testing.assert_close(batched_logits[row], alone_logits[0], rtol=1e-4, atol=1e-4)
+    assert len(kept_batched) == 32  # the 'none' row kept everything
