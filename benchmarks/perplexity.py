@@ -151,7 +151,7 @@ def pass_groups(specs: list[RunSpec], max_tokens: int) -> list[list[RunSpec]]:
         if spec.policy_config is None:
             key = ("baseline",)
         else:
-            key = (spec.per_layer, max(1, budget_tokens(spec, max_tokens) - 1).bit_length())
+            key = (spec.per_layer, budget_tokens(spec, max_tokens).bit_length())
         groups.setdefault(key, []).append(spec)
     return list(groups.values())
 
