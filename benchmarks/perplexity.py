@@ -119,7 +119,8 @@ def run_pass(model, specs: list[RunSpec], ids: torch.Tensor, log_every: int) -> 
         cache = DynamicCache()
     else:
         row_configs = [spec.policy_config for spec in specs for _ in range(corpora)]
-        cache = H2OCache.for_model(model, row_configs, per_layer=specs[0].per_layer)
+        # Streaming rows decide without scores, so they follow a per-layer pass unchanged.
+        cache = H2OCache.for_model(model, row_configs, per_layer=any(spec.per_layer for spec in specs))
     nll = torch.zeros(batch_ids.shape[0], n - 1, dtype=torch.float64)
     peak_tokens = torch.zeros(batch_ids.shape[0], dtype=torch.float64)
     start = time.perf_counter()
@@ -150,12 +151,21 @@ def time_alone(model, spec: RunSpec, ids: torch.Tensor) -> float:
     return ids.shape[1] / (time.perf_counter() - start)
 
 
-def pass_groups(specs: list[RunSpec], max_tokens: int) -> list[list[RunSpec]]:
-    """Batch configurations whose caches are of similar size (rows are padded to the widest)."""
+def pass_groups(specs: list[RunSpec], max_tokens: int, one_pass: bool = False) -> list[list[RunSpec]]:
+    """Batch configurations whose caches are of similar size (rows are padded to the widest).
+
+    StreamingLLM ignores scores, so it rides along in a per-layer pass unchanged;
+    H2O rows only share a pass with H2O rows of the same per_layer setting.
+    """
     groups: dict[tuple, list[RunSpec]] = {}
+    layered = {s.per_layer for s in specs if s.policy_config is not None and s.policy_config.policy == "h2o"}
     for spec in specs:
         if spec.policy_config is None:
             key = ("baseline",)
+        elif one_pass:
+            if len(layered) > 1:
+                raise SystemExit("--one-pass needs all H2O configurations to be _layer or none of them")
+            key = ("all",)
         else:
             key = (spec.per_layer, budget_tokens(spec, max_tokens).bit_length())
         groups.setdefault(key, []).append(spec)
@@ -220,6 +230,8 @@ def main() -> int:
     parser.add_argument("--timing-tokens", type=int, default=1024,
                         help="tokens/s is measured per configuration alone over this many essay tokens (0: skip)")
     parser.add_argument("--log-every", type=int, default=256)
+    parser.add_argument("--one-pass", action="store_true",
+                        help="run every non-baseline configuration in one batched pass (faster, more memory)")
     parser.add_argument("--out", type=Path, default=Path("results/perplexity"))
     args = parser.parse_args()
 
@@ -248,7 +260,7 @@ def main() -> int:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=args.attn).eval()
 
     timing_ids = ids[:1, : args.timing_tokens]
-    for group in pass_groups(specs, args.max_tokens):
+    for group in pass_groups(specs, args.max_tokens, args.one_pass):
         names = ", ".join(spec.name for spec in group)
         print(f"pass: {names} ({len(group) * len(args.corpora)} rows x {args.max_tokens} tokens)", flush=True)
         run = run_pass(load_model(), group, ids, args.log_every)
