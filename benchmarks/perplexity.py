@@ -204,7 +204,8 @@ def write_table(entries: list[dict], out: Path) -> str:
         peak = max(e["peak_kv_bytes"] for e in entries if e["config"] == config)
         row += ["; ".join(budgets), f"{speed['tokens_per_s']:.1f}" if speed else "", f"{peak / 2**20:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
-    commands = "\n".join(f"    {c}" for c in dict.fromkeys(e["command"] for e in entries))
+    commands = "\n".join(f"    {c}" for c in dict.fromkeys(
+        [e["command"] for e in entries] + [e["timing_command"] for e in entries if "timing_command" in e]))
     text = (
         "Streaming perplexity (lower is better) of SmolLM2-135M-Instruct in float32, token by token: each token\n"
         "is scored under the cache its policy had left after the previous one. Columns: corpus and number of\n"
@@ -230,6 +231,8 @@ def main() -> int:
     parser.add_argument("--timing-tokens", type=int, default=1024,
                         help="tokens/s is measured per configuration alone over this many essay tokens (0: skip)")
     parser.add_argument("--log-every", type=int, default=256)
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only re-measure tok/s of the given configurations in existing results")
     parser.add_argument("--one-pass", action="store_true",
                         help="run every non-baseline configuration in one batched pass (faster, more memory)")
     parser.add_argument("--out", type=Path, default=Path("results/perplexity"))
@@ -260,6 +263,17 @@ def main() -> int:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=args.attn).eval()
 
     timing_ids = ids[:1, : args.timing_tokens]
+    if args.timing_only:  # re-measure speed only, e.g. after a run that shared the machine
+        entries = load_results(results_path)
+        for spec in specs:
+            speed = time_alone(load_model(), spec, timing_ids)
+            print(f"  {spec.name}: {speed:.1f} tok/s alone over the first {args.timing_tokens} essay tokens", flush=True)
+            for e in entries:
+                if e["config"] == spec.name:
+                    e.update(tokens_per_s=speed, timing_tokens=args.timing_tokens, timing_command=command)
+        save_results(results_path, entries)
+        print(write_table(entries, args.out), flush=True)
+        return 0
     for group in pass_groups(specs, args.max_tokens, args.one_pass):
         names = ", ".join(spec.name for spec in group)
         print(f"pass: {names} ({len(group) * len(args.corpora)} rows x {args.max_tokens} tokens)", flush=True)
