@@ -20,6 +20,7 @@ Configuration names:
                                at N = --max-tokens only.
     ..._layer                  per-layer decisions (the paper) instead of one shared decision
     ..._bN                     blocks of N tokens instead of single tokens
+    ..._mean                   scores divided by the number of queries that saw each token
 
 Results accumulate in OUT/results.json (one entry per configuration, corpus and
 length); OUT/table.md is rewritten from all of them after every configuration.
@@ -59,22 +60,26 @@ def parse_config(name: str, max_tokens: int) -> RunSpec:
 
     if name == "baseline":
         return RunSpec(name, None, label="all")
-    rest, per_layer, block_size = name, False, 1
-    if rest.endswith("_layer"):
-        rest, per_layer = rest[: -len("_layer")], True
-    if m := re.fullmatch(r"(.*)_b(\d+)", rest):
-        rest, block_size = m.group(1), int(m.group(2))
+    rest, per_layer, block_size, score_norm = name, False, 1, "sum"
+    while m := re.fullmatch(r"(.*)_(layer|mean|b\d+)", rest):
+        rest, suffix = m.group(1), m.group(2)
+        if suffix == "layer":
+            per_layer = True
+        elif suffix == "mean":
+            score_norm = "mean"
+        else:
+            block_size = int(suffix[1:])
     if m := re.fullmatch(r"(h2o|streaming)_(\d+(?:\.\d+)?)%", rest):
         policy, share = m.group(1), float(m.group(2)) / 100
         budget = Budget(tokens=round(share * max_tokens))
-        cfg = PolicyConfig(policy, budget, n_sink=8, n_recent=None, block_size=block_size)
+        cfg = PolicyConfig(policy, budget, n_sink=8, n_recent=None, block_size=block_size, score_norm=score_norm)
         return RunSpec(name, cfg, per_layer, relative=True, label=f"{m.group(2)}% of N = {budget.tokens}")
     elif m := re.fullmatch(r"streaming_(\d+)_(\d+)", rest):
         sink, window = int(m.group(1)), int(m.group(2))
         cfg = PolicyConfig("streaming", Budget(tokens=sink + window), sink, window, block_size)
     elif m := re.fullmatch(r"h2o_(\d+)_(\d+)_(\d+)", rest):
         sink, recent, capacity = (int(g) for g in m.groups())
-        cfg = PolicyConfig("h2o", Budget(tokens=capacity), sink, recent, block_size)
+        cfg = PolicyConfig("h2o", Budget(tokens=capacity), sink, recent, block_size, score_norm)
     else:
         raise SystemExit(f"unknown configuration {name!r}; see --help")
     return RunSpec(name, cfg, per_layer, label=str(cfg.budget.tokens))
