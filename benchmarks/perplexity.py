@@ -209,13 +209,14 @@ def write_table(entries: list[dict], out: Path) -> str:
         peak = max(e["peak_kv_bytes"] for e in entries if e["config"] == config)
         row += ["; ".join(budgets), f"{speed['tokens_per_s']:.1f}" if speed else "", f"{peak / 2**20:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
+    timing = "/".join(sorted({str(e["timing_tokens"]) for e in timed.values()})) or "?"
     commands = "\n".join(f"    {c}" for c in dict.fromkeys(
         [e["command"] for e in entries] + [e["timing_command"] for e in entries if "timing_command" in e]))
     text = (
         "Streaming perplexity (lower is better) of SmolLM2-135M-Instruct in float32, token by token: each token\n"
         "is scored under the cache its policy had left after the previous one. Columns: corpus and number of\n"
         "tokens scored (N). Budget: KV tokens kept; P% rows were run once per N with a budget of P% of N.\n"
-        "tok/s: the configuration alone, batch of one, over the first 512 essay tokens. Peak KV: one\n"
+        f"tok/s: the configuration alone, batch of one, over the first {timing} essay tokens. Peak KV: one\n"
         "sequence's cache at its largest, over all runs of that row.\n\n"
         + "\n".join(lines)
         + f"\n\nProduced by:\n{commands}\n"

@@ -53,7 +53,3 @@ class BlockLedger:
             self.resident[blocks] = False
             self.num_evicted += len(blocks)
         return blocks
-
-    @property
-    def num_resident(self) -> int:
-        return int(self.resident.sum())

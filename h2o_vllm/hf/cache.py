@@ -110,7 +110,6 @@ class EvictingLayer(CacheLayerMixin):
 class CacheStats:
     evicted_blocks: int = 0
     evictions: int = 0  # eviction decisions that dropped something
-    peak_slots: int = 0  # widest any layer has been (tokens of KV per row)
     per_row_evicted: list[list[int]] = field(default_factory=list)  # logical block indices, row by row
 
 
@@ -171,9 +170,6 @@ class H2OCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
 
-    def reorder_cache(self, beam_idx):
-        raise NotImplementedError("H2OCache does not support beam search")
-
     # -- called by the attention function -------------------------------------------------
 
     def attend(self, module, base_attention, query, key, value, attention_mask, scaling, dropout, additive_mask, **kwargs):
@@ -194,8 +190,6 @@ class H2OCache(Cache):
                 self._evict(layer_idx, [layer])
             elif last_layer:
                 self._evict(0, self.layers)
-        width = layer.width
-        self.stats.peak_slots = max(self.stats.peak_slots, width)
         return out, weights
 
     # -- internals --------------------------------------------------------------------
@@ -270,10 +264,6 @@ class H2OCache(Cache):
                     gone = torch.as_tensor(blocks, dtype=torch.long)
                     keep[row] &= ~torch.isin(logical[row] // self.ledgers[group][row].block_size, gone)
             layer.keep_only(keep)
-
-    def resident_tokens(self, row: int = 0, layer_idx: int = 0) -> int:
-        layer = self.layers[layer_idx]
-        return int((layer.positions[row] >= self.padding[row]).sum())
 
 
 def _left_padding(attention_mask, batch: int, q_len: int) -> torch.Tensor:
