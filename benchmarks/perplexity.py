@@ -21,6 +21,8 @@ Configuration names:
     ..._layer                  per-layer decisions (the paper) instead of one shared decision
     ..._bN                     blocks of N tokens instead of single tokens
     ..._mean                   scores divided by the number of queries that saw each token
+    ..._rNN                    (P% budgets) NN% of what the sinks leave goes to the recent
+                               window, the rest to heavy hitters (default 50)
 
 Results accumulate in OUT/results.json (one entry per configuration, corpus and
 length); OUT/table.md is rewritten from all of them after every configuration.
@@ -60,19 +62,22 @@ def parse_config(name: str, max_tokens: int) -> RunSpec:
 
     if name == "baseline":
         return RunSpec(name, None, label="all")
-    rest, per_layer, block_size, score_norm = name, False, 1, "sum"
-    while m := re.fullmatch(r"(.*)_(layer|mean|b\d+)", rest):
+    rest, per_layer, block_size, score_norm, recent_share = name, False, 1, "sum", None
+    while m := re.fullmatch(r"(.*)_(layer|mean|b\d+|r\d+)", rest):
         rest, suffix = m.group(1), m.group(2)
         if suffix == "layer":
             per_layer = True
         elif suffix == "mean":
             score_norm = "mean"
+        elif suffix.startswith("r"):
+            recent_share = int(suffix[1:]) / 100
         else:
             block_size = int(suffix[1:])
     if m := re.fullmatch(r"(h2o|streaming)_(\d+(?:\.\d+)?)%", rest):
         policy, share = m.group(1), float(m.group(2)) / 100
         budget = Budget(tokens=round(share * max_tokens))
-        cfg = PolicyConfig(policy, budget, n_sink=8, n_recent=None, block_size=block_size, score_norm=score_norm)
+        n_recent = None if recent_share is None else round(recent_share * (budget.tokens - 8))
+        cfg = PolicyConfig(policy, budget, n_sink=8, n_recent=n_recent, block_size=block_size, score_norm=score_norm)
         return RunSpec(name, cfg, per_layer, relative=True, label=f"{m.group(2)}% of N = {budget.tokens}")
     elif m := re.fullmatch(r"streaming_(\d+)_(\d+)", rest):
         sink, window = int(m.group(1)), int(m.group(2))

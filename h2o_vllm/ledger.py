@@ -43,6 +43,13 @@ class BlockLedger:
         if visibility is not None:
             np.add.at(self.visibility, blocks, np.asarray(visibility, dtype=np.float64))
 
+    def add_blocks(self, blocks: np.ndarray, mass: np.ndarray, visibility: np.ndarray | None = None) -> None:
+        """Add attention mass already summed per logical block (the paged engine's unit)."""
+        blocks = np.asarray(blocks, dtype=np.int64)
+        np.add.at(self.scores, blocks, np.asarray(mass, dtype=np.float64))
+        if visibility is not None:
+            np.add.at(self.visibility, blocks, np.asarray(visibility, dtype=np.float64))
+
     def view(self) -> SequenceView:
         return SequenceView(self.num_tokens, self.resident, self.scores, self.visibility)
 

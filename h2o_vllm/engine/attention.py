@@ -1,0 +1,74 @@
+"""CPU attention with holes and scores: vLLM's CPU backend, one builder and one impl wrapped.
+
+Registered in place of ``CPU_ATTN`` by the H2O worker only, so a vanilla engine in
+the same environment never sees it. The kernel itself is untouched: the builder
+hands it a block table without holes and shorter sequence lengths (cached keys
+are already rotated, so RoPE does not care which tokens are missing), and the
+impl scores after the kernel ran.
+"""
+
+from __future__ import annotations
+
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadataBuilder,
+)
+
+from h2o_vllm.engine import scoring
+from h2o_vllm.patches import engine_seams
+
+SCORER_ATTR = "h2o_scorer"
+
+
+class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        step = scoring.current_step()
+        cm = common_attn_metadata
+        if step is None or (not step.holey and not step.score_from):
+            return super().build(common_prefix_len, cm, fast_build)
+        num_reqs = cm.num_reqs
+        logical_lens = cm.seq_lens[:num_reqs].numpy().copy()
+        rows = [i for i, r in enumerate(step.req_ids[:num_reqs]) if r in step.holey]
+        compaction = scoring.compact(cm.block_table_tensor, cm.seq_lens, rows, self.kv_cache_spec.block_size)
+        if rows:
+            cm = cm.replace(
+                block_table_tensor=compaction.block_table,
+                seq_lens=compaction.seq_lens,
+                max_seq_len=int(compaction.seq_lens[:num_reqs].max()),
+                seq_lens_cpu_upper_bound=compaction.seq_lens,
+            )
+        metadata = super().build(common_prefix_len, cm, fast_build)
+        if step.score_from:
+            layout = engine_seams.detect_key_layout(self.isa, self.dtype, self.head_dim, self.kv_cache_spec.block_size)
+            step.scorer = scoring.StepScorer.for_step(
+                step, compaction, cm.query_start_loc_cpu, logical_lens, self.kv_cache_spec.block_size, layout
+            )
+            setattr(metadata, SCORER_ATTR, step.scorer)
+        return metadata
+
+
+class H2OCPUAttentionBackendImpl(CPUAttentionBackendImpl):
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+        scorer = getattr(attn_metadata, SCORER_ATTR, None) if attn_metadata is not None else None
+        if scorer is not None:
+            scorer.score_layer(query, engine_seams.key_pages(kv_cache), self.scale)
+        return output
+
+
+class H2OCPUAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_impl_cls():
+        return H2OCPUAttentionBackendImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return H2OCPUAttentionMetadataBuilder
+
+
+def register() -> None:
+    """Make CPU_ATTN resolve to the H2O backend in this process."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.H2OCPUAttentionBackend")

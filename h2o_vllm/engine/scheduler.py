@@ -1,0 +1,196 @@
+"""The H2O scheduler: vLLM's V1 scheduler plus one eviction pass per step.
+
+Each step, before vLLM schedules anything, every running request whose prompt is
+fully processed and whose resident blocks exceed its budget drops the blocks its
+policy picks (from :mod:`h2o_vllm.policy`, fed by a :class:`BlockLedger`). The
+freed blocks go straight back to the pool, so the same step can give them to
+running requests that need a new block and to waiting requests. The evictions
+and the rows to score travel to the workers on the step's ``SchedulerOutput``;
+the scores come back on the ``ModelRunnerOutput``.
+
+Enabled with ``--scheduler-cls h2o_vllm.engine.scheduler.H2OScheduler`` (see
+:func:`h2o_vllm.engine.settings.engine_kwargs`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import asdict, dataclass
+
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from h2o_vllm.engine.messages import PLAN_ATTR, SCORES_ATTR, StepPlan
+from h2o_vllm.engine.settings import ENGINE_BLOCK_SIZE, H2OSettingError, H2OSettings
+from h2o_vllm.ledger import BlockLedger
+from h2o_vllm.patches import engine_seams
+from h2o_vllm.policy import make_policy
+
+logger = logging.getLogger("vllm.h2o_vllm.scheduler")
+
+
+@dataclass
+class RequestCounters:
+    policy: str
+    evicted_blocks: int = 0
+    resident_blocks: int = 0
+    peak_resident_blocks: int = 0
+    full_cache_blocks: int = 0  # what the request would hold without eviction
+
+
+@dataclass
+class EngineCounters:
+    evicted_blocks: int = 0
+    finished_requests: int = 0
+    requests_by_policy: collections.Counter = None
+
+    def __post_init__(self):
+        self.requests_by_policy = self.requests_by_policy or collections.Counter()
+
+
+class RequestH2O:
+    """One request's policy, ledger and counters. Reset when the request is preempted."""
+
+    def __init__(self, settings: H2OSettings, block_size: int, num_prompt_tokens: int, max_tokens: int | None):
+        self.settings = settings
+        self.policy = make_policy(settings.policy_config(block_size))
+        self.ledger = BlockLedger(block_size)
+        self.counters = RequestCounters(settings.policy)
+        window = settings.prompt_window
+        self.score_from = max(0, num_prompt_tokens - window) if window else 0
+        # A token budget that covers the whole request can never evict: then scoring is wasted work.
+        budget = settings.budget.tokens
+        longest = None if max_tokens is None else num_prompt_tokens + max_tokens
+        self.can_evict = settings.policy != "none" and not (budget is not None and longest is not None and budget >= longest)
+        self.needs_scores = self.can_evict and settings.needs_scores
+
+
+def check_engine_config(vllm_config) -> None:
+    """Refuse what paged H2O cannot do, and force what fights it (with the reason in the log)."""
+    problems = []
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding (the draft's KV would not follow the evictions)")
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1 or parallel.data_parallel_size > 1:
+        problems.append("tensor, pipeline or data parallelism (scores would have to be summed across ranks first)")
+    if vllm_config.kv_transfer_config is not None:
+        problems.append("KV connectors (they would move KV the scheduler has evicted)")
+    if vllm_config.scheduler_config.async_scheduling:
+        problems.append("async scheduling (evictions must be applied before the step that follows)")
+    if vllm_config.use_v2_model_runner:
+        problems.append("the V2 model runner (unset VLLM_USE_V2_MODEL_RUNNER)")
+    block_size = vllm_config.cache_config.block_size
+    if block_size != ENGINE_BLOCK_SIZE:
+        problems.append(f"block size {block_size} (start with --block-size {ENGINE_BLOCK_SIZE})")
+    if problems:
+        raise ValueError("H2O eviction cannot run with " + "; ".join(problems))
+    if vllm_config.cache_config.enable_prefix_caching:
+        logger.warning(
+            "H2O: prefix caching turned off: a block shared by two requests frees nothing when one "
+            "evicts it, and KV written after an eviction must never be reused by another request"
+        )
+        vllm_config.cache_config.enable_prefix_caching = False
+
+
+class H2OScheduler(Scheduler):
+    def __init__(self, vllm_config, kv_cache_config, *args, **kwargs):
+        check_engine_config(vllm_config)
+        engine_seams.check_single_full_attention_group(kv_cache_config)
+        super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
+        self.h2o_defaults = H2OSettings.from_additional_config(vllm_config.additional_config)
+        self.h2o_requests: dict[str, RequestH2O] = {}
+        self.h2o_totals = EngineCounters()
+        logger.info("H2O scheduler: defaults %s, block size %d", self.h2o_defaults, self.block_size)
+
+    # -- request life cycle ----------------------------------------------------------
+
+    def request_settings(self, request: Request) -> H2OSettings:
+        extra = request.sampling_params.extra_args if request.sampling_params else None
+        return self.h2o_defaults.for_request(extra)
+
+    def add_request(self, request: Request) -> None:
+        try:
+            settings = self.request_settings(request)
+        except H2OSettingError as exc:
+            # The server validates before a request gets here; an engine must not die of one.
+            logger.error("H2O: request %s refused: %s", request.request_id, exc)
+            super().add_request(request)
+            self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR)
+            return
+        super().add_request(request)
+        self.h2o_totals.requests_by_policy[settings.policy] += 1
+
+    def _state(self, request: Request) -> RequestH2O:
+        state = self.h2o_requests.get(request.request_id)
+        if state is None:
+            state = RequestH2O(self.request_settings(request), self.block_size, request.num_prompt_tokens, request.max_tokens)
+            self.h2o_requests[request.request_id] = state
+        return state
+
+    def _free_request_blocks(self, request: Request):
+        # Finish and preemption both end here: a preempted request re-prefills from scratch.
+        super()._free_request_blocks(request)
+        state = self.h2o_requests.pop(request.request_id, None)
+        if state is not None and request.is_finished():
+            self.h2o_totals.finished_requests += 1
+
+    # -- one step ----------------------------------------------------------------------
+
+    def schedule(self, *args, **kwargs):
+        plan = StepPlan()
+        for request in self.running:
+            state = self._state(request)
+            if not state.can_evict:
+                continue
+            # Evict only once every known token but the newest is in the cache:
+            # a prompt (or a preempted request's re-prefill) is compressed once it is whole.
+            if request.num_computed_tokens < request.num_tokens - 1:
+                continue
+            state.ledger.grow(request.num_computed_tokens)
+            evicted = state.ledger.evict(state.policy)
+            if evicted:
+                engine_seams.free_as_holes(self, request.request_id, evicted)
+                plan.evictions[request.request_id] = evicted
+                state.counters.evicted_blocks += len(evicted)
+                self.h2o_totals.evicted_blocks += len(evicted)
+        output = super().schedule(*args, **kwargs)
+        for req_id in output.num_scheduled_tokens:
+            request = self.requests[req_id]
+            state = self._state(request)
+            if state.needs_scores:
+                plan.score_from[req_id] = state.score_from
+            blocks = engine_seams.request_blocks(self, req_id)
+            counters = state.counters
+            counters.resident_blocks = len(blocks) - engine_seams.count_holes(blocks)
+            counters.peak_resident_blocks = max(counters.peak_resident_blocks, counters.resident_blocks)
+            counters.full_cache_blocks = len(blocks)
+        setattr(output, PLAN_ATTR, plan)
+        return output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        scores = getattr(model_runner_output, SCORES_ATTR, None)
+        result = super().update_from_output(scheduler_output, model_runner_output)
+        for req_id, block_scores in (scores or {}).items():
+            state = self.h2o_requests.get(req_id)
+            request = self.requests.get(req_id)
+            if state is None or request is None or request.is_finished():
+                continue
+            state.ledger.grow(request.num_computed_tokens)
+            state.ledger.add_blocks(block_scores.blocks, block_scores.mass, block_scores.visibility)
+        return result
+
+    # -- counters ----------------------------------------------------------------------
+
+    def h2o_counters(self) -> dict:
+        """Engine-wide and per-request counters (running requests), as plain data."""
+        per_request = {rid: asdict(s.counters) for rid, s in self.h2o_requests.items()}
+        return {
+            "evicted_blocks": self.h2o_totals.evicted_blocks,
+            "finished_requests": self.h2o_totals.finished_requests,
+            "requests_by_policy": dict(self.h2o_totals.requests_by_policy),
+            "resident_blocks": sum(c["resident_blocks"] for c in per_request.values()),
+            "full_cache_blocks": sum(c["full_cache_blocks"] for c in per_request.values()),
+            "free_blocks": engine_seams.num_free_blocks(self),
+            "requests": per_request,
+        }
