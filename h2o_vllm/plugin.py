@@ -79,4 +79,8 @@ def register() -> None:
     trace = os.environ.get(TRACE_ENV)
     if trace:
         _write_trace(trace, role, module)
+    # Wherever requests enter (API server, vllm.LLM), bad h2o_* settings fail that request alone.
+    from h2o_vllm.patches import request_validation
+
+    request_validation.install()
     logger.debug("h2o-vllm plugin registered (pid %d, %s)", os.getpid(), role)

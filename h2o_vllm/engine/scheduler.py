@@ -19,10 +19,10 @@ import logging
 from dataclasses import asdict, dataclass
 
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import Request, RequestStatus
+from vllm.v1.request import Request
 
 from h2o_vllm.engine.messages import PLAN_ATTR, SCORES_ATTR, StepPlan
-from h2o_vllm.engine.settings import ENGINE_BLOCK_SIZE, H2OSettingError, H2OSettings
+from h2o_vllm.engine.settings import ENGINE_BLOCK_SIZE, H2OSettings
 from h2o_vllm.ledger import BlockLedger
 from h2o_vllm.patches import engine_seams
 from h2o_vllm.policy import make_policy
@@ -110,14 +110,8 @@ class H2OScheduler(Scheduler):
         return self.h2o_defaults.for_request(extra)
 
     def add_request(self, request: Request) -> None:
-        try:
-            settings = self.request_settings(request)
-        except H2OSettingError as exc:
-            # The server validates before a request gets here; an engine must not die of one.
-            logger.error("H2O: request %s refused: %s", request.request_id, exc)
-            super().add_request(request)
-            self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR)
-            return
+        # Bad settings never get here: patches/request_validation.py refuses them at the door.
+        settings = self.request_settings(request)
         super().add_request(request)
         self.h2o_totals.requests_by_policy[settings.policy] += 1
 

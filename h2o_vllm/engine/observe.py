@@ -1,0 +1,87 @@
+"""Watch an engine's scheduler step by step (tests and benchmarks).
+
+vLLM runs its engine core in a child process by default; here it runs in this
+process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so its scheduler can be read after
+every step: requests running, blocks free, what was evicted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@contextlib.contextmanager
+def inprocess_llm(model: str, **kwargs):
+    """A ``vllm.LLM`` whose engine core (and scheduler) live in this process; shut down on exit."""
+    from vllm import LLM
+
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        llm = LLM(model=model, **kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
+def scheduler_of(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def num_free_blocks(scheduler) -> int:
+    return scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def resident_blocks(scheduler, req_id: str) -> int:
+    blocks = scheduler.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks.get(req_id, [])
+    return sum(1 for b in blocks if not b.is_null)
+
+
+@dataclass
+class StepLog:
+    steps: int = 0
+    max_running: int = 0
+    running: list[int] = field(default_factory=list)  # requests running after each step's scheduling
+    free_blocks: list[int] = field(default_factory=list)
+    preemptions: int = 0
+    evictions: dict[str, list[int]] = field(default_factory=dict)  # req_id -> logical blocks, in order
+
+
+class StepObserver:
+    """Wraps one scheduler's ``schedule()``; calls ``checks`` after each step's scheduling."""
+
+    def __init__(self, scheduler, checks: list[Callable] | None = None):
+        self.scheduler = scheduler
+        self.log = StepLog()
+        self.checks = list(checks or [])
+        self._schedule = scheduler.schedule
+        scheduler.schedule = self._observed_schedule
+
+    def _observed_schedule(self, *args, **kwargs):
+        before = {r.request_id: (r.num_computed_tokens, r.num_tokens) for r in self.scheduler.running}
+        output = self._schedule(*args, **kwargs)
+        log = self.log
+        log.steps += 1
+        log.running.append(len(self.scheduler.running))
+        log.max_running = max(log.max_running, len(self.scheduler.running))
+        log.free_blocks.append(num_free_blocks(self.scheduler))
+        log.preemptions += len(output.preempted_req_ids or ())
+        plan = getattr(output, "h2o_plan", None)
+        for req_id, blocks in (plan.evictions.items() if plan else ()):
+            log.evictions.setdefault(req_id, []).extend(blocks)
+        for check in self.checks:
+            check(self.scheduler, output, before)
+        return output
+
+    def close(self) -> None:
+        self.scheduler.schedule = self._schedule

@@ -1,0 +1,180 @@
+"""Paged H2O in the real vLLM engine, on the tiny random-weight model.
+
+Engines run in this process (``inprocess_llm``) so the tests can read the
+scheduler after every step. ``enforce_eager``: this is about behaviour, not speed.
+"""
+
+import random
+
+import pytest
+
+from h2o_vllm.engine import H2OSettings, engine_kwargs
+from h2o_vllm.engine.observe import StepObserver, inprocess_llm, num_free_blocks, resident_blocks, scheduler_of
+from h2o_vllm.policy import Budget
+
+BLOCK = 32
+COMMON = dict(max_model_len=2048, enforce_eager=True, seed=0)
+
+
+def random_prompts(lengths, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 40000) for _ in range(n)] for n in lengths]
+
+
+def generate(llm, prompts, max_tokens, extra_args=None):
+    return [list(o.outputs[0].token_ids) for o in generate_outputs(llm, prompts, max_tokens, extra_args)]
+
+
+def generate_outputs(llm, prompts, max_tokens, extra_args=None):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    if isinstance(max_tokens, int):
+        max_tokens = [max_tokens] * len(prompts)
+    extra_args = extra_args or [None] * len(prompts)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, extra_args=x)
+        for m, x in zip(max_tokens, extra_args)
+    ]
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+
+# -- equivalence: a budget that covers the whole request changes nothing ----------------
+
+EQ_LENGTHS = [17, 45, 96, 130, 222, 317, 480, 650, 801, 1000]
+EQ_NEW = [40, 33, 64, 20, 48, 90, 25, 70, 36, 60]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_large_budget_gives_vanilla_tokens(tiny_model_dir, dtype):
+    prompts = random_prompts(EQ_LENGTHS)
+    budget = max(p + n for p, n in zip(EQ_LENGTHS, EQ_NEW))
+    with inprocess_llm(str(tiny_model_dir), dtype=dtype, kv_cache_memory_bytes=64 * 2**20, **COMMON) as llm:
+        vanilla = generate(llm, prompts, EQ_NEW)
+    settings = H2OSettings(budget=Budget(tokens=budget))
+    with inprocess_llm(str(tiny_model_dir), dtype=dtype, kv_cache_memory_bytes=64 * 2**20,
+                       **COMMON, **engine_kwargs(settings)) as llm:
+        observer = StepObserver(scheduler_of(llm))
+        h2o = generate(llm, prompts, EQ_NEW)
+        assert observer.log.max_running >= 8  # all of them ran concurrently
+        assert not observer.log.evictions
+    assert h2o == vanilla
+
+
+# -- eviction: memory bound, pool returns, per-request overrides, preemption, abort -------
+
+@pytest.fixture(scope="module")
+def small_pool_engine(tiny_model_dir):
+    """An H2O engine (25% budget by default) with a pool of 96 blocks."""
+    settings = H2OSettings(budget=Budget(fraction=0.25), n_sink=BLOCK)
+    with inprocess_llm(str(tiny_model_dir), dtype="float32", num_gpu_blocks_override=96,
+                       kv_cache_memory_bytes=64 * 2**20, **COMMON, **engine_kwargs(settings)) as llm:
+        yield llm
+
+
+def budget_check(violations):
+    """After each step's scheduling: a compressed request holds at most its budget plus one block."""
+
+    def check(scheduler, output, before):
+        for request in scheduler.running:
+            state = scheduler.h2o_requests.get(request.request_id)
+            if request.request_id not in before:
+                continue  # admitted this step
+            computed, total = before[request.request_id]
+            if state is None or not state.can_evict or computed < total - 1:
+                continue  # not yet compressed (or never evicts)
+            budget = state.settings.budget.blocks_for(computed, BLOCK)
+            held = resident_blocks(scheduler, request.request_id)
+            if held > budget + 1:
+                violations.append((request.request_id, computed, held, budget))
+
+    return check
+
+
+def test_requests_stay_within_budget_and_pool_returns(small_pool_engine):
+    scheduler = scheduler_of(small_pool_engine)
+    start = num_free_blocks(scheduler)
+    violations = []
+    observer = StepObserver(scheduler, [budget_check(violations)])
+    try:
+        lengths = [300, 420, 550, 610, 700, 800]
+        outputs = generate(small_pool_engine, random_prompts(lengths, seed=1), 120)
+    finally:
+        observer.close()
+    assert all(len(o) == 120 for o in outputs)
+    assert sum(len(b) for b in observer.log.evictions.values()) > 50
+    assert not violations, violations[:5]
+    # A full cache would need 6 x (prompt + 120) / 32 = 119 blocks > the pool of 96: eviction made room.
+    assert observer.log.max_running == len(lengths)
+    assert num_free_blocks(scheduler) == start
+    assert scheduler.h2o_requests == {}
+    counters = scheduler.h2o_counters()
+    assert counters["evicted_blocks"] >= sum(len(b) for b in observer.log.evictions.values())
+
+
+def test_per_request_policy_and_preemption(small_pool_engine):
+    """Two full-cache requests outgrow the pool and are preempted; everything still finishes."""
+    scheduler = scheduler_of(small_pool_engine)
+    start = num_free_blocks(scheduler)
+    observer = StepObserver(scheduler)
+    try:
+        # Together the two full-cache requests need 2 x 2000 / 32 = 125 blocks: more than the pool.
+        prompts = random_prompts([1000, 900, 500, 400], seed=2)
+        extra = [{"h2o_policy": "none"}, {"h2o_policy": "none"}, {"h2o_policy": "streaming"}, {"h2o_budget": 128}]
+        new_tokens = [1000, 1100, 300, 300]
+        outputs = generate_outputs(small_pool_engine, prompts, new_tokens, extra)
+    finally:
+        observer.close()
+    assert [len(o.outputs[0].token_ids) for o in outputs] == new_tokens
+    assert observer.log.preemptions > 0
+    # The engine's request ids extend the client's ("3" -> "3-1a2b3c4d").
+    evicted = {rid.split("-")[0] for rid in observer.log.evictions}
+    assert evicted == {outputs[2].request_id, outputs[3].request_id}  # policy none never evicts
+    assert num_free_blocks(scheduler) == start
+    assert scheduler.h2o_requests == {}
+
+
+def test_abort_frees_everything(small_pool_engine):
+    from vllm import SamplingParams
+
+    engine = small_pool_engine.llm_engine
+    scheduler = scheduler_of(small_pool_engine)
+    start = num_free_blocks(scheduler)
+    ids = [
+        engine.add_request(f"abort-{i}", {"prompt_token_ids": p},
+                           SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+        for i, p in enumerate(random_prompts([500, 700], seed=3))
+    ]
+    for _ in range(60):
+        engine.step()
+    assert sum(resident_blocks(scheduler, rid) for rid in scheduler.requests) > 0
+    assert any(scheduler.h2o_requests[r].counters.evicted_blocks for r in scheduler.h2o_requests)
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert num_free_blocks(scheduler) == start
+    assert scheduler.h2o_requests == {}
+
+
+def test_bad_request_setting_is_refused_at_the_door(small_pool_engine):
+    from vllm.exceptions import VLLMValidationError
+
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([100], seed=4)]
+    with pytest.raises(VLLMValidationError, match="h2o_budget") as info:
+        small_pool_engine.generate(prompts, _params(20, {"h2o_budget": -3}), use_tqdm=False)
+    assert info.value.parameter == "h2o_budget"
+    outputs = small_pool_engine.generate(prompts, _params(20, {"h2o_budget": 64}), use_tqdm=False)
+    assert len(outputs[0].outputs[0].token_ids) == 20  # the engine is fine
+
+
+def _params(max_tokens, extra):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra)
+
+
+def test_refuses_settings_that_fight_eviction(tiny_model_dir):
+    kwargs = engine_kwargs(H2OSettings(), block_size=64)
+    with pytest.raises(Exception, match="block size 64"):
+        with inprocess_llm(str(tiny_model_dir), dtype="float32", kv_cache_memory_bytes=64 * 2**20, **COMMON, **kwargs):
+            pass

@@ -1,0 +1,77 @@
+"""Worker-side pieces of paged H2O against brute force: hole compaction and block scores.
+
+Keys are written into pages by vLLM's own CPU kernel, so the page layout is the real one.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from h2o_vllm.engine import scoring
+
+BS, KV_HEADS, HEADS, HEAD_DIM = 32, 2, 6, 64
+
+
+def test_compact_drops_holes_and_shortens_only_those_rows():
+    table = torch.tensor([[5, 0, 7, 9, 12], [3, 4, 6, 0, 0], [8, 0, 0, 2, 11]], dtype=torch.int32)
+    lens = torch.tensor([4 * BS + 3, 3 * BS, 5 * BS], dtype=torch.int32)
+    out = scoring.compact(table, lens, rows=[0, 2], block_size=BS)
+    assert out.block_table[0].tolist() == [5, 7, 9, 12, 0] and out.seq_lens[0] == 3 * BS + 3
+    assert out.block_table[1].tolist() == [3, 4, 6, 0, 0] and out.seq_lens[1] == 3 * BS
+    assert out.block_table[2, :3].tolist() == [8, 2, 11] and out.seq_lens[2] == 3 * BS
+    assert out.kept_blocks[0].tolist() == [0, 2, 3, 4] and out.kept_blocks[2].tolist() == [0, 3, 4]
+    assert table[0].tolist() == [5, 0, 7, 9, 12] and lens[0] == 4 * BS + 3  # inputs untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_scores_equal_brute_force_softmax(dtype):
+    from vllm import _custom_ops as ops
+
+    from h2o_vllm.patches import engine_seams
+
+    torch.manual_seed(0)
+    num_blocks = 16
+    kv_cache = torch.zeros(num_blocks, KV_HEADS, BS, 2 * HEAD_DIM, dtype=dtype)
+    key_cache, value_cache = kv_cache.view(num_blocks, KV_HEADS, 2 * BS, HEAD_DIM).chunk(2, dim=2)
+    # Request A: logical blocks 0..4 in physical 3,0(hole),5,6,7 with 150 tokens; it decodes one token.
+    # Request B: 2 blocks (9, 10), 40 tokens, a 40-token prompt chunk of which the last 10 rows are scored.
+    layouts = {"A": ([3, 0, 5, 6, 7], 150), "B": ([9, 10], 40)}
+    keys = {}
+    for name, (phys, n) in layouts.items():
+        k = torch.randn(n, KV_HEADS, HEAD_DIM).to(dtype)
+        keys[name] = k
+        slots = torch.tensor([phys[t // BS] * BS + t % BS for t in range(n)])
+        held = torch.tensor([phys[t // BS] != 0 for t in range(n)])
+        ops.cpu_attn_reshape_and_cache(k[held], k[held], key_cache, value_cache, slots[held], "vec")
+    table = torch.tensor([[3, 0, 5, 6, 7], [9, 10, 0, 0, 0]], dtype=torch.int32)
+    lens = torch.tensor([150, 40], dtype=torch.int32)
+    query = torch.randn(1 + 40, HEADS, HEAD_DIM).to(dtype)
+    qsl = torch.tensor([0, 1, 41], dtype=torch.int32)
+    context = scoring.StepContext(["A", "B"], {"A": 0, "B": 30}, {"A"})
+    compaction = scoring.compact(table, lens, [0], BS)
+    layout = engine_seams.detect_key_layout("vec", dtype, HEAD_DIM)
+    scorer = scoring.StepScorer.for_step(context, compaction, qsl, lens.numpy(), BS, layout)
+    scale = HEAD_DIM**-0.5
+    for _ in range(2):  # two layers with the same keys: scores add up
+        scorer.score_layer(query, engine_seams.key_pages(kv_cache), scale)
+    got = scorer.collect()
+
+    def brute(name, q_rows, q_positions, blocks):
+        k, n = keys[name].float(), layouts[name][1]
+        held = [t for t in range(n) if t // BS in blocks]
+        mass = torch.zeros(max(blocks) + 1, dtype=torch.float64)
+        for q, pos in zip(query[q_rows].float(), q_positions):
+            for h in range(HEADS):
+                visible = [t for t in held if t <= pos]
+                logits = torch.stack([q[h] @ k[t, h // (HEADS // KV_HEADS)] for t in visible]) * scale
+                for t, p in zip(visible, torch.softmax(logits, 0)):
+                    mass[t // BS] += 2 * float(p)
+        return mass[blocks].numpy()
+
+    assert got["A"].blocks.tolist() == [0, 2, 3, 4]
+    np.testing.assert_allclose(got["A"].mass, brute("A", slice(0, 1), [149], [0, 2, 3, 4]), rtol=1e-4)
+    assert got["B"].blocks.tolist() == [0, 1]
+    np.testing.assert_allclose(got["B"].mass, brute("B", slice(31, 41), range(30, 40), [0, 1]), rtol=1e-4)
+    # Visibility: B's 10 scored rows (positions 30..39) each see tokens 0..pos; 2 layers.
+    expected_b = 2 * np.array([sum(t <= p for p in range(30, 40) for t in range(b * BS, min(40, (b + 1) * BS))) for b in (0, 1)])
+    np.testing.assert_array_equal(got["B"].visibility, expected_b)
