@@ -15,6 +15,10 @@ from h2o_vllm.policy import Budget
 
 PROMPT_TOKENS, NEW_TOKENS, NUM_PROMPTS = 1024, 128, 3
 SETTINGS = H2OSettings(budget=Budget(tokens=256), n_sink=32)
+# The engine prefills in chunks of 384 tokens: scoring every chunk must add up to the whole prompt's.
+PREFILL_CHUNK = 384
+# A second run scores the prompt with its last 64 queries only (observation window), on one prompt.
+WINDOW = 64
 NEAR_TIE = 1e-4  # top-2 logit gap under which float rounding may pick either token
 
 
@@ -29,16 +33,19 @@ def prompts(default_model_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(default_model_dir, prompts):
-    """Greedy tokens, top-2 logit gaps and evicted blocks from the HF reference, per prompt."""
+def hf_model(default_model_dir):
     from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def run_reference(model, prompts, prompt_window=None):
+    """Greedy tokens, top-2 logit gaps and evicted blocks from the HF reference, per prompt."""
     from h2o_vllm.hf import H2OCache
 
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32, attn_implementation="sdpa")
     runs = []
     for prompt in prompts:
-        cache = H2OCache.for_model(model, SETTINGS.policy_config(32))
+        cache = H2OCache.for_model(model, SETTINGS.policy_config(32), prompt_window=prompt_window)
         x, tokens, gaps = torch.tensor([prompt]), [], []
         with torch.no_grad():
             for _ in range(NEW_TOKENS):
@@ -52,23 +59,38 @@ def reference(default_model_dir, prompts):
 
 
 @pytest.fixture(scope="module")
+def reference(hf_model, prompts):
+    return run_reference(hf_model, prompts) + run_reference(hf_model, prompts[:1], prompt_window=WINDOW)
+
+
+@pytest.fixture(scope="module")
 def engine(default_model_dir, prompts):
+    """The same runs in the engine; the windowed one is a per-request override."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     with inprocess_llm(str(default_model_dir), dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
-                       kv_cache_memory_bytes=512 * 2**20, **engine_kwargs(SETTINGS)) as llm:
+                       kv_cache_memory_bytes=512 * 2**20, max_num_batched_tokens=PREFILL_CHUNK,
+                       **engine_kwargs(SETTINGS)) as llm:
         observer = StepObserver(scheduler_of(llm))
+        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        windowed = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                                  extra_args={"h2o_prompt_window": WINDOW})
         outputs = llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts],
-            SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True),
+            [TokensPrompt(prompt_token_ids=p) for p in prompts + prompts[:1]],
+            [params] * len(prompts) + [windowed],
             use_tqdm=False,
         )
+        chunks = observer.log.steps
     by_client_id = {rid.split("-")[0]: blocks for rid, blocks in observer.log.evictions.items()}
+    assert chunks > NEW_TOKENS + 2  # the prompts really were prefilled in several chunks
     return [{"tokens": list(o.outputs[0].token_ids), "evicted": by_client_id[o.request_id]} for o in outputs]
 
 
-@pytest.mark.parametrize("index", range(NUM_PROMPTS))
+RUNS = [f"prompt{i}" for i in range(NUM_PROMPTS)] + [f"prompt0-window{WINDOW}"]
+
+
+@pytest.mark.parametrize("index", range(len(RUNS)), ids=RUNS)
 def test_engine_evicts_the_reference_blocks(reference, engine, index):
     ref, got = reference[index], engine[index]
     # 1024 prompt tokens -> 8 blocks kept of 32, then one more block out every 32 tokens.
@@ -76,7 +98,11 @@ def test_engine_evicts_the_reference_blocks(reference, engine, index):
     assert got["evicted"] == ref["evicted"]
 
 
-@pytest.mark.parametrize("index", range(NUM_PROMPTS))
+def test_observation_window_changes_the_choice(reference):
+    assert reference[-1]["evicted"] != reference[0]["evicted"]
+
+
+@pytest.mark.parametrize("index", range(len(RUNS)), ids=RUNS)
 def test_engine_tokens_match_the_reference(reference, engine, index):
     ref, got = reference[index], engine[index]
     if got["tokens"] != ref["tokens"]:
