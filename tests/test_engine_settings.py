@@ -50,3 +50,50 @@ def test_engine_kwargs_force_what_fights_eviction():
     assert kwargs["scheduler_cls"].endswith("H2OScheduler") and kwargs["worker_cls"].endswith("H2OCPUWorker")
     assert kwargs["additional_config"] == {"x": 1, "h2o": H2OSettings(budget=Budget(tokens=256)).to_config()}
     assert kwargs["max_num_seqs"] == 8
+
+
+def _config(**changes):
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(
+        speculative_config=None,
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=1),
+        kv_transfer_config=None,
+        scheduler_config=SimpleNamespace(async_scheduling=False),
+        use_v2_model_runner=False,
+        cache_config=SimpleNamespace(block_size=32, enable_prefix_caching=True),
+    )
+    for path, value in changes.items():
+        target = config
+        *parents, leaf = path.split(".")
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, leaf, value)
+    return config
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"speculative_config": object()}, "speculative decoding"),
+        ({"parallel_config.tensor_parallel_size": 2}, "tensor, pipeline or data parallelism"),
+        ({"parallel_config.pipeline_parallel_size": 2}, "tensor, pipeline or data parallelism"),
+        ({"kv_transfer_config": object()}, "KV connectors"),
+        ({"scheduler_config.async_scheduling": True}, "async scheduling"),
+        ({"use_v2_model_runner": True}, "V2 model runner"),
+        ({"cache_config.block_size": 128}, "--block-size 32"),
+    ],
+)
+def test_engine_refuses_what_it_cannot_do(change, message):
+    from h2o_vllm.engine.scheduler import check_engine_config
+
+    with pytest.raises(ValueError, match=message):
+        check_engine_config(_config(**change))
+
+
+def test_engine_turns_prefix_caching_off():
+    from h2o_vllm.engine.scheduler import check_engine_config
+
+    config = _config()
+    check_engine_config(config)
+    assert config.cache_config.enable_prefix_caching is False

@@ -86,11 +86,14 @@ def check_engine_config(vllm_config) -> None:
     if problems:
         raise ValueError("H2O eviction cannot run with " + "; ".join(problems))
     if vllm_config.cache_config.enable_prefix_caching:
-        logger.warning(
-            "H2O: prefix caching turned off: a block shared by two requests frees nothing when one "
-            "evicts it, and KV written after an eviction must never be reused by another request"
-        )
+        logger.warning("H2O: turning prefix caching off")
         vllm_config.cache_config.enable_prefix_caching = False
+    logger.info(
+        "H2O engine settings: block size %d (CPU attention needs a multiple of 32; smaller blocks evict "
+        "finer); prefix caching off (a block shared by two requests frees nothing when one evicts it, and "
+        "KV written after an eviction must never be reused by another request); async scheduling off "
+        "(evictions apply before the next step is scheduled)", block_size,
+    )
 
 
 class H2OScheduler(Scheduler):
