@@ -91,6 +91,9 @@ def _serve(argv: list[str]) -> int:
         return 0
     try:
         serve.serve(argv)
+    except serve.ServeArgumentError as err:
+        print(f"h2o-vllm serve: error: {err}", file=sys.stderr)
+        return 2
     except assets.ModelPackageMissing as err:
         print(f"h2o-vllm: error: {err}", file=sys.stderr)
         return 2

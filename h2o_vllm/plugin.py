@@ -79,8 +79,13 @@ def register() -> None:
     trace = os.environ.get(TRACE_ENV)
     if trace:
         _write_trace(trace, role, module)
-    # Wherever requests enter (API server, vllm.LLM), bad h2o_* settings fail that request alone.
-    from h2o_vllm.patches import request_validation
+    if role in ("frontend", "direct"):
+        # Where requests enter (API server, vllm.LLM): bad h2o_* settings fail that request
+        # alone, model-name aliases become h2o_* settings, /metrics shows H2O's series.
+        from h2o_vllm import metrics
+        from h2o_vllm.patches import request_aliases, request_validation
 
-    request_validation.install()
+        request_validation.install()
+        request_aliases.install()
+        metrics.register_collector()
     logger.debug("h2o-vllm plugin registered (pid %d, %s)", os.getpid(), role)

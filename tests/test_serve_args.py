@@ -15,38 +15,90 @@ def no_model_build(monkeypatch, tmp_path):
     return prepared.path
 
 
-def test_defaults_serve_the_default_model_on_loopback(no_model_build):
-    argv = serve.build_serve_argv([], cpu=True, log=lambda *_: None)
+def build(args, cpu=True, env=None):
+    return serve.build_serve_argv(args, cpu=cpu, log=lambda *_: None, env=env or {})
+
+
+def flag_values(argv, flag):
+    """Values following ``flag`` up to the next flag."""
+    i = argv.index(flag)
+    j = i + 1
+    while j < len(argv) and not argv[j].startswith("--"):
+        j += 1
+    return argv[i + 1 : j]
+
+
+def test_defaults_serve_the_default_model_with_h2o_on_loopback(no_model_build):
+    import json
+
+    argv = build([])
     assert argv[:2] == ["serve", str(no_model_build)]
-    flags = dict(zip(argv[2::2], argv[3::2]))
-    assert flags == {
-        "--served-model-name": "smollm2-135m",
-        "--host": "127.0.0.1",
-        "--port": "8000",
-        "--kv-cache-memory-bytes": serve.DEFAULT_CPU_KV_CACHE,
-    }
+    assert flag_values(argv, "--host") == ["127.0.0.1"] and flag_values(argv, "--port") == ["8000"]
+    assert flag_values(argv, "--kv-cache-memory-bytes") == [serve.DEFAULT_CPU_KV_CACHE]
+    names = flag_values(argv, "--served-model-name")
+    assert names[0] == "smollm2-135m" and "smollm2-135m@h2o-0.2" in names and "smollm2-135m@full" in names
+    assert flag_values(argv, "--scheduler-cls") == ["h2o_vllm.engine.scheduler.H2OScheduler"]
+    assert flag_values(argv, "--worker-cls") == ["h2o_vllm.engine.worker.H2OCPUWorker"]
+    assert flag_values(argv, "--block-size") == ["32"] and "--no-enable-prefix-caching" in argv
+    h2o = json.loads(flag_values(argv, "--additional-config")[0])["h2o"]
+    assert h2o["policy"] == "h2o" and h2o["budget"] == serve.DEFAULT_SERVER_BUDGET
 
 
 def test_user_arguments_win_and_pass_through(no_model_build):
-    user = ["--port=9001", "--host", "0.0.0.0", "--served-model-name", "mine", "--max_model_len", "2048",
+    user = ["--port=9001", "--host", "0.0.0.0", "--max_model_len", "2048",
             "--gpu-memory-utilization", "0.3", "--enforce-eager"]
-    argv = serve.build_serve_argv(user, cpu=True, log=lambda *_: None)
-    assert argv == ["serve", str(no_model_build), *user]
+    argv = build(user + ["--served-model-name", "mine", "--no-h2o"])
+    assert argv == ["serve", str(no_model_build), "--served-model-name", "mine", *user]
+    argv = build(user + ["--served-model-name", "mine"])
+    assert argv[-len(user):] == user and "mine@h2o-0.5" in flag_values(argv, "--served-model-name")
 
 
 def test_named_model_is_served_as_given(no_model_build):
-    argv = serve.build_serve_argv(["/models/other", "--dtype", "float32"], cpu=False, log=lambda *_: None)
+    argv = build(["/models/other", "--dtype", "float32", "--no-h2o"], cpu=False)
     assert argv == ["serve", "/models/other", "--host", "127.0.0.1", "--port", "8000", "--dtype", "float32"]
-    argv = serve.build_serve_argv(["--model=/models/x"], cpu=False, log=lambda *_: None)
+    argv = build(["--model=/models/x", "--no-h2o"], cpu=False)
     assert argv[:2] == ["serve", "/models/x"] and "--model=/models/x" not in argv
-    argv = serve.build_serve_argv(["--seed", "3", "--model", "/models/y"], cpu=False, log=lambda *_: None)
+    argv = build(["--seed", "3", "--model", "/models/y", "--no-h2o"], cpu=False)
     assert argv[:2] == ["serve", "/models/y"] and argv[-2:] == ["--seed", "3"]
 
 
 def test_legacy_cpu_kv_env_is_respected(no_model_build, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    argv = serve.build_serve_argv([], cpu=True, log=lambda *_: None)
-    assert "--kv-cache-memory-bytes" not in argv
+    assert "--kv-cache-memory-bytes" not in build([])
+
+
+def test_h2o_options_and_their_environment_variables(no_model_build):
+    import json
+
+    argv = build(["--h2o-policy", "streaming", "--h2o-budget=20%", "--h2o-sink", "64", "--h2o-aliases", "h2o-256,full"],
+                 env={"H2O_VLLM_PROMPT_WINDOW": "32", "H2O_VLLM_POLICY": "h2o"})
+    h2o = json.loads(flag_values(argv, "--additional-config")[0])["h2o"]
+    assert h2o == {"policy": "streaming", "budget": 0.2, "sink": 64, "recent": None, "prompt_window": 32,
+                   "score_norm": "sum"}
+    assert flag_values(argv, "--served-model-name") == ["smollm2-135m", "smollm2-135m@h2o-256", "smollm2-135m@full"]
+    assert not any(a.startswith("--h2o") for a in argv)
+    argv = build([], env={"H2O_VLLM_DISABLE": "1"})
+    assert "--scheduler-cls" not in argv
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--h2o-budget", "0"], "h2o-budget"),
+        (["--h2o-policy", "lru"], "h2o-policy"),
+        (["--h2o-aliases", "h2o-x"], "h2o-aliases"),
+        (["--block-size", "16"], "--block-size 32"),
+        (["--enable-prefix-caching"], "prefix caching"),
+    ],
+)
+def test_bad_h2o_options_fail_before_vllm_starts(no_model_build, args, message):
+    with pytest.raises(serve.ServeArgumentError, match=message):
+        build(args)
+
+
+def test_h2o_refused_on_a_gpu_build_with_a_way_out(no_model_build):
+    with pytest.raises(serve.ServeArgumentError, match="--no-h2o"):
+        build([], cpu=False)
 
 
 def test_unknown_command_fails_with_usage(capsys):

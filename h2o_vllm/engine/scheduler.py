@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
+from h2o_vllm import metrics
 from h2o_vllm.engine.messages import PLAN_ATTR, SCORES_ATTR, StepPlan
 from h2o_vllm.engine.settings import ENGINE_BLOCK_SIZE, H2OSettings
 from h2o_vllm.ledger import BlockLedger
@@ -104,6 +105,8 @@ class H2OScheduler(Scheduler):
         self.h2o_defaults = H2OSettings.from_additional_config(vllm_config.additional_config)
         self.h2o_requests: dict[str, RequestH2O] = {}
         self.h2o_totals = EngineCounters()
+        self.h2o_metrics = metrics.writer_from_env()
+        self._publish(force=True)
         logger.info("H2O scheduler: defaults %s, block size %d", self.h2o_defaults, self.block_size)
 
     # -- request life cycle ----------------------------------------------------------
@@ -175,19 +178,41 @@ class H2OScheduler(Scheduler):
                 continue
             state.ledger.grow(request.num_computed_tokens)
             state.ledger.add_blocks(block_scores.blocks, block_scores.mass, block_scores.visibility)
+        self._publish(force=not self.running and not self.waiting)
+        return result
+
+    def finish_requests(self, *args, **kwargs):
+        result = super().finish_requests(*args, **kwargs)  # aborts (client gone) end here
+        self._publish(force=True)
         return result
 
     # -- counters ----------------------------------------------------------------------
 
+    def _publish(self, force: bool = False) -> None:
+        if self.h2o_metrics is not None:
+            self.h2o_metrics.write(self.h2o_snapshot(), force=force)
+
+    def h2o_snapshot(self) -> dict:
+        """Engine-wide figures for /metrics (see h2o_vllm.metrics)."""
+        resident = full = 0
+        running_by_policy: collections.Counter = collections.Counter()
+        for request in self.running:
+            blocks = engine_seams.request_blocks(self, request.request_id)
+            resident += len(blocks) - engine_seams.count_holes(blocks)
+            full += len(blocks)
+            state = self.h2o_requests.get(request.request_id)
+            running_by_policy[state.settings.policy if state else self.request_settings(request).policy] += 1
+        return {
+            "evicted_blocks": self.h2o_totals.evicted_blocks,
+            "requests_by_policy": dict(self.h2o_totals.requests_by_policy),
+            "running_by_policy": dict(running_by_policy),
+            "resident_kv_blocks": resident,
+            "full_cache_kv_blocks": full,
+            "kv_free_blocks": engine_seams.num_free_blocks(self),
+            "kv_total_blocks": engine_seams.num_total_blocks(self),
+        }
+
     def h2o_counters(self) -> dict:
         """Engine-wide and per-request counters (running requests), as plain data."""
         per_request = {rid: asdict(s.counters) for rid, s in self.h2o_requests.items()}
-        return {
-            "evicted_blocks": self.h2o_totals.evicted_blocks,
-            "finished_requests": self.h2o_totals.finished_requests,
-            "requests_by_policy": dict(self.h2o_totals.requests_by_policy),
-            "resident_blocks": sum(c["resident_blocks"] for c in per_request.values()),
-            "full_cache_blocks": sum(c["full_cache_blocks"] for c in per_request.values()),
-            "free_blocks": engine_seams.num_free_blocks(self),
-            "requests": per_request,
-        }
+        return {**self.h2o_snapshot(), "finished_requests": self.h2o_totals.finished_requests, "requests": per_request}

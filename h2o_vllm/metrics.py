@@ -1,0 +1,100 @@
+"""H2O's Prometheus series, next to vLLM's own on ``/metrics``.
+
+The counters live in the scheduler (engine core process) and ``/metrics`` is
+served by the API server process. The scheduler writes a small JSON snapshot
+(at most every ``MIN_INTERVAL_S`` while busy, and at once when it goes idle) to
+``$H2O_VLLM_METRICS_FILE``; a collector in the API server reads it at scrape
+time. ``h2o-vllm serve`` sets the variable.
+
+Series (all prefixed ``h2o_vllm:``):
+    evicted_blocks_total               counter  KV blocks freed by eviction
+    requests_total{policy}             counter  requests admitted, by policy
+    running_requests{policy}           gauge    requests running now, by policy
+    resident_kv_blocks                 gauge    KV blocks running requests hold now
+    full_cache_kv_blocks               gauge    KV blocks they would hold without eviction
+    kv_free_blocks / kv_total_blocks   gauge    the engine's KV pool
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+METRICS_FILE_ENV = "H2O_VLLM_METRICS_FILE"
+MIN_INTERVAL_S = 0.2
+PREFIX = "h2o_vllm:"
+
+
+class SnapshotWriter:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.last_write = 0.0
+
+    def write(self, snapshot: dict, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_write < MIN_INTERVAL_S:
+            return
+        self.last_write = now
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(snapshot))
+        os.replace(tmp, self.path)  # readers never see half a file
+
+
+def writer_from_env() -> SnapshotWriter | None:
+    path = os.environ.get(METRICS_FILE_ENV)
+    return SnapshotWriter(path) if path else None
+
+
+class H2OCollector:
+    """prometheus_client collector over the scheduler's latest snapshot."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = self.read()
+        evicted = CounterMetricFamily(PREFIX + "evicted_blocks", "KV blocks freed by H2O eviction")
+        evicted.add_metric([], snap.get("evicted_blocks", 0))
+        yield evicted
+        requests = CounterMetricFamily(PREFIX + "requests", "Requests admitted, by eviction policy", labels=["policy"])
+        for policy, n in sorted(snap.get("requests_by_policy", {}).items()):
+            requests.add_metric([policy], n)
+        yield requests
+        running = GaugeMetricFamily(PREFIX + "running_requests", "Requests running now, by eviction policy", labels=["policy"])
+        for policy, n in sorted(snap.get("running_by_policy", {}).items()):
+            running.add_metric([policy], n)
+        yield running
+        for key, help_text in (
+            ("resident_kv_blocks", "KV blocks held by running requests now"),
+            ("full_cache_kv_blocks", "KV blocks running requests would hold without eviction"),
+            ("kv_free_blocks", "Free blocks in the engine's KV pool"),
+            ("kv_total_blocks", "Blocks in the engine's KV pool"),
+        ):
+            gauge = GaugeMetricFamily(PREFIX + key, help_text)
+            gauge.add_metric([], snap.get(key, 0))
+            yield gauge
+
+
+_registered: set[str] = set()
+
+
+def register_collector() -> bool:
+    """Add the collector to prometheus_client's default registry (the one vLLM's /metrics serves)."""
+    path = os.environ.get(METRICS_FILE_ENV)
+    if not path or path in _registered:
+        return False
+    from prometheus_client import REGISTRY
+
+    REGISTRY.register(H2OCollector(path))
+    _registered.add(path)
+    return True

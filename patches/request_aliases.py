@@ -1,0 +1,53 @@
+"""Model-name aliases (``smollm2-135m@h2o-0.2``) become per-request H2O settings.
+
+vLLM builds each OpenAI request's ``SamplingParams`` in the request class's
+``to_sampling_params``; we wrap that one method on the completion and chat
+request classes and add the alias's ``h2o_*`` values to ``extra_args`` (the
+request's own ``vllm_xargs`` win). The aliases themselves are ordinary extra
+``--served-model-name`` entries, so vLLM routes and lists them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from h2o_vllm.patches.versions import SUPPORTED_VLLM, installed_vllm
+
+_MARK = "_h2o_vllm_wrapped"
+
+
+def _wrap(cls) -> None:
+    original = cls.to_sampling_params
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def to_sampling_params(self, *args, **kwargs):
+        params = original(self, *args, **kwargs)
+        from vllm.exceptions import VLLMValidationError
+
+        from h2o_vllm.aliases import split_alias
+        from h2o_vllm.engine.settings import H2OSettingError
+
+        try:
+            _, alias_args = split_alias(getattr(self, "model", None))
+        except H2OSettingError as exc:
+            raise VLLMValidationError(str(exc), parameter="model", value=self.model) from None
+        if alias_args:
+            params.extra_args = {**alias_args, **(params.extra_args or {})}
+        return params
+
+    setattr(to_sampling_params, _MARK, True)
+    cls.to_sampling_params = to_sampling_params
+
+
+def install() -> bool:
+    found = installed_vllm()
+    if found is None or found[1] not in SUPPORTED_VLLM:
+        return False
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    _wrap(CompletionRequest)
+    _wrap(ChatCompletionRequest)
+    return True
