@@ -79,7 +79,7 @@ def register() -> None:
     trace = os.environ.get(TRACE_ENV)
     if trace:
         _write_trace(trace, role, module)
-    if role in ("frontend", "direct"):
+    if role not in ("engine_core", "worker"):
         # Where requests enter (API server, vllm.LLM): bad h2o_* settings fail that request
         # alone, model-name aliases become h2o_* settings, /metrics shows H2O's series.
         from h2o_vllm import metrics

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from h2o_vllm.patches.versions import SUPPORTED_VLLM, installed_vllm
+from h2o_vllm.patches.versions import is_supported_vllm
 
 _MARK = "_h2o_vllm_wrapped"
 
@@ -42,8 +42,7 @@ def _wrap(cls) -> None:
 
 
 def install() -> bool:
-    found = installed_vllm()
-    if found is None or found[1] not in SUPPORTED_VLLM:
+    if not is_supported_vllm():
         return False
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest

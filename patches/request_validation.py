@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 
-from h2o_vllm.patches.versions import installed_vllm, SUPPORTED_VLLM
+from h2o_vllm.patches.versions import is_supported_vllm
 
 _MARK = "_h2o_vllm_wrapped"
 
@@ -31,15 +31,21 @@ def validate_h2o_args(vllm_config, params) -> None:
             "h2o_* settings need an H2O engine (h2o-vllm serve, or engine_kwargs())", parameter=sorted(extra)[0]
         )
     try:
-        H2OSettings.from_additional_config(vllm_config.additional_config).for_request(extra)
+        settings = H2OSettings.from_additional_config(vllm_config.additional_config).for_request(extra)
     except H2OSettingError as exc:
         raise VLLMValidationError(str(exc), parameter=exc.param, value=extra.get(exc.param)) from None
+    max_len = vllm_config.model_config.max_model_len
+    if "h2o_budget" in extra and settings.budget.tokens is not None and settings.budget.tokens > max_len:
+        raise VLLMValidationError(
+            f"h2o_budget: {settings.budget.tokens} tokens is above the longest sequence this server allows "
+            f"(max_model_len {max_len}); use at most {max_len}, or a fraction such as 0.2",
+            parameter="h2o_budget", value=extra["h2o_budget"],
+        )
 
 
 def install() -> bool:
     """Wrap ``InputProcessor._validate_params`` once per process. False if this vLLM is not supported."""
-    found = installed_vllm()
-    if found is None or found[1] not in SUPPORTED_VLLM:
+    if not is_supported_vllm():
         return False
     from vllm.v1.engine.input_processor import InputProcessor
 

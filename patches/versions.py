@@ -16,13 +16,22 @@ class VLLMVersionError(RuntimeError):
 
 
 def installed_vllm() -> tuple[str, str] | None:
-    """(distribution name, version) of the installed vLLM, or None."""
+    """(distribution name, release) of the installed vLLM, or None.
+
+    The release drops any local part ("0.32.0+cpu" -> "0.32.0"): h2o-vllm's own CLI
+    answers version("vllm") with "0.32.0+cpu" for vLLM's platform detection.
+    """
     for dist in VLLM_DISTRIBUTIONS:
         try:
-            return dist, importlib.metadata.version(dist)
+            return dist, importlib.metadata.version(dist).split("+", 1)[0]
         except importlib.metadata.PackageNotFoundError:
             continue
     return None
+
+
+def is_supported_vllm() -> bool:
+    found = installed_vllm()
+    return found is not None and found[1] in SUPPORTED_VLLM
 
 
 def require_supported_vllm() -> tuple[str, str]:
