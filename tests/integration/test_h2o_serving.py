@@ -1,0 +1,179 @@
+"""The served product under load and abuse: per-request H2O controls, aliases, /metrics,
+client disconnects, 200 mixed requests at concurrency 32, and bad input.
+
+One server for the module, with a KV pool small enough that eviction matters
+(``--num-gpu-blocks-override``) and no compile (``--enforce-eager``) to start fast.
+"""
+
+import json
+import random
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from h2o_vllm.assets import DEFAULT_SERVED_NAME as MODEL
+from h2o_vllm.testing import ServerProcess
+
+pytestmark = pytest.mark.integration
+MAX_MODEL_LEN = 4096
+POOL_BLOCKS = 1200
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("h2o-server")
+    args = ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--num-gpu-blocks-override", str(POOL_BLOCKS),
+            "--h2o-budget", "0.5"]
+    with ServerProcess(args, log_path=logs / "server.log") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.base_url, timeout=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def essay_words():
+    from h2o_vllm.datasets import essays_text
+
+    return essays_text().split()
+
+
+def metrics(client) -> dict:
+    """h2o_vllm:* series as {name or name{labels}: value}."""
+    out = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("h2o_vllm:"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def wait_until_idle(client, timeout=60.0) -> dict:
+    """Poll /metrics until no request runs and every KV block is free again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(client)
+        running = sum(v for k, v in m.items() if k.startswith("h2o_vllm:running_requests"))
+        if running == 0 and m.get("h2o_vllm:kv_free_blocks") == m.get("h2o_vllm:kv_total_blocks"):
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server not idle after {timeout} s: {m}")
+        time.sleep(0.5)
+
+
+def completion(client, prompt, max_tokens=16, model=MODEL, **extra):
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, **extra}
+    return client.post("/v1/completions", json=body)
+
+
+def test_per_request_budget_evicts_and_is_counted(client, essay_words):
+    before = metrics(client)
+    resp = completion(client, " ".join(essay_words[:900]), max_tokens=64, vllm_xargs={"h2o_budget": 0.2})
+    assert resp.status_code == 200, resp.text
+    after = wait_until_idle(client)
+    assert after["h2o_vllm:evicted_blocks_total"] > before.get("h2o_vllm:evicted_blocks_total", 0)
+    assert after['h2o_vllm:requests_total{policy="h2o"}'] > before.get('h2o_vllm:requests_total{policy="h2o"}', 0)
+
+
+def test_alias_selects_the_policy(client, essay_words):
+    before = metrics(client).get('h2o_vllm:requests_total{policy="streaming"}', 0)
+    resp = completion(client, " ".join(essay_words[:600]), model=f"{MODEL}@streaming-0.2")
+    assert resp.status_code == 200, resp.text
+    assert metrics(client)['h2o_vllm:requests_total{policy="streaming"}'] == before + 1
+
+
+def test_resident_blocks_stay_below_a_full_cache_while_running(client, essay_words):
+    prompt = " ".join(essay_words[:1500])
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(completion, client, prompt, 400, vllm_xargs={"h2o_budget": 0.2}) for _ in range(4)]
+        seen = []
+        while not all(f.done() for f in futures):
+            m = metrics(client)
+            if m.get("h2o_vllm:full_cache_kv_blocks", 0) > 0:
+                seen.append((m["h2o_vllm:resident_kv_blocks"], m["h2o_vllm:full_cache_kv_blocks"]))
+            time.sleep(0.3)
+    assert all(f.result().status_code == 200 for f in futures)
+    assert seen and min(r / f for r, f in seen) < 0.4  # 20% budget (plus sinks, recent, the open block)
+    wait_until_idle(client)
+
+
+def test_client_disconnect_mid_stream_frees_its_blocks(client, essay_words):
+    body = {"model": MODEL, "prompt": " ".join(essay_words[:800]), "max_tokens": 3000, "temperature": 0,
+            "ignore_eos": True, "stream": True, "vllm_xargs": {"h2o_budget": 0.3}}
+    with client.stream("POST", "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        for i, _ in enumerate(resp.iter_lines()):
+            if i >= 20:
+                break
+        during = metrics(client)
+    # Leaving the block closed the connection mid-stream; vLLM aborts the request.
+    assert during["h2o_vllm:resident_kv_blocks"] > 0
+    idle = wait_until_idle(client, timeout=30)
+    assert idle["h2o_vllm:resident_kv_blocks"] == 0
+
+
+def test_200_mixed_requests_at_concurrency_32(client, essay_words):
+    rng = random.Random(0)
+    choices = [
+        {"vllm_xargs": {"h2o_policy": "h2o", "h2o_budget": 0.2}},
+        {"vllm_xargs": {"h2o_policy": "h2o", "h2o_budget": 128, "h2o_prompt_window": 32}},
+        {"vllm_xargs": {"h2o_policy": "streaming", "h2o_budget": "10%"}},
+        {"vllm_xargs": {"h2o_policy": "none"}},
+        {"model": f"{MODEL}@h2o-0.5"},
+        {},
+    ]
+
+    def one(i):
+        start = rng.randrange(0, len(essay_words) - 800)
+        words = essay_words[start : start + rng.choice([40, 150, 400, 700])]
+        kwargs = dict(choices[i % len(choices)])
+        model = kwargs.pop("model", MODEL)
+        return completion(client, " ".join(words), max_tokens=rng.choice([8, 24, 48]), model=model, **kwargs)
+
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(one, range(200)))
+    errors = [(r.status_code, r.text[:200]) for r in responses if r.status_code != 200]
+    assert not errors, errors[:3]
+    assert all(r.json()["choices"][0]["text"] for r in responses)
+    idle = wait_until_idle(client)
+    assert idle["h2o_vllm:kv_free_blocks"] == idle["h2o_vllm:kv_total_blocks"] == POOL_BLOCKS - 1
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"vllm_xargs": {"h2o_budget": 0}}, "h2o_budget"),
+        ({"vllm_xargs": {"h2o_budget": -5}}, "h2o_budget"),
+        ({"vllm_xargs": {"h2o_budget": "nan"}}, "h2o_budget"),
+        ({"vllm_xargs": {"h2o_budget": 10 * MAX_MODEL_LEN}}, "h2o_budget"),
+        ({"vllm_xargs": {"h2o_budget": 1.5}}, "h2o_budget"),
+        ({"vllm_xargs": {"h2o_policy": "lru"}}, "h2o_policy"),
+        ({"vllm_xargs": {"h2o_sink": -1}}, "h2o_sink"),
+        ({"vllm_xargs": {"h2o_budgte": 0.2}}, "h2o_budgte"),
+        ({"model": f"{MODEL}@h2o-0"}, "model"),
+        ({"max_tokens": 10**9}, None),
+        ({"prompt": "word " * (MAX_MODEL_LEN + 100)}, None),
+    ],
+)
+def test_bad_input_gets_a_4xx_and_the_server_stays_healthy(client, body, param):
+    request = {"model": MODEL, "prompt": "Hello", "max_tokens": 8, **body}
+    resp = client.post("/v1/completions", json=request)
+    assert 400 <= resp.status_code < 500, resp.text
+    error = resp.json()["error"]
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    assert client.get("/health").status_code == 200
+    assert completion(client, "The capital of France is", max_tokens=4).status_code == 200
+
+
+def test_malformed_json_gets_a_4xx(client):
+    resp = client.post("/v1/completions", content=b'{"model": "smollm2-135m", "prompt": ', headers={"Content-Type": "application/json"})
+    assert 400 <= resp.status_code < 500
+    assert client.get("/health").status_code == 200
