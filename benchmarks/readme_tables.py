@@ -14,6 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = {
     "perplexity-table": ["results/perplexity/table.md"],
+    "load-table": ["results/load/kv-intro.md", "results/load/kv.md", "results/load/sharegpt-intro.md",
+                   "results/load/sharegpt.md"],
     "engine-table": ["results/engine/capacity-intro.md", "results/engine/capacity.md",
                      "results/engine/overhead-intro.md", "results/engine/overhead.md"],
 }
