@@ -35,7 +35,8 @@ def test_step_scores_equal_brute_force_softmax(dtype):
     key_cache, value_cache = kv_cache.view(num_blocks, KV_HEADS, 2 * BS, HEAD_DIM).chunk(2, dim=2)
     # Request A: logical blocks 0..4 in physical 3,0(hole),5,6,7 with 150 tokens; it decodes one token.
     # Request B: 2 blocks (9, 10), 40 tokens, a 40-token prompt chunk of which the last 10 rows are scored.
-    layouts = {"A": ([3, 0, 5, 6, 7], 150), "B": ([9, 10], 40)}
+    # Request C: 2 blocks (11, 12), 50 tokens, decoding: batched with A, padded to A's width.
+    layouts = {"A": ([3, 0, 5, 6, 7], 150), "B": ([9, 10], 40), "C": ([11, 12], 50)}
     keys = {}
     for name, (phys, n) in layouts.items():
         k = torch.randn(n, KV_HEADS, HEAD_DIM).to(dtype)
@@ -43,11 +44,11 @@ def test_step_scores_equal_brute_force_softmax(dtype):
         slots = torch.tensor([phys[t // BS] * BS + t % BS for t in range(n)])
         held = torch.tensor([phys[t // BS] != 0 for t in range(n)])
         ops.cpu_attn_reshape_and_cache(k[held], k[held], key_cache, value_cache, slots[held], "vec")
-    table = torch.tensor([[3, 0, 5, 6, 7], [9, 10, 0, 0, 0]], dtype=torch.int32)
-    lens = torch.tensor([150, 40], dtype=torch.int32)
-    query = torch.randn(1 + 40, HEADS, HEAD_DIM).to(dtype)
-    qsl = torch.tensor([0, 1, 41], dtype=torch.int32)
-    context = scoring.StepContext(["A", "B"], {"A": 0, "B": 30}, {"A"})
+    table = torch.tensor([[3, 0, 5, 6, 7], [9, 10, 0, 0, 0], [11, 12, 0, 0, 0]], dtype=torch.int32)
+    lens = torch.tensor([150, 40, 50], dtype=torch.int32)
+    query = torch.randn(1 + 40 + 1, HEADS, HEAD_DIM).to(dtype)
+    qsl = torch.tensor([0, 1, 41, 42], dtype=torch.int32)
+    context = scoring.StepContext(["A", "B", "C"], {"A": 0, "B": 30, "C": 0}, {"A"})
     compaction = scoring.compact(table, lens, [0], BS)
     layout = engine_seams.detect_key_layout("vec", dtype, HEAD_DIM)
     scorer = scoring.StepScorer.for_step(context, compaction, qsl, lens.numpy(), BS, layout)
@@ -70,6 +71,8 @@ def test_step_scores_equal_brute_force_softmax(dtype):
 
     assert got["A"].blocks.tolist() == [0, 2, 3, 4]
     np.testing.assert_allclose(got["A"].mass, brute("A", slice(0, 1), [149], [0, 2, 3, 4]), rtol=1e-4)
+    assert len(scorer.decodes) == 2 and len(scorer.requests) == 1
+    np.testing.assert_allclose(got["C"].mass, brute("C", slice(41, 42), [49], [0, 1]), rtol=1e-4)
     assert got["B"].blocks.tolist() == [0, 1]
     np.testing.assert_allclose(got["B"].mass, brute("B", slice(31, 41), range(30, 40), [0, 1]), rtol=1e-4)
     # Visibility: B's 10 scored rows (positions 30..39) each see tokens 0..pos; 2 layers.

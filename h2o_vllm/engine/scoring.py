@@ -105,8 +105,10 @@ class StepScorer:
     def __init__(self, block_size: int, key_layout: str):
         self.block_size = block_size
         self.key_layout = key_layout
-        self.requests: list[_Scored] = []
+        self.requests: list[_Scored] = []  # scored one by one (several query rows: prompt chunks)
+        self.decodes: list[_Scored] = []  # one query row each: scored together in one padded batch
         self.num_layers = 0
+        self._batch = None  # (query rows, block ids [R, n], key mask [R, n * bs], mass [R, n])
 
     @classmethod
     def for_step(cls, context: StepContext, compaction: Compaction, query_start_loc: torch.Tensor,
@@ -131,12 +133,28 @@ class StepScorer:
             if logical is None:
                 logical = np.arange(num_blocks)
             token_positions = (logical[:, None] * block_size + np.arange(block_size)).reshape(-1)[:num_keys]
-            scorer.requests.append(_Scored(
+            scored = _Scored(
                 req_id, row, slice(q_start + skip, q_end), positions[skip:],
                 table[row, :num_blocks].long().clone(), logical, num_keys, token_positions,
                 torch.zeros(num_blocks, dtype=torch.float64),
-            ))
-        return scorer if scorer.requests else None
+            )
+            (scorer.decodes if q_end - (q_start + skip) == 1 else scorer.requests).append(scored)
+        if not scorer.requests and not scorer.decodes:
+            return None
+        scorer._prepare_batch()
+        return scorer
+
+    def _prepare_batch(self) -> None:
+        if not self.decodes:
+            return
+        width = max(len(d.block_ids) for d in self.decodes)
+        ids = torch.zeros(len(self.decodes), width, dtype=torch.long)  # padding: the null block, masked out
+        for i, d in enumerate(self.decodes):
+            ids[i, : len(d.block_ids)] = d.block_ids
+        num_keys = torch.tensor([d.num_keys for d in self.decodes])
+        hidden = torch.arange(width * self.block_size)[None, :] >= num_keys[:, None]
+        rows = torch.tensor([d.query_rows.start for d in self.decodes])
+        self._batch = (rows, ids, hidden, torch.zeros(len(self.decodes), width, dtype=torch.float64))
 
     def _keys(self, pages: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         """[kv_heads, blocks * block_size, head_dim] keys of ``block_ids`` in order."""
@@ -146,9 +164,26 @@ class StepScorer:
             k = k.reshape(n, kv_heads, head_dim, bs).transpose(2, 3)
         return k.permute(1, 0, 2, 3).reshape(kv_heads, n * bs, head_dim)
 
+    def _score_decodes(self, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
+        """All single-row requests at once: one gather, one matmul, one softmax per layer."""
+        rows, ids, hidden, mass = self._batch
+        k = key_pages[ids]  # [R, n, kv_heads, block_size, head_dim] as raw memory
+        reqs, n, kv_heads, bs, head_dim = k.shape
+        if self.key_layout == "dt":
+            k = k.reshape(reqs, n, kv_heads, head_dim, bs).transpose(3, 4)
+        k = k.permute(0, 2, 1, 3, 4).reshape(reqs, kv_heads, n * bs, head_dim).float()
+        q = query[rows].float()  # [R, heads, head_dim]
+        q = q.view(reqs, kv_heads, q.shape[1] // kv_heads, head_dim)
+        logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # [R, kv, g, keys]
+        logits = logits.masked_fill(hidden[:, None, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).sum(dim=(1, 2))  # [R, keys]
+        mass += probs.view(reqs, n, bs).sum(dim=2).double()
+
     def score_layer(self, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
         """Add one layer's attention mass. ``query``: [tokens, heads, head_dim]."""
         self.num_layers += 1
+        if self._batch is not None:
+            self._score_decodes(query, key_pages, scale)
         for req in self.requests:
             keys = self._keys(key_pages, req.block_ids)[:, : req.num_keys].float()
             kv_heads = keys.shape[0]
@@ -170,8 +205,12 @@ class StepScorer:
             req.mass += padded.view(-1, self.block_size).sum(dim=1).double()
 
     def collect(self) -> dict[str, BlockScores]:
+        if self._batch is not None:
+            batch_mass = self._batch[3]
+            for i, d in enumerate(self.decodes):
+                d.mass += batch_mass[i, : len(d.block_ids)]
         out = {}
-        for req in self.requests:
+        for req in self.requests + self.decodes:
             # (query, token) pairs that could see each held token, for every layer scored.
             seen_by = len(req.query_positions) - np.searchsorted(req.query_positions, req.token_positions, side="left")
             per_token = np.zeros(len(req.block_ids) * self.block_size)
