@@ -203,7 +203,8 @@ def plot(rows: list[dict], args) -> None:
         fig, ax = plt.subplots(figsize=(7, 4))
         for policy in ("h2o", "streaming"):
             points = sorted(
-                (float(n.split("_")[1].rstrip("%")), r[key]) for n, r in by.items() if n.startswith(policy + "_")
+                (float(n.split("_")[1].rstrip("%")), r[key]) for n, r in by.items()
+                if n.startswith(policy + "_") and n.endswith("%")
             )
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
