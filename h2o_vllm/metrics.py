@@ -32,11 +32,12 @@ class SnapshotWriter:
         self.path = Path(path)
         self.last_write = 0.0
 
-    def write(self, snapshot: dict, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last_write < MIN_INTERVAL_S:
-            return
-        self.last_write = now
+    def due(self) -> bool:
+        """Whether the last write is old enough for another (callers skip building a snapshot if not)."""
+        return time.monotonic() - self.last_write >= MIN_INTERVAL_S
+
+    def write(self, snapshot: dict) -> None:
+        self.last_write = time.monotonic()
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(snapshot))
         os.replace(tmp, self.path)  # readers never see half a file

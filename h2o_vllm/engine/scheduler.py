@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
@@ -44,10 +44,7 @@ class RequestCounters:
 class EngineCounters:
     evicted_blocks: int = 0
     finished_requests: int = 0
-    requests_by_policy: collections.Counter = None
-
-    def __post_init__(self):
-        self.requests_by_policy = self.requests_by_policy or collections.Counter()
+    requests_by_policy: collections.Counter = field(default_factory=collections.Counter)
 
 
 class RequestH2O:
@@ -160,11 +157,11 @@ class H2OScheduler(Scheduler):
             state = self._state(request)
             if state.needs_scores:
                 plan.score_from[req_id] = state.score_from
-            blocks = engine_seams.request_blocks(self, req_id)
             counters = state.counters
-            counters.resident_blocks = len(blocks) - engine_seams.count_holes(blocks)
+            # Every hole is a block this request evicted since it was (re)admitted.
+            counters.full_cache_blocks = len(engine_seams.request_blocks(self, req_id))
+            counters.resident_blocks = counters.full_cache_blocks - counters.evicted_blocks
             counters.peak_resident_blocks = max(counters.peak_resident_blocks, counters.resident_blocks)
-            counters.full_cache_blocks = len(blocks)
         setattr(output, PLAN_ATTR, plan)
         return output
 
@@ -189,8 +186,8 @@ class H2OScheduler(Scheduler):
     # -- counters ----------------------------------------------------------------------
 
     def _publish(self, force: bool = False) -> None:
-        if self.h2o_metrics is not None:
-            self.h2o_metrics.write(self.h2o_snapshot(), force=force)
+        if self.h2o_metrics is not None and (force or self.h2o_metrics.due()):
+            self.h2o_metrics.write(self.h2o_snapshot())
 
     def h2o_snapshot(self) -> dict:
         """Engine-wide figures for /metrics (see h2o_vllm.metrics)."""
