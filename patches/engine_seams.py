@@ -95,13 +95,14 @@ def batch_req_ids(runner, num_reqs: int | None = None) -> list[str]:
 
 
 def key_pages(kv_cache):
-    """The key half of one layer's CPU KV cache: [num_blocks, kv_heads, ...] per-block pages.
+    """The key half of one layer's CPU KV cache: [num_blocks, kv_heads, block_size * head_dim] raw pages.
 
-    vLLM's CPU cache is [num_blocks, kv_heads, block_size, 2 * head_dim], viewed as
-    [num_blocks, kv_heads, 2 * block_size, head_dim] with K in the first half.
+    vLLM's CPU cache is [num_blocks, kv_heads, block_size, 2 * head_dim], each
+    (block, head) holding its K page then its V page; how a K page is laid out is
+    what ``detect_key_layout`` finds out.
     """
-    num_blocks, kv_heads, block_size, _ = kv_cache.shape
-    return kv_cache.view(num_blocks, kv_heads, 2 * block_size, -1)[:, :, :block_size]
+    num_blocks, kv_heads, block_size, two_head_dim = kv_cache.shape
+    return kv_cache.view(num_blocks, kv_heads, 2, block_size * two_head_dim // 2)[:, :, 0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,10 +122,10 @@ def detect_key_layout(isa: str, dtype, head_dim: int, block_size: int = 32) -> s
     key_cache, value_cache = view.chunk(2, dim=2)
     key = (torch.arange(n * kv_heads * head_dim) % 251).reshape(n, kv_heads, head_dim).to(dtype)
     ops.cpu_attn_reshape_and_cache(key, -key, key_cache, value_cache, torch.arange(block_size, 2 * block_size), isa)
-    page = key_pages(cache)[1]  # [kv_heads, block_size, head_dim] as raw memory
+    page = key_pages(cache)[1]  # [kv_heads, block_size * head_dim] raw memory
     expected = key.transpose(0, 1)  # [kv_heads, tokens, head_dim]
     if torch.equal(page.reshape(kv_heads, head_dim, block_size).transpose(1, 2), expected):
         return "dt"
-    if torch.equal(page, expected):
+    if torch.equal(page.reshape(kv_heads, block_size, head_dim), expected):
         return "td"
     raise RuntimeError(f"H2O cannot read CPU attention key pages for isa={isa!r} dtype={dtype}; unsupported kernel layout")

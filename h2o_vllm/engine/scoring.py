@@ -153,62 +153,72 @@ class StepScorer:
             ids[i, : len(d.block_ids)] = d.block_ids
         num_keys = torch.tensor([d.num_keys for d in self.decodes])
         hidden = torch.arange(width * self.block_size)[None, :] >= num_keys[:, None]
+        bias = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))[:, None, None, :]  # [R, 1, 1, keys]
         rows = torch.tensor([d.query_rows.start for d in self.decodes])
-        self._batch = (rows, ids, hidden, torch.zeros(len(self.decodes), width, dtype=torch.float64))
+        self._batch = (rows, ids.view(-1), bias, torch.zeros(len(self.decodes), width, dtype=torch.float32))
 
-    def _keys(self, pages: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-        """[kv_heads, blocks * block_size, head_dim] keys of ``block_ids`` in order."""
-        k = pages[block_ids]  # [n, kv_heads, block_size, head_dim] as raw memory
-        n, kv_heads, bs, head_dim = k.shape
-        if self.key_layout == "dt":
-            k = k.reshape(n, kv_heads, head_dim, bs).transpose(2, 3)
-        return k.permute(1, 0, 2, 3).reshape(kv_heads, n * bs, head_dim)
+    def _keys_t(self, pages: torch.Tensor, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+        """float32 K^T of ``block_ids`` (``num_seqs`` equal-length lists, flattened): [seqs, kv_heads, head_dim, keys].
+
+        ``pages`` is [num_blocks, kv_heads, block_size * head_dim] raw page memory; one
+        index_select copies whole pages (a fast memcpy), one copy puts keys in order and
+        converts them to float32 (scores are computed in float32 whatever the model's dtype).
+        """
+        k = pages.index_select(0, block_ids)
+        n = len(block_ids) // num_seqs
+        kv_heads, bs = k.shape[1], self.block_size
+        if self.key_layout == "dt":  # page = [head_dim, block_size]
+            k = k.view(num_seqs, n, kv_heads, -1, bs).permute(0, 2, 3, 1, 4)
+        else:  # page = [block_size, head_dim]
+            k = k.view(num_seqs, n, kv_heads, bs, -1).permute(0, 2, 4, 1, 3)
+        out = torch.empty(k.shape, dtype=torch.float32).copy_(k)
+        return out.view(num_seqs, kv_heads, k.shape[2], n * bs)
 
     def _score_decodes(self, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
         """All single-row requests at once: one gather, one matmul, one softmax per layer."""
-        rows, ids, hidden, mass = self._batch
-        k = key_pages[ids]  # [R, n, kv_heads, block_size, head_dim] as raw memory
-        reqs, n, kv_heads, bs, head_dim = k.shape
-        if self.key_layout == "dt":
-            k = k.reshape(reqs, n, kv_heads, head_dim, bs).transpose(3, 4)
-        k = k.permute(0, 2, 1, 3, 4).reshape(reqs, kv_heads, n * bs, head_dim).float()
-        q = query[rows].float()  # [R, heads, head_dim]
-        q = q.view(reqs, kv_heads, q.shape[1] // kv_heads, head_dim)
-        logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # [R, kv, g, keys]
-        logits = logits.masked_fill(hidden[:, None, None, :], float("-inf"))
+        rows, ids, bias, mass = self._batch
+        reqs = len(rows)
+        k_t = self._keys_t(key_pages, ids, reqs)  # [R, kv, d, keys]
+        kv_heads, head_dim = k_t.shape[1], k_t.shape[2]
+        q = query[rows].float().mul_(scale).view(reqs, kv_heads, -1, head_dim)  # [R, kv, g, d]
+        logits = torch.matmul(q, k_t).add_(bias)  # [R, kv, g, keys]
         probs = torch.softmax(logits, dim=-1).sum(dim=(1, 2))  # [R, keys]
-        mass += probs.view(reqs, n, bs).sum(dim=2).double()
+        mass += probs.view(reqs, -1, self.block_size).sum(dim=2)
+
+    def _score_prompt(self, req: _Scored, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
+        """Rows of one request's prompt chunk, SCORE_CHUNK_ROWS at a time, each over the keys it can see."""
+        k_t = self._keys_t(key_pages, req.block_ids, 1)[0]  # [kv, d, keys]
+        kv_heads, head_dim = k_t.shape[0], k_t.shape[1]
+        q_all = query[req.query_rows]
+        mass = torch.zeros(k_t.shape[-1], dtype=torch.float32)
+        token_pos = torch.from_numpy(req.token_positions)
+        for start in range(0, q_all.shape[0], SCORE_CHUNK_ROWS):
+            q_pos = req.query_positions[start : start + SCORE_CHUNK_ROWS]
+            visible = int(np.searchsorted(req.token_positions, q_pos[-1], side="right"))  # causal: skip later keys
+            q = q_all[start : start + len(q_pos)].float() * scale  # not in place: a float32 query is vLLM's own tensor
+            q = q.view(len(q_pos), kv_heads, -1, head_dim).permute(1, 2, 0, 3)  # [kv, g, rows, d]
+            logits = torch.matmul(q, k_t[:, None, :, :visible])  # [kv, g, rows, visible]
+            # Only keys after the chunk's first row can be hidden from some of its rows.
+            first_hidden = int(np.searchsorted(req.token_positions, q_pos[0], side="right"))
+            if first_hidden < visible:
+                hidden = token_pos[None, first_hidden:visible] > torch.from_numpy(q_pos)[:, None]
+                logits[..., first_hidden:visible].masked_fill_(hidden, float("-inf"))
+            mass[:visible] += torch.softmax(logits, dim=-1).view(-1, visible).sum(dim=0)
+        req.mass += mass.view(-1, self.block_size).sum(dim=1).double()
 
     def score_layer(self, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
-        """Add one layer's attention mass. ``query``: [tokens, heads, head_dim]."""
+        """Add one layer's attention mass. ``query``: [tokens, heads, head_dim]; ``key_pages``: see ``_keys_t``."""
         self.num_layers += 1
         if self._batch is not None:
             self._score_decodes(query, key_pages, scale)
         for req in self.requests:
-            keys = self._keys(key_pages, req.block_ids)[:, : req.num_keys].float()
-            kv_heads = keys.shape[0]
-            q_all = query[req.query_rows]
-            token_pos = torch.from_numpy(req.token_positions)
-            mass = torch.zeros(req.num_keys, dtype=torch.float32)
-            for start in range(0, q_all.shape[0], SCORE_CHUNK_ROWS):
-                q = q_all[start : start + SCORE_CHUNK_ROWS].float()
-                rows, heads, head_dim = q.shape
-                q = q.view(rows, kv_heads, heads // kv_heads, head_dim).permute(1, 2, 0, 3)
-                logits = torch.matmul(q, keys[:, None].transpose(-1, -2)) * scale  # [kv, g, rows, keys]
-                q_pos = torch.from_numpy(req.query_positions[start : start + rows])
-                hidden = token_pos[None, :] > q_pos[:, None]
-                if hidden.any():
-                    logits = logits.masked_fill(hidden, float("-inf"))
-                mass += torch.softmax(logits, dim=-1).sum(dim=(0, 1, 2))
-            padded = torch.zeros(len(req.block_ids) * self.block_size, dtype=torch.float32)
-            padded[: req.num_keys] = mass
-            req.mass += padded.view(-1, self.block_size).sum(dim=1).double()
+            self._score_prompt(req, query, key_pages, scale)
 
     def collect(self) -> dict[str, BlockScores]:
         if self._batch is not None:
             batch_mass = self._batch[3]
             for i, d in enumerate(self.decodes):
-                d.mass += batch_mass[i, : len(d.block_ids)]
+                d.mass += batch_mass[i, : len(d.block_ids)].double()
         out = {}
         for req in self.requests + self.decodes:
             # (query, token) pairs that could see each held token, for every layer scored.
