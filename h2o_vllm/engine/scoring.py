@@ -24,6 +24,39 @@ from h2o_vllm.engine.messages import BlockScores
 SCORE_CHUNK_ROWS = 256
 
 
+class Scratch:
+    """Reusable flat buffers. Scoring runs 30 layers x every step; fresh multi-MB tensors each
+    time cost more in page faults than the arithmetic (measured: matmul + softmax on a
+    1024-key chunk 16 ms with fresh outputs, 7 ms in place)."""
+
+    def __init__(self):
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, shape, dtype=torch.float32) -> torch.Tensor:
+        numel = int(np.prod(shape))
+        buf = self._buffers.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+                buf = self._buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(*shape)
+
+
+_scratch = Scratch()  # one per worker process; the runner scores on one thread
+
+
+def softmax_column_sums(logits: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits, -1)`` summed over every row, per batch entry: [..., rows, keys] -> [..., keys].
+
+    In place: ``logits`` is overwritten (it is scratch). Rows are normalised by one
+    matrix-vector product instead of a second full pass.
+    """
+    x = logits.view(-1, logits.shape[-2], logits.shape[-1])  # [batch, rows, keys]
+    x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
+    inverse = x.sum(dim=-1).reciprocal_()  # [batch, rows]
+    sums = torch.bmm(inverse[:, None, :], x)[:, 0]  # [batch, keys]
+    return sums.view(*logits.shape[:-2], logits.shape[-1])
+
+
 @dataclass
 class StepContext:
     """Set by the model runner after it updated its batch, read by the attention builder."""
@@ -164,14 +197,14 @@ class StepScorer:
         index_select copies whole pages (a fast memcpy), one copy puts keys in order and
         converts them to float32 (scores are computed in float32 whatever the model's dtype).
         """
-        k = pages.index_select(0, block_ids)
+        k = torch.index_select(pages, 0, block_ids, out=_scratch.get("pages", (len(block_ids), *pages.shape[1:]), pages.dtype))
         n = len(block_ids) // num_seqs
         kv_heads, bs = k.shape[1], self.block_size
         if self.key_layout == "dt":  # page = [head_dim, block_size]
             k = k.view(num_seqs, n, kv_heads, -1, bs).permute(0, 2, 3, 1, 4)
         else:  # page = [block_size, head_dim]
             k = k.view(num_seqs, n, kv_heads, bs, -1).permute(0, 2, 4, 1, 3)
-        out = torch.empty(k.shape, dtype=torch.float32).copy_(k)
+        out = _scratch.get("keys", k.shape).copy_(k)
         return out.view(num_seqs, kv_heads, k.shape[2], n * bs)
 
     def _score_decodes(self, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
@@ -181,9 +214,8 @@ class StepScorer:
         k_t = self._keys_t(key_pages, ids, reqs)  # [R, kv, d, keys]
         kv_heads, head_dim = k_t.shape[1], k_t.shape[2]
         q = query[rows].float().mul_(scale).view(reqs, kv_heads, -1, head_dim)  # [R, kv, g, d]
-        logits = torch.matmul(q, k_t).add_(bias)  # [R, kv, g, keys]
-        probs = torch.softmax(logits, dim=-1).sum(dim=(1, 2))  # [R, keys]
-        mass += probs.view(reqs, -1, self.block_size).sum(dim=2)
+        logits = torch.matmul(q, k_t).add_(bias).view(reqs, -1, k_t.shape[-1])  # [R, kv * g, keys]
+        mass += softmax_column_sums(logits).view(reqs, -1, self.block_size).sum(dim=2)
 
     def _score_prompt(self, req: _Scored, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
         """Rows of one request's prompt chunk, SCORE_CHUNK_ROWS at a time, each over the keys it can see."""
@@ -197,13 +229,14 @@ class StepScorer:
             visible = int(np.searchsorted(req.token_positions, q_pos[-1], side="right"))  # causal: skip later keys
             q = q_all[start : start + len(q_pos)].float() * scale  # not in place: a float32 query is vLLM's own tensor
             q = q.view(len(q_pos), kv_heads, -1, head_dim).permute(1, 2, 0, 3)  # [kv, g, rows, d]
-            logits = torch.matmul(q, k_t[:, None, :, :visible])  # [kv, g, rows, visible]
+            logits = _scratch.get("logits", (kv_heads, q.shape[1], len(q_pos), visible))
+            torch.matmul(q, k_t[:, None, :, :visible], out=logits)  # [kv, g, rows, visible]
             # Only keys after the chunk's first row can be hidden from some of its rows.
             first_hidden = int(np.searchsorted(req.token_positions, q_pos[0], side="right"))
             if first_hidden < visible:
                 hidden = token_pos[None, first_hidden:visible] > torch.from_numpy(q_pos)[:, None]
                 logits[..., first_hidden:visible].masked_fill_(hidden, float("-inf"))
-            mass[:visible] += torch.softmax(logits, dim=-1).view(-1, visible).sum(dim=0)
+            mass[:visible] += softmax_column_sums(logits).view(-1, visible).sum(dim=0)
         req.mass += mass.view(-1, self.block_size).sum(dim=1).double()
 
     def score_layer(self, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
