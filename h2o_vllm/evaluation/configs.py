@@ -1,0 +1,69 @@
+"""What each evaluated configuration asks of the server: a policy and a budget per request.
+
+    full            policy none: the full cache, the reference
+    streaming_20%   StreamingLLM at 20% of the sequence
+    h2o_20%         H2O, prompt scored by every query row (the paper)
+    h2o-window_20%  H2O, prompt scored by its last ``window`` rows only (observation window)
+
+Selected per request with ``vllm_xargs`` (any h2o-vllm server), or with the
+``MODEL@policy-budget`` model-name aliases that ``h2o-vllm serve`` lists (for
+clients that can only choose a model name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POLICIES = ("streaming", "h2o", "h2o-window")
+SELECT_MODES = ("xargs", "alias")
+
+
+class EvalConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    policy: str  # "full" or one of POLICIES
+    budget: float | None = None  # fraction of the sequence; None for full
+    window: int = 32  # observation window of h2o-window, in query rows
+
+    def __post_init__(self):
+        if self.policy == "full":
+            return
+        if self.policy not in POLICIES:
+            raise EvalConfigError(f"unknown policy {self.policy!r}; choose from full, {', '.join(POLICIES)}")
+        if self.budget is None or not 0.0 < self.budget < 1.0:
+            raise EvalConfigError(f"budget {self.budget!r} must be a fraction between 0 and 1 (0.2 = 20%)")
+
+    @property
+    def name(self) -> str:
+        return "full" if self.policy == "full" else f"{self.policy}_{self.budget * 100:g}%"
+
+    def xargs(self) -> dict:
+        if self.policy == "full":
+            return {"h2o_policy": "none"}
+        fields = {"h2o_policy": "h2o" if self.policy == "h2o-window" else self.policy, "h2o_budget": self.budget}
+        if self.policy != "streaming":  # explicit, whatever the server's default: 0 = every prompt row
+            fields["h2o_prompt_window"] = self.window if self.policy == "h2o-window" else 0
+        return fields
+
+    def alias(self, model: str) -> str:
+        if self.policy == "full":
+            return f"{model}@full"
+        if self.policy == "h2o-window":
+            raise EvalConfigError("h2o-window has no model-name alias; use --select xargs")
+        return f"{model}@{self.policy}-{self.budget:g}"
+
+    def request_fields(self, model: str, select: str) -> tuple[str, dict]:
+        """(model name, extra JSON fields) of a request under this configuration."""
+        if select == "alias":
+            return self.alias(model), {}
+        return model, {"vllm_xargs": self.xargs()}
+
+
+def eval_configs(policies, budgets, window: int = 32) -> list[EvalConfig]:
+    """The full cache first (the other configurations are scored against it), then policy x budget."""
+    configs = [EvalConfig("full")]
+    configs += [EvalConfig(p, float(b), window) for p in policies for b in budgets]
+    return configs

@@ -1,0 +1,150 @@
+"""Score the answers and lay them out HELM-style: one table per metric, policy by budget."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from h2o_vllm.evaluation.client import Answer
+from h2o_vllm.evaluation.configs import EvalConfig
+from h2o_vllm.evaluation.metrics import matched_prefix, passkey_found, rouge_l
+from h2o_vllm.evaluation.scenarios import Item
+
+# metric -> (title, scenario, format)
+METRICS = {
+    "needle_accuracy": ("needle: pass key found (%)", "needle", "{:.1f}"),
+    "fidelity_matched_tokens": ("fidelity: tokens equal to the full cache before the first divergence (mean)", "fidelity", "{:.1f}"),
+    "fidelity_rouge_l": ("fidelity: ROUGE-L F1 against the full-cache continuation", "fidelity", "{:.3f}"),
+    "summary_rouge_l": ("summary: ROUGE-L F1 against the full-cache summary", "summary", "{:.3f}"),
+}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def score(items: list[Item], answers: list[Answer], configs: list[EvalConfig], tokenizer) -> dict:
+    """{config name: {metric: value, ...}}; fidelity and summary are scored against ``full``."""
+    by_key = {(a.config, a.scenario, a.key): a for a in answers}
+    reference = {(i.scenario, i.key): by_key.get(("full", i.scenario, i.key)) for i in items}
+    results = {}
+    for config in configs:
+        found, by_length = [], defaultdict(list)
+        tokens_matched, fidelity_rouge, summary_rouge = [], [], []
+        failed = 0
+        for item in items:
+            answer = by_key.get((config.name, item.scenario, item.key))
+            if answer is None:
+                continue
+            failed += answer.error is not None
+            if item.scenario == "needle":
+                hit = 100.0 * (answer.text is not None and passkey_found(answer.text, item.answer))
+                found.append(hit)
+                by_length[item.group].append(hit)
+                continue
+            ref = reference[(item.scenario, item.key)]
+            if ref is None or ref.text is None:
+                continue  # no reference to compare with: left out, counted in the reference's failures
+            text = answer.text or ""
+            if item.scenario == "fidelity":
+                tokens_matched.append(matched_prefix(tokenizer(ref.text)["input_ids"], tokenizer(text)["input_ids"]))
+                fidelity_rouge.append(rouge_l(text, ref.text))
+            else:
+                summary_rouge.append(rouge_l(text, ref.text))
+        results[config.name] = {
+            "policy": config.policy, "budget": config.budget, "failed": failed,
+            "needle_accuracy": _mean(found),
+            "needle_accuracy_by_length": {k: _mean(v) for k, v in by_length.items()},
+            "fidelity_matched_tokens": _mean(tokens_matched),
+            "fidelity_rouge_l": _mean(fidelity_rouge),
+            "summary_rouge_l": _mean(summary_rouge),
+            "samples": {"needle": len(found), "fidelity": len(tokens_matched), "summary": len(summary_rouge)},
+        }
+    return results
+
+
+def _cell(value, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def markdown(results: dict, configs: list[EvalConfig]) -> str:
+    budgets = sorted({c.budget for c in configs if c.budget is not None})
+    policies = list(dict.fromkeys(c.policy for c in configs if c.policy != "full"))
+    head = "| policy | " + " | ".join(f"{b * 100:g}%" for b in budgets) + " |\n|---|" + "---|" * len(budgets) + "\n"
+    out = []
+    for metric, (title, scenario, fmt) in METRICS.items():
+        if not any(r["samples"][scenario] for r in results.values()):
+            continue
+        rows = []
+        full = results.get("full")
+        if full is not None and metric.startswith("needle"):
+            rows.append("| full cache | " + " | ".join(_cell(full[metric], fmt) for _ in budgets) + " |")
+        for policy in policies:
+            cells = [_cell(results.get(EvalConfig(policy, b).name, {}).get(metric), fmt) for b in budgets]
+            rows.append(f"| {policy} | " + " | ".join(cells) + " |")
+        note = "" if metric.startswith("needle") else " (the full cache is the reference: tokens all equal, ROUGE-L 1)"
+        out.append(f"**{title}**{note}\n\n{head}" + "\n".join(rows) + "\n")
+    lengths = sorted({k for r in results.values() for k in r["needle_accuracy_by_length"]}, key=_length_key)
+    if lengths:
+        rows = [f"| {name} | " + " | ".join(_cell(r["needle_accuracy_by_length"].get(k), "{:.0f}") for k in lengths) + " |"
+                for name, r in results.items()]
+        out.append("**needle by context length (% found)**\n\n| configuration | " + " | ".join(lengths) + " |\n|---|"
+                   + "---|" * len(lengths) + "\n" + "\n".join(rows) + "\n")
+    failed = {name: r["failed"] for name, r in results.items() if r["failed"]}
+    if failed:
+        out.append("Failed requests (scored as misses): " + ", ".join(f"{k} {v}" for k, v in failed.items()) + "\n")
+    return "\n".join(out)
+
+
+def _length_key(label: str) -> float:
+    return float(label[:-1]) * 1024 if label.endswith("K") else float(label)
+
+
+def plot(results: dict, configs: list[EvalConfig], path: Path) -> Path | None:
+    """One panel per metric: the metric against the budget, a line per policy, the full cache dashed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    metrics = [m for m, (_, s, _) in METRICS.items() if any(r["samples"][s] for r in results.values())]
+    if not metrics:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    budgets = sorted({c.budget for c in configs if c.budget is not None})
+    policies = list(dict.fromkeys(c.policy for c in configs if c.policy != "full"))
+    for ax, metric in zip(axes[0], metrics):
+        for policy in policies:
+            ys = [results.get(EvalConfig(policy, b).name, {}).get(metric) for b in budgets]
+            ax.plot([b * 100 for b in budgets], [float("nan") if y is None else y for y in ys], marker="o", label=policy)
+        full = results.get("full", {}).get(metric)
+        if full is not None and metric.startswith("needle"):
+            ax.axhline(full, linestyle="--", color="gray", label="full cache")
+        ax.set_title(METRICS[metric][0].split(":")[0] + ": " + metric.split("_", 1)[1].replace("_", " "), fontsize=9)
+        ax.set_xlabel("KV budget (% of sequence)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save(out_dir: Path, command: str, settings: dict, items: list[Item], answers: list[Answer], results: dict,
+         configs: list[EvalConfig]) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "eval.json", "md": out_dir / "eval.md", "answers": out_dir / "answers.jsonl"}
+    paths["json"].write_text(json.dumps({"command": command, "settings": settings, "results": results}, indent=1))
+    paths["md"].write_text(markdown(results, configs) + f"\nProduced by:\n\n    {command}\n")
+    prompts = {(i.scenario, i.key): i for i in items}
+    with paths["answers"].open("w") as f:
+        for a in answers:
+            item = prompts[(a.scenario, a.key)]
+            f.write(json.dumps({**a.__dict__, "prompt_tokens": item.prompt_tokens, "expected": item.answer}) + "\n")
+    png = plot(results, configs, out_dir / "eval.png")
+    if png:
+        paths["png"] = png
+    return paths

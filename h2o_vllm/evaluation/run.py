@@ -1,0 +1,136 @@
+"""``h2o-vllm eval``: quality of eviction policies measured over HTTP, HELM-style.
+
+    h2o-vllm eval                                   # starts a local server, runs everything
+    h2o-vllm eval --base-url http://127.0.0.1:8000  # any running h2o-vllm server
+    h2o-vllm eval --scenarios needle --budgets 0.2 --lengths 1024 --samples 4
+
+Every scenario runs under the full cache and under each policy x budget, concurrently,
+with the policy chosen per request. Results: OUT/eval.json, OUT/eval.md (tables),
+OUT/eval.png, OUT/answers.jsonl (every answer, for inspection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from h2o_vllm.evaluation import scenarios
+from h2o_vllm.evaluation.configs import POLICIES, SELECT_MODES, EvalConfigError, eval_configs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="h2o-vllm eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", help="server root, e.g. http://127.0.0.1:8000 (default: start h2o-vllm serve on loopback)")
+    p.add_argument("--model", default=None, help="served model name (default: the default model's, smollm2-135m)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for building prompts (default: the default model's)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--scenarios", nargs="+", default=list(scenarios.SCENARIOS), choices=scenarios.SCENARIOS)
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.2, 0.5], help="fractions of the sequence")
+    p.add_argument("--window", type=int, default=32, help="observation window of h2o-window (query rows)")
+    p.add_argument("--select", choices=SELECT_MODES, default="xargs",
+                   help="choose the policy per request with vllm_xargs, or with MODEL@policy-budget aliases")
+    g = p.add_argument_group("needle")
+    g.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096], help="context lengths in tokens")
+    g.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    g.add_argument("--samples", type=int, default=2, help="pass keys per length and depth")
+    g = p.add_argument_group("fidelity")
+    g.add_argument("--fidelity-prompts", type=int, default=6)
+    g.add_argument("--fidelity-prompt-tokens", type=int, default=512)
+    g.add_argument("--fidelity-new-tokens", type=int, default=512)
+    g = p.add_argument_group("summary")
+    g.add_argument("--summaries", type=int, default=6)
+    g.add_argument("--summary-essay-tokens", type=int, default=1536)
+    g.add_argument("--summary-new-tokens", type=int, default=128)
+    g = p.add_argument_group("run")
+    g.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    g.add_argument("--request-timeout", type=float, default=1800.0, help="seconds per request")
+    g.add_argument("--out", type=Path, default=Path("results/eval"))
+    g.add_argument("--serve-args", default="--enforce-eager",
+                   help="extra h2o-vllm serve arguments when this command starts the server")
+    return p
+
+
+def _check(args) -> None:
+    for name in ("samples", "fidelity_prompts", "summaries", "concurrency", "window"):
+        if getattr(args, name) < 1:
+            raise EvalConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("fidelity_prompt_tokens", "fidelity_new_tokens", "summary_essay_tokens", "summary_new_tokens"):
+        if getattr(args, name) < 1:
+            raise EvalConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    configs = eval_configs(args.policies, args.budgets, args.window)
+    if args.select == "alias":
+        for c in configs:
+            c.alias("m")  # raises for configurations without an alias
+
+
+def build_items(args, tokenizer) -> list[scenarios.Item]:
+    from h2o_vllm.datasets import essays_dir, essays_text
+
+    corpus = essays_text()
+    items = []
+    if "needle" in args.scenarios:
+        items += scenarios.needle_items(tokenizer, corpus, args.lengths, args.depths, args.samples)
+    if "fidelity" in args.scenarios:
+        items += scenarios.fidelity_items(tokenizer, corpus, args.fidelity_prompts, args.fidelity_prompt_tokens,
+                                          args.fidelity_new_tokens)
+    if "summary" in args.scenarios:
+        essays = [(f.stem, f.read_text(encoding="utf-8", errors="replace")) for f in sorted(essays_dir().glob("*.txt"))]
+        items += scenarios.summary_items(tokenizer, essays, args.summaries, args.summary_essay_tokens, args.summary_new_tokens)
+    return items
+
+
+def max_context(items, args) -> int:
+    return max(i.prompt_tokens + i.max_tokens for i in items) + 64  # chat template and tokenizer drift
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check(args)
+    except EvalConfigError as err:
+        print(f"h2o-vllm eval: error: {err}", file=sys.stderr)
+        return 2
+    from transformers import AutoTokenizer
+
+    from h2o_vllm.assets import DEFAULT_SERVED_NAME, prepare_default_model
+    from h2o_vllm.evaluation import client, report
+
+    model = args.model or DEFAULT_SERVED_NAME
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or str(prepare_default_model(log=lambda *_: None).path))
+    try:
+        items = build_items(args, tokenizer)
+    except ValueError as err:
+        print(f"h2o-vllm eval: error: {err}", file=sys.stderr)
+        return 2
+    configs = eval_configs(args.policies, args.budgets, args.window)
+    jobs = [(c, i) for c in configs for i in items]
+    print(f"[eval] {len(items)} items x {len(configs)} configurations = {len(jobs)} requests "
+          f"({', '.join(c.name for c in configs)})", file=sys.stderr, flush=True)
+    command = "h2o-vllm eval " + shlex.join(sys.argv[2:] if argv is None else argv)
+    t0 = time.monotonic()
+    if args.base_url:
+        answers = client.run_requests(args.base_url, jobs, model, select=args.select, concurrency=args.concurrency,
+                                      timeout=args.request_timeout, api_key=args.api_key)
+    else:
+        from h2o_vllm.testing import ServerProcess
+
+        serve_args = ["--max-model-len", str(max_context(items, args)), *shlex.split(args.serve_args)]
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(f"[eval] starting h2o-vllm serve {' '.join(serve_args)} (log: {args.out / 'server.log'})", file=sys.stderr, flush=True)
+        with ServerProcess(serve_args, log_path=args.out / "server.log") as server:
+            answers = client.run_requests(server.base_url, jobs, model, select=args.select, concurrency=args.concurrency,
+                                          timeout=args.request_timeout, api_key=args.api_key)
+    results = report.score(items, answers, configs, tokenizer)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "api_key"}
+    settings["wall_s"] = round(time.monotonic() - t0, 1)
+    paths = report.save(args.out, command, settings, items, answers, results, configs)
+    print(report.markdown(results, configs))
+    print("saved: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    if answers and all(a.error is not None for a in answers):
+        print(f"h2o-vllm eval: error: every request failed; the first: {answers[0].error}", file=sys.stderr)
+        return 1
+    return 0  # single failures are counted in the tables

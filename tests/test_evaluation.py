@@ -1,0 +1,173 @@
+"""The pieces of ``h2o-vllm eval`` without a server: scores, requests, configurations, tables."""
+
+import json
+
+import pytest
+
+from h2o_vllm.evaluation import metrics, report, scenarios
+from h2o_vllm.evaluation.client import Answer, request_body
+from h2o_vllm.evaluation.configs import EvalConfig, EvalConfigError, eval_configs
+from h2o_vllm.evaluation.run import main as eval_main
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    from h2o_vllm.datasets import essays_text
+
+    return essays_text()
+
+
+def test_rouge_l_by_hand():
+    # LCS of "the cat sat on the mat" / "the cat lay on a mat" = the cat on mat (4): P = R = 4/6.
+    assert metrics.rouge_l("The cat sat on the mat.", "the cat lay on a mat") == pytest.approx(4 / 6)
+    assert metrics.rouge_l("a b c", "a b c") == 1.0
+    assert metrics.rouge_l("x y", "a b") == 0.0
+    assert metrics.rouge_l("", "") == 1.0 and metrics.rouge_l("", "a") == 0.0
+
+
+def test_rouge_l_equals_google_rouge_score():
+    from rouge_score import rouge_scorer  # comes with lm-eval, in the test extra
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    pairs = [
+        ("Startups grow fast; most of them die.", "Most startups die, and the rest grow fast!"),
+        ("It's 2024: we wrote 3 essays.", "we wrote three essays in 2024"),
+        ("Hello, World", "world hello hello"),
+    ]
+    for cand, ref in pairs:
+        assert metrics.rouge_l(cand, ref) == pytest.approx(scorer.score(ref, cand)["rougeL"].fmeasure)
+
+
+def test_passkey_and_prefix():
+    assert metrics.passkey_found(" 48213. Remember it.", "48213")
+    assert not metrics.passkey_found(" 4821 3", "48213") and not metrics.passkey_found(" none", "48213")
+    assert not metrics.passkey_found(" 482130", "48213")
+    assert metrics.matched_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2 and metrics.matched_prefix([1], [1, 2]) == 1
+
+
+def test_needle_items_hide_one_key_at_the_asked_depth(tokenizer, corpus):
+    items = scenarios.needle_items(tokenizer, corpus, [512, 1024], [0.1, 0.9], samples=2)
+    again = scenarios.needle_items(tokenizer, corpus, [512, 1024], [0.1, 0.9], samples=2)
+    assert items == again and len(items) == 8 and len({i.key for i in items}) == 8
+    assert len({i.answer for i in items}) == 8
+    for item in items:
+        length, depth = item.meta["length"], item.meta["depth"]
+        assert abs(item.prompt_tokens - length) <= 8, (item.key, item.prompt_tokens)
+        assert item.prompt.endswith(scenarios.NEEDLE_QUESTION) and item.prompt.count(item.answer) == 2
+        where = item.prompt.index(scenarios.NEEDLE.format(key=item.answer))
+        assert abs(where / len(item.prompt) - depth) < 0.1
+        assert item.group == f"{length // 1024}K" if length >= 1024 else item.group == str(length)
+    with pytest.raises(ValueError, match="depth"):
+        scenarios.needle_items(tokenizer, corpus, [512], [1.5], samples=1)
+    with pytest.raises(ValueError, match="does not fit"):
+        scenarios.needle_items(tokenizer, corpus, [20], [0.5], samples=1)
+
+
+def test_fidelity_and_summary_items(tokenizer, corpus):
+    from h2o_vllm.datasets import essays_dir
+
+    fid = scenarios.fidelity_items(tokenizer, corpus, prompts=3, prompt_tokens=256, new_tokens=64)
+    assert [i.key for i in fid] == ["p0", "p1", "p2"] and len({i.prompt for i in fid}) == 3
+    assert all(abs(i.prompt_tokens - 256) <= 4 and i.ignore_eos and i.max_tokens == 64 for i in fid)
+    essays = [(f.stem, f.read_text()) for f in sorted(essays_dir().glob("*.txt"))]
+    summ = scenarios.summary_items(tokenizer, essays, count=2, essay_tokens=1024, new_tokens=32)
+    assert len(summ) == 2 and all(i.messages[0]["content"].startswith(scenarios.SUMMARY_INSTRUCTION) for i in summ)
+    with pytest.raises(ValueError, match="essays have"):
+        scenarios.summary_items(tokenizer, essays, count=2, essay_tokens=10**6, new_tokens=32)
+
+
+def test_configs_select_policy_per_request():
+    configs = eval_configs(["streaming", "h2o", "h2o-window"], [0.1, 0.2], window=16)
+    assert [c.name for c in configs] == ["full", "streaming_10%", "streaming_20%", "h2o_10%", "h2o_20%",
+                                         "h2o-window_10%", "h2o-window_20%"]
+    assert configs[0].xargs() == {"h2o_policy": "none"}
+    assert configs[1].xargs() == {"h2o_policy": "streaming", "h2o_budget": 0.1}
+    assert configs[4].xargs() == {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_prompt_window": 0}
+    assert configs[6].xargs() == {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_prompt_window": 16}
+    assert configs[4].request_fields("m", "alias") == ("m@h2o-0.2", {})
+    assert configs[0].request_fields("m", "alias") == ("m@full", {})
+    assert configs[2].request_fields("m", "xargs") == ("m", {"vllm_xargs": {"h2o_policy": "streaming", "h2o_budget": 0.2}})
+    with pytest.raises(EvalConfigError, match="alias"):
+        configs[6].alias("m")
+    for bad in [dict(policy="lru", budget=0.2), dict(policy="h2o", budget=1.5), dict(policy="h2o", budget=None)]:
+        with pytest.raises(EvalConfigError):
+            EvalConfig(**bad)
+
+
+def test_request_bodies():
+    chat = scenarios.Item("summary", "a", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+    path, body = request_body(chat, "m", {"vllm_xargs": {"h2o_policy": "none"}})
+    assert path == "/v1/chat/completions" and body["messages"] == chat.messages and body["temperature"] == 0.0
+    assert "ignore_eos" not in body and body["vllm_xargs"] == {"h2o_policy": "none"}
+    text = scenarios.Item("fidelity", "p0", max_tokens=8, prompt="Once", ignore_eos=True)
+    path, body = request_body(text, "m", {})
+    assert path == "/v1/completions" and body["prompt"] == "Once" and body["ignore_eos"] is True
+
+
+def test_scores_and_tables(tokenizer, tmp_path):
+    items = [
+        scenarios.Item("needle", "n0", 8, prompt="..", answer="11111", group="1K"),
+        scenarios.Item("needle", "n1", 8, prompt="..", answer="22222", group="2K"),
+        scenarios.Item("fidelity", "p0", 8, prompt="..", ignore_eos=True),
+        scenarios.Item("summary", "s0", 8, messages=[]),
+    ]
+    configs = eval_configs(["h2o"], [0.2])
+    answers = [
+        Answer("full", "needle", "n0", " 11111."), Answer("full", "needle", "n1", " 22222"),
+        Answer("full", "fidelity", "p0", " the cat sat on the mat"), Answer("full", "summary", "s0", "a b c d"),
+        Answer("h2o_20%", "needle", "n0", " 11111"), Answer("h2o_20%", "needle", "n1", None, "HTTP 500: boom"),
+        Answer("h2o_20%", "fidelity", "p0", " the cat sat on a mat"), Answer("h2o_20%", "summary", "s0", "a b x y"),
+    ]
+    results = report.score(items, answers, configs, tokenizer)
+    full, h2o = results["full"], results["h2o_20%"]
+    assert full["needle_accuracy"] == 100.0 and h2o["needle_accuracy"] == 50.0
+    assert h2o["needle_accuracy_by_length"] == {"1K": 100.0, "2K": 0.0} and h2o["failed"] == 1
+    assert full["fidelity_rouge_l"] == 1.0 and h2o["fidelity_rouge_l"] == pytest.approx(5 / 6)
+    same = metrics.matched_prefix(tokenizer(" the cat sat on the mat")["input_ids"], tokenizer(" the cat sat on a mat")["input_ids"])
+    assert h2o["fidelity_matched_tokens"] == same == 4
+    assert h2o["summary_rouge_l"] == pytest.approx(0.5)
+    md = report.markdown(results, configs)
+    assert "| full cache | 100.0 |" in md and "| h2o | 50.0 |" in md and "h2o_20% 1" in md
+    paths = report.save(tmp_path, "h2o-vllm eval --test", {}, items, answers, results, configs)
+    saved = json.loads(paths["json"].read_text())
+    assert saved["command"] == "h2o-vllm eval --test" and saved["results"]["h2o_20%"]["needle_accuracy"] == 50.0
+    assert len(paths["answers"].read_text().splitlines()) == len(answers)
+    assert paths["png"].stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budgets", "1.5"], "budget"),
+    (["--samples", "0"], "--samples"),
+    (["--select", "alias"], "alias"),  # h2o-window is in the default policies and has no alias
+])
+def test_bad_arguments_stop_before_any_request(argv, message, capsys):
+    assert eval_main(argv + ["--base-url", "http://127.0.0.1:9"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_lm_eval_task_data_is_the_needle_scenario(tokenizer):
+    """serving/lm_eval/h2o_passkey.jsonl is what make_passkey.py writes today (regenerate it if this fails)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_passkey", root / "serving/lm_eval/make_passkey.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed = [json.loads(line) for line in (root / "serving/lm_eval/h2o_passkey.jsonl").read_text().splitlines()]
+    assert committed == module.documents(tokenizer) and len(committed) == 10
+
+
+def test_unreachable_server_fails_every_request_and_says_so(tmp_path, capsys):
+    argv = ["--base-url", "http://127.0.0.1:9", "--scenarios", "needle", "--lengths", "512", "--depths", "0.5",
+            "--samples", "1", "--policies", "h2o", "--budgets", "0.2", "--out", str(tmp_path)]
+    assert eval_main(argv) == 1
+    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert results["full"]["failed"] == 1 and results["h2o_20%"]["failed"] == 1
+    assert "2 failed" in capsys.readouterr().err
