@@ -16,6 +16,7 @@ SECTIONS = {
     "perplexity-table": ["results/perplexity/table.md"],
     "load-table": ["results/load/kv-intro.md", "results/load/kv.md", "results/load/sharegpt-intro.md",
                    "results/load/sharegpt.md"],
+    "eval-table": ["results/eval/eval-intro.md", "results/eval/eval.md"],
     "engine-table": ["results/engine/capacity-intro.md", "results/engine/capacity.md",
                      "results/engine/overhead-intro.md", "results/engine/overhead.md"],
 }
