@@ -111,7 +111,10 @@ def bench_command(args, base_url: str, result_dir: Path, filename: str) -> list[
         cmd += ["--dataset-name", "random", "--random-input-len", str(args.input_len),
                 "--random-output-len", str(args.output_len), "--random-range-ratio", "0", "--ignore-eos"]
     else:
-        cmd += ["--dataset-name", "sharegpt", "--dataset-path", sharegpt_path()]
+        # EOS ignored here too: each request then generates exactly its recorded answer's
+        # length, so every configuration does the same work (with EOS, sampled answers end
+        # at different places and output tok/s compares different workloads).
+        cmd += ["--dataset-name", "sharegpt", "--dataset-path", sharegpt_path(), "--ignore-eos"]
     return cmd
 
 
