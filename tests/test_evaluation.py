@@ -5,7 +5,7 @@ import json
 import pytest
 
 from h2o_vllm.evaluation import metrics, report, scenarios
-from h2o_vllm.evaluation.client import Answer, request_body
+from h2o_vllm.evaluation.client import Answer, request_body, server_root
 from h2o_vllm.evaluation.configs import EvalConfig, EvalConfigError, eval_configs
 from h2o_vllm.evaluation.run import main as eval_main
 
@@ -98,6 +98,10 @@ def test_configs_select_policy_per_request():
     for bad in [dict(policy="lru", budget=0.2), dict(policy="h2o", budget=1.5), dict(policy="h2o", budget=None)]:
         with pytest.raises(EvalConfigError):
             EvalConfig(**bad)
+
+
+def test_server_root_accepts_the_openai_base_url_too():
+    assert server_root("http://127.0.0.1:8000") == server_root("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000"
 
 
 def test_request_bodies():

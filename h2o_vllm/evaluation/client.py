@@ -65,13 +65,19 @@ class Progress:
                   file=self.stream, flush=True)
 
 
+def server_root(base_url: str) -> str:
+    """``http://host:port`` whether the user gave the root or the OpenAI ``/v1`` base."""
+    root = base_url.rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
 async def _one(session, base_url, config: EvalConfig, item: Item, model: str, select: str, api_key: str | None) -> Answer:
     name, extra = config.request_fields(model, select)
     path, body = request_body(item, name, extra)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     t0 = time.monotonic()
     try:
-        async with session.post(base_url.rstrip("/") + path, json=body, headers=headers) as resp:
+        async with session.post(server_root(base_url) + path, json=body, headers=headers) as resp:
             payload = await resp.text()
             if resp.status != 200:
                 return Answer(config.name, item.scenario, item.key, None, f"HTTP {resp.status}: {payload[:300]}",
