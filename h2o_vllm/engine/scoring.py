@@ -141,7 +141,7 @@ class StepScorer:
         self.requests: list[_Scored] = []  # scored one by one (several query rows: prompt chunks)
         self.decodes: list[_Scored] = []  # one query row each: scored together in one padded batch
         self.num_layers = 0
-        self._batch = None  # (query rows, block ids [R, n], key mask [R, n * bs], mass [R, n])
+        self._batch = None  # (query rows, flat block ids [R * n], -inf bias of padded keys [R, 1, 1, n * bs], mass [R, n])
 
     @classmethod
     def for_step(cls, context: StepContext, compaction: Compaction, query_start_loc: torch.Tensor,
