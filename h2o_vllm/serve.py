@@ -23,6 +23,7 @@ H2O options (each also read from an environment variable, for containers):
     --h2o-recent N                     H2O_VLLM_RECENT         default: half of what the budget leaves
     --h2o-prompt-window W              H2O_VLLM_PROMPT_WINDOW  score the prompt with its last W queries; default all
     --h2o-score-norm {sum,mean}        H2O_VLLM_SCORE_NORM     default sum
+    --h2o-score-reduce {sum,max}       H2O_VLLM_SCORE_REDUCE   default sum
     --h2o-aliases A,B,...              H2O_VLLM_ALIASES        default h2o-0.1,...,streaming-0.5,full; "" for none
     --no-h2o                           H2O_VLLM_DISABLE=1      serve vanilla vLLM
 """
@@ -82,6 +83,7 @@ H2O_OPTIONS = {
     "--h2o-recent": ("recent", "H2O_VLLM_RECENT"),
     "--h2o-prompt-window": ("prompt_window", "H2O_VLLM_PROMPT_WINDOW"),
     "--h2o-score-norm": ("score_norm", "H2O_VLLM_SCORE_NORM"),
+    "--h2o-score-reduce": ("score_reduce", "H2O_VLLM_SCORE_REDUCE"),
 }
 ALIASES_OPTION, ALIASES_ENV = "--h2o-aliases", "H2O_VLLM_ALIASES"
 DISABLE_OPTION, DISABLE_ENV = "--no-h2o", "H2O_VLLM_DISABLE"

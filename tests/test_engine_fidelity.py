@@ -3,7 +3,8 @@
 Budget 256 tokens (25% of a 1024-token prompt), 128 new tokens, block size 32,
 scores shared across layers, float32. The reference is ``H2OCache`` (issue #3),
 which shares only the policy core with the engine: its scores come from
-transformers' attention, the engine's from paged KV.
+transformers' attention, the engine's from paged KV. Variants: an observation
+window (per-request ``h2o_prompt_window``) and ``h2o_score_reduce="max"``.
 """
 
 import pytest
@@ -19,6 +20,9 @@ SETTINGS = H2OSettings(budget=Budget(tokens=256), n_sink=32)
 PREFILL_CHUNK = 384
 # A second run scores the prompt with its last 64 queries only (observation window), on one prompt.
 WINDOW = 64
+# Then score_reduce="max" (each query's largest block mass over layers and heads): with every
+# prompt query on prompt 2 (the per-query max must add up over prefill chunks and steps; on
+# prompts 0 and 1 it happens to pick what the sum picks), and with the observation window on prompt 1.
 NEAR_TIE = 1e-4  # top-2 logit gap under which float rounding may pick either token
 
 
@@ -39,13 +43,14 @@ def hf_model(default_model_dir):
     return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32, attn_implementation="sdpa")
 
 
-def run_reference(model, prompts, prompt_window=None):
+def run_reference(model, prompts, prompt_window=None, score_reduce="sum"):
     """Greedy tokens, top-2 logit gaps and evicted blocks from the HF reference, per prompt."""
     from h2o_vllm.hf import H2OCache
 
     runs = []
     for prompt in prompts:
-        cache = H2OCache.for_model(model, SETTINGS.policy_config(32), prompt_window=prompt_window)
+        cache = H2OCache.for_model(model, SETTINGS.policy_config(32), prompt_window=prompt_window,
+                                   score_reduce=score_reduce)
         x, tokens, gaps = torch.tensor([prompt]), [], []
         with torch.no_grad():
             for _ in range(NEW_TOKENS):
@@ -60,12 +65,14 @@ def run_reference(model, prompts, prompt_window=None):
 
 @pytest.fixture(scope="module")
 def reference(hf_model, prompts):
-    return run_reference(hf_model, prompts) + run_reference(hf_model, prompts[:1], prompt_window=WINDOW)
+    return (run_reference(hf_model, prompts) + run_reference(hf_model, prompts[:1], prompt_window=WINDOW)
+            + run_reference(hf_model, prompts[2:3], score_reduce="max")
+            + run_reference(hf_model, prompts[1:2], prompt_window=WINDOW, score_reduce="max"))
 
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir, prompts):
-    """The same runs in the engine; the windowed one is a per-request override."""
+    """The same runs in the engine; the windowed and max ones are per-request overrides."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -76,9 +83,13 @@ def engine(default_model_dir, prompts):
         params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
         windowed = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
                                   extra_args={"h2o_prompt_window": WINDOW})
+        maxed = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                               extra_args={"h2o_score_reduce": "max"})
+        windowed_max = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                                      extra_args={"h2o_prompt_window": WINDOW, "h2o_score_reduce": "max"})
         outputs = llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts + prompts[:1]],
-            [params] * len(prompts) + [windowed],
+            [TokensPrompt(prompt_token_ids=p) for p in prompts + prompts[:1] + prompts[2:3] + prompts[1:2]],
+            [params] * len(prompts) + [windowed, maxed, windowed_max],
             use_tqdm=False,
         )
         chunks = observer.log.steps
@@ -87,7 +98,7 @@ def engine(default_model_dir, prompts):
     return [{"tokens": list(o.outputs[0].token_ids), "evicted": by_client_id[o.request_id]} for o in outputs]
 
 
-RUNS = [f"prompt{i}" for i in range(NUM_PROMPTS)] + [f"prompt0-window{WINDOW}"]
+RUNS = [f"prompt{i}" for i in range(NUM_PROMPTS)] + [f"prompt0-window{WINDOW}", "prompt2-max", f"prompt1-window{WINDOW}-max"]
 
 
 @pytest.mark.parametrize("index", range(len(RUNS)), ids=RUNS)
@@ -98,8 +109,9 @@ def test_engine_evicts_the_reference_blocks(reference, engine, index):
     assert got["evicted"] == ref["evicted"]
 
 
-def test_observation_window_changes_the_choice(reference):
-    assert reference[-1]["evicted"] != reference[0]["evicted"]
+def test_observation_window_and_max_change_the_choice(reference):
+    assert reference[RUNS.index(f"prompt0-window{WINDOW}")]["evicted"] != reference[0]["evicted"]
+    assert reference[RUNS.index("prompt2-max")]["evicted"] != reference[2]["evicted"]
 
 
 @pytest.mark.parametrize("index", range(len(RUNS)), ids=RUNS)

@@ -24,7 +24,8 @@ def test_compact_drops_holes_and_shortens_only_those_rows():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_step_scores_equal_brute_force_softmax(dtype):
+@pytest.mark.parametrize("score_max", [set(), {"A", "B"}], ids=["sum", "max-for-A-B"])
+def test_step_scores_equal_brute_force_softmax(dtype, score_max):
     from vllm import _custom_ops as ops
 
     from h2o_vllm.patches import engine_seams
@@ -46,27 +47,35 @@ def test_step_scores_equal_brute_force_softmax(dtype):
         ops.cpu_attn_reshape_and_cache(k[held], k[held], key_cache, value_cache, slots[held], "vec")
     table = torch.tensor([[3, 0, 5, 6, 7], [9, 10, 0, 0, 0], [11, 12, 0, 0, 0]], dtype=torch.int32)
     lens = torch.tensor([150, 40, 50], dtype=torch.int32)
-    query = torch.randn(1 + 40 + 1, HEADS, HEAD_DIM).to(dtype)
+    layer_queries = [torch.randn(1 + 40 + 1, HEADS, HEAD_DIM).to(dtype) for _ in range(2)]  # two layers
     qsl = torch.tensor([0, 1, 41, 42], dtype=torch.int32)
-    context = scoring.StepContext(["A", "B", "C"], {"A": 0, "B": 30, "C": 0}, {"A"})
+    context = scoring.StepContext(["A", "B", "C"], {"A": 0, "B": 30, "C": 0}, {"A"}, score_max=score_max)
     compaction = scoring.compact(table, lens, [0], BS)
     layout = engine_seams.detect_key_layout("vec", dtype, HEAD_DIM)
     scorer = scoring.StepScorer.for_step(context, compaction, qsl, lens.numpy(), BS, layout)
     scale = HEAD_DIM**-0.5
-    for _ in range(2):  # two layers with the same keys: scores add up
+    for query in layer_queries:  # two layers (same keys, other queries): scores combine over layers
         scorer.score_layer(query, engine_seams.key_pages(kv_cache), scale)
     got = scorer.collect()
 
     def brute(name, q_rows, q_positions, blocks):
+        """Sum over layers, heads and queries; or, for score_max, each query's best (layer, head), summed."""
         k, n = keys[name].float(), layouts[name][1]
         held = [t for t in range(n) if t // BS in blocks]
         mass = torch.zeros(max(blocks) + 1, dtype=torch.float64)
-        for q, pos in zip(query[q_rows].float(), q_positions):
-            for h in range(HEADS):
-                visible = [t for t in held if t <= pos]
-                logits = torch.stack([q[h] @ k[t, h // (HEADS // KV_HEADS)] for t in visible]) * scale
-                for t, p in zip(visible, torch.softmax(logits, 0)):
-                    mass[t // BS] += 2 * float(p)
+        for row, pos in zip(range(q_rows.start, q_rows.stop), q_positions):
+            per_head = []  # [layer * head] block mass of this query
+            for query in layer_queries:
+                q = query[row].float()
+                for h in range(HEADS):
+                    visible = [t for t in held if t <= pos]
+                    logits = torch.stack([q[h] @ k[t, h // (HEADS // KV_HEADS)] for t in visible]) * scale
+                    head_mass = torch.zeros_like(mass)
+                    for t, p in zip(visible, torch.softmax(logits, 0)):
+                        head_mass[t // BS] += float(p)
+                    per_head.append(head_mass)
+            per_head = torch.stack(per_head)
+            mass += per_head.amax(dim=0) if name in score_max else per_head.sum(dim=0)
         return mass[blocks].numpy()
 
     assert got["A"].blocks.tolist() == [0, 2, 3, 4]

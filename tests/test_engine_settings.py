@@ -9,7 +9,8 @@ from h2o_vllm.policy import Budget
 
 
 def test_defaults_round_trip_through_additional_config():
-    settings = H2OSettings(policy="streaming", budget=Budget(tokens=512), n_sink=64, n_recent=128, prompt_window=32)
+    settings = H2OSettings(policy="streaming", budget=Budget(tokens=512), n_sink=64, n_recent=128, prompt_window=32,
+                           score_reduce="max")
     again = H2OSettings.from_additional_config({"h2o": settings.to_config()})
     assert again == settings
 
@@ -21,6 +22,7 @@ def test_request_overrides_only_what_it_names():
     assert req.n_sink == 32 and req.policy == "h2o"
     assert defaults.for_request(None) is defaults
     assert defaults.for_request({"h2o_prompt_window": 0}).prompt_window is None
+    assert defaults.for_request({"h2o_score_reduce": "max"}).score_reduce == "max"
 
 
 @pytest.mark.parametrize(
@@ -35,6 +37,7 @@ def test_request_overrides_only_what_it_names():
         ({"h2o_recent": 2.5}, "h2o_recent"),
         ({"h2o_prompt_window": True}, "h2o_prompt_window"),
         ({"h2o_score_norm": "max"}, "h2o_score_norm"),
+        ({"h2o_score_reduce": "mean"}, "h2o_score_reduce"),
         ({"h2o_budgett": 0.2}, "h2o_budgett"),
     ],
 )
@@ -42,6 +45,13 @@ def test_bad_values_name_the_field(extra, param):
     with pytest.raises(H2OSettingError) as info:
         H2OSettings().for_request(extra)
     assert info.value.param == param
+
+
+def test_engine_and_reference_know_the_same_score_reductions():
+    from h2o_vllm.engine.settings import SCORE_REDUCE
+    from h2o_vllm.hf.cache import SCORE_REDUCE as REFERENCE_SCORE_REDUCE
+
+    assert SCORE_REDUCE == REFERENCE_SCORE_REDUCE
 
 
 def test_engine_kwargs_force_what_fights_eviction():

@@ -83,13 +83,16 @@ def test_fidelity_and_summary_items(tokenizer, corpus):
 
 
 def test_configs_select_policy_per_request():
-    configs = eval_configs(["streaming", "h2o", "h2o-window"], [0.1, 0.2], window=16)
+    configs = eval_configs(["streaming", "h2o", "h2o-window", "h2o-window-max"], [0.1, 0.2], window=16)
     assert [c.name for c in configs] == ["full", "streaming_10%", "streaming_20%", "h2o_10%", "h2o_20%",
-                                         "h2o-window_10%", "h2o-window_20%"]
+                                         "h2o-window_10%", "h2o-window_20%", "h2o-window-max_10%", "h2o-window-max_20%"]
     assert configs[0].xargs() == {"h2o_policy": "none"}
     assert configs[1].xargs() == {"h2o_policy": "streaming", "h2o_budget": 0.1}
-    assert configs[4].xargs() == {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_prompt_window": 0}
-    assert configs[6].xargs() == {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_prompt_window": 16}
+    assert configs[4].xargs() == {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_prompt_window": 0, "h2o_score_reduce": "sum"}
+    assert configs[6].xargs() == {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_prompt_window": 16, "h2o_score_reduce": "sum"}
+    assert configs[8].xargs() == {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_prompt_window": 16, "h2o_score_reduce": "max"}
+    with pytest.raises(EvalConfigError, match="no model-name alias"):
+        configs[8].alias("m")
     assert configs[4].request_fields("m", "alias") == ("m@h2o-0.2", {})
     assert configs[0].request_fields("m", "alias") == ("m@full", {})
     assert configs[2].request_fields("m", "xargs") == ("m", {"vllm_xargs": {"h2o_policy": "streaming", "h2o_budget": 0.2}})

@@ -25,13 +25,16 @@ class StepPlan:
     # req_id -> first logical query position whose attention is scored. Requests that
     # are not listed are not scored at all (policies that need no scores cost nothing).
     score_from: dict[str, int] = field(default_factory=dict)
+    # Scored requests whose block score is each query's max over heads and layers (else the sum).
+    score_max: set[str] = field(default_factory=set)
 
 
 @dataclass
 class BlockScores:
     """Worker -> scheduler: attention mass one request's blocks received in one step.
 
-    Summed over layers, heads and the scored queries; ``visibility`` counts the
+    Summed over layers, heads and the scored queries (or, for ``score_reduce="max"``,
+    each query's largest block mass over layers and heads, summed over queries); ``visibility`` counts the
     (query, token) pairs that could see each block, also summed over layers.
     """
 

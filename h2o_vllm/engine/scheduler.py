@@ -157,6 +157,8 @@ class H2OScheduler(Scheduler):
             state = self._state(request)
             if state.needs_scores:
                 plan.score_from[req_id] = state.score_from
+                if state.settings.score_reduce == "max":
+                    plan.score_max.add(req_id)
             counters = state.counters
             # Every hole is a block this request evicted since it was (re)admitted.
             counters.full_cache_blocks = len(engine_seams.request_blocks(self, req_id))

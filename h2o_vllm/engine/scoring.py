@@ -44,16 +44,38 @@ class Scratch:
 _scratch = Scratch()  # one per worker process; the runner scores on one thread
 
 
+def exp_rows_(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised softmax of [batch, rows, keys] in place; returns 1 / row sums, [batch, rows].
+
+    ``x`` is scratch. Normalising is left to the reductions that follow, which
+    fold it in (one matrix-vector product, or one multiply on a smaller tensor).
+    """
+    x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
+    return x.sum(dim=-1).reciprocal_()
+
+
+def column_sums(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities summed over rows: [batch, rows, keys] -> [batch, keys]."""
+    return torch.bmm(inverse[:, None, :], x)[:, 0]
+
+
+def row_block_mass(x: torch.Tensor, inverse: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Softmax mass of each row per block of keys: [batch, rows, keys] -> [batch, rows, ceil(keys / block_size)]."""
+    keys = x.shape[-1]
+    full = keys // block_size
+    mass = x[..., : full * block_size].unflatten(-1, (full, block_size)).sum(dim=-1)
+    if keys > full * block_size:  # keys end inside a block: the last, partly written one
+        mass = torch.cat([mass, x[..., full * block_size :].sum(dim=-1, keepdim=True)], dim=-1)
+    return mass.mul_(inverse[..., None])
+
+
 def softmax_column_sums(logits: torch.Tensor) -> torch.Tensor:
     """``softmax(logits, -1)`` summed over every row, per batch entry: [..., rows, keys] -> [..., keys].
 
-    In place: ``logits`` is overwritten (it is scratch). Rows are normalised by one
-    matrix-vector product instead of a second full pass.
+    In place: ``logits`` is overwritten (it is scratch).
     """
     x = logits.view(-1, logits.shape[-2], logits.shape[-1])  # [batch, rows, keys]
-    x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
-    inverse = x.sum(dim=-1).reciprocal_()  # [batch, rows]
-    sums = torch.bmm(inverse[:, None, :], x)[:, 0]  # [batch, keys]
+    sums = column_sums(x, exp_rows_(x))
     return sums.view(*logits.shape[:-2], logits.shape[-1])
 
 
@@ -65,6 +87,7 @@ class StepContext:
     score_from: dict[str, int]  # req_id -> first logical query position to score
     holey: set[str]  # requests with holes in their block table
     scorer: "StepScorer | None" = None
+    score_max: set[str] = field(default_factory=set)  # scored with score_reduce="max" (the others: "sum")
 
 
 _current: StepContext | None = None
@@ -130,6 +153,8 @@ class _Scored:
     num_keys: int  # tokens held (compacted length)
     token_positions: np.ndarray  # logical position of each held token
     mass: torch.Tensor = field(default=None)  # [len(block_ids)] float64, summed over layers
+    # score_reduce="max": [scored rows, len(block_ids)], each row's largest block mass over the heads and layers so far
+    row_max: torch.Tensor | None = None
 
 
 class StepScorer:
@@ -141,7 +166,9 @@ class StepScorer:
         self.requests: list[_Scored] = []  # scored one by one (several query rows: prompt chunks)
         self.decodes: list[_Scored] = []  # one query row each: scored together in one padded batch
         self.num_layers = 0
-        self._batch = None  # (query rows, flat block ids [R * n], -inf bias of padded keys [R, 1, 1, n * bs], mass [R, n])
+        # (query rows, flat block ids [R * n], -inf bias of padded keys [R, 1, 1, n * bs], mass [R, n],
+        #  which rows use score_reduce="max" [R] bool, their max so far [R, n])
+        self._batch = None
 
     @classmethod
     def for_step(cls, context: StepContext, compaction: Compaction, query_start_loc: torch.Tensor,
@@ -171,6 +198,8 @@ class StepScorer:
                 table[row, :num_blocks].long().clone(), logical, num_keys, token_positions,
                 torch.zeros(num_blocks, dtype=torch.float64),
             )
+            if req_id in context.score_max:
+                scored.row_max = torch.zeros(q_end - (q_start + skip), num_blocks)
             (scorer.decodes if q_end - (q_start + skip) == 1 else scorer.requests).append(scored)
         if not scorer.requests and not scorer.decodes:
             return None
@@ -188,7 +217,9 @@ class StepScorer:
         hidden = torch.arange(width * self.block_size)[None, :] >= num_keys[:, None]
         bias = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))[:, None, None, :]  # [R, 1, 1, keys]
         rows = torch.tensor([d.query_rows.start for d in self.decodes])
-        self._batch = (rows, ids.view(-1), bias, torch.zeros(len(self.decodes), width, dtype=torch.float32))
+        use_max = torch.tensor([d.row_max is not None for d in self.decodes])
+        self._batch = (rows, ids.view(-1), bias, torch.zeros(len(self.decodes), width, dtype=torch.float32),
+                       use_max, torch.zeros(len(self.decodes), width) if bool(use_max.any()) else None)
 
     def _keys_t(self, pages: torch.Tensor, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
         """float32 K^T of ``block_ids`` (``num_seqs`` equal-length lists, flattened): [seqs, kv_heads, head_dim, keys].
@@ -209,13 +240,17 @@ class StepScorer:
 
     def _score_decodes(self, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
         """All single-row requests at once: one gather, one matmul, one softmax per layer."""
-        rows, ids, bias, mass = self._batch
+        rows, ids, bias, mass, use_max, row_max = self._batch
         reqs = len(rows)
         k_t = self._keys_t(key_pages, ids, reqs)  # [R, kv, d, keys]
         kv_heads, head_dim = k_t.shape[1], k_t.shape[2]
         q = query[rows].float().mul_(scale).view(reqs, kv_heads, -1, head_dim)  # [R, kv, g, d]
-        logits = torch.matmul(q, k_t).add_(bias).view(reqs, -1, k_t.shape[-1])  # [R, kv * g, keys]
-        mass += softmax_column_sums(logits).view(reqs, -1, self.block_size).sum(dim=2)
+        logits = torch.matmul(q, k_t).add_(bias).view(reqs, -1, k_t.shape[-1])  # [R, heads, keys]: heads are the rows
+        inverse = exp_rows_(logits)
+        mass += column_sums(logits, inverse).view(reqs, -1, self.block_size).sum(dim=2)
+        if row_max is not None:
+            per_head = row_block_mass(logits[use_max], inverse[use_max], self.block_size)  # [R', heads, n]
+            row_max[use_max] = torch.maximum(row_max[use_max], per_head.amax(dim=1))
 
     def _score_prompt(self, req: _Scored, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
         """Rows of one request's prompt chunk, SCORE_CHUNK_ROWS at a time, each over the keys it can see."""
@@ -236,8 +271,16 @@ class StepScorer:
             if first_hidden < visible:
                 hidden = token_pos[None, first_hidden:visible] > torch.from_numpy(q_pos)[:, None]
                 logits[..., first_hidden:visible].masked_fill_(hidden, float("-inf"))
-            mass[:visible] += softmax_column_sums(logits).view(-1, visible).sum(dim=0)
-        req.mass += mass.view(-1, self.block_size).sum(dim=1).double()
+            x = logits.view(-1, len(q_pos), visible)  # [heads, rows, visible]
+            inverse = exp_rows_(x)
+            if req.row_max is None:
+                mass[:visible] += column_sums(x, inverse).sum(dim=0)
+            else:
+                best = row_block_mass(x, inverse, self.block_size).amax(dim=0)  # [rows, visible blocks]
+                rows = req.row_max[start : start + len(q_pos), : best.shape[1]]
+                torch.maximum(rows, best, out=rows)
+        if req.row_max is None:
+            req.mass += mass.view(-1, self.block_size).sum(dim=1).double()
 
     def score_layer(self, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
         """Add one layer's attention mass. ``query``: [tokens, heads, head_dim]; ``key_pages``: see ``_keys_t``."""
@@ -249,11 +292,16 @@ class StepScorer:
 
     def collect(self) -> dict[str, BlockScores]:
         if self._batch is not None:
-            batch_mass = self._batch[3]
+            batch_mass, batch_max = self._batch[3], self._batch[5]
             for i, d in enumerate(self.decodes):
-                d.mass += batch_mass[i, : len(d.block_ids)].double()
+                if d.row_max is not None:
+                    d.row_max[0] = batch_max[i, : len(d.block_ids)]
+                else:
+                    d.mass += batch_mass[i, : len(d.block_ids)].double()
         out = {}
         for req in self.requests + self.decodes:
+            if req.row_max is not None:
+                req.mass = req.row_max.sum(dim=0).double()
             # (query, token) pairs that could see each held token, for every layer scored.
             seen_by = len(req.query_positions) - np.searchsorted(req.query_positions, req.token_positions, side="left")
             per_token = np.zeros(len(req.block_ids) * self.block_size)

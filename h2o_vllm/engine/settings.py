@@ -6,7 +6,7 @@ A request overrides them with ``SamplingParams.extra_args`` (``vllm_xargs`` over
 HTTP), keys prefixed ``h2o_``::
 
     {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_sink": 32, "h2o_recent": 64,
-     "h2o_prompt_window": 32, "h2o_score_norm": "sum"}
+     "h2o_prompt_window": 32, "h2o_score_norm": "sum", "h2o_score_reduce": "max"}
 
 Parsing is strict: a bad value raises :class:`H2OSettingError` naming the field,
 so the server can answer 400 with ``param`` set.
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from h2o_vllm.policy import POLICIES, Budget, PolicyConfig
+
+SCORE_REDUCE = ("sum", "max")  # kept equal to h2o_vllm.hf.cache.SCORE_REDUCE by a test
 
 CONFIG_KEY = "h2o"  # key inside vLLM's additional_config
 REQUEST_PREFIX = "h2o_"
@@ -56,8 +58,11 @@ class H2OSettings:
     n_recent: int | None = None  # tokens; None = half of what the budget leaves after the sinks
     prompt_window: int | None = None  # None: every prompt query scores; W: only the last W
     score_norm: str = "sum"
+    # How heads and layers combine into one block score: "sum" (the paper) or "max"
+    # (per query, the largest mass one head gives the block; see h2o_vllm.hf.cache).
+    score_reduce: str = "sum"
 
-    FIELDS = ("policy", "budget", "sink", "recent", "prompt_window", "score_norm")
+    FIELDS = ("policy", "budget", "sink", "recent", "prompt_window", "score_norm", "score_reduce")
 
     def with_values(self, values: Mapping[str, Any], prefix: str = "") -> "H2OSettings":
         """A copy with ``values`` (keys from FIELDS, with ``prefix``) applied and validated."""
@@ -93,6 +98,10 @@ class H2OSettings:
                 if value not in ("sum", "mean"):
                     raise H2OSettingError(key, f"must be 'sum' or 'mean', got {value!r}")
                 changes["score_norm"] = value
+            elif field == "score_reduce":
+                if value not in SCORE_REDUCE:
+                    raise H2OSettingError(key, f"must be one of {', '.join(repr(r) for r in SCORE_REDUCE)}, got {value!r}")
+                changes["score_reduce"] = value
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -124,6 +133,7 @@ class H2OSettings:
             "recent": self.n_recent,
             "prompt_window": self.prompt_window,
             "score_norm": self.score_norm,
+            "score_reduce": self.score_reduce,
         }
 
 

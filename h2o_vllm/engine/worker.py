@@ -36,7 +36,8 @@ class H2OCPUModelRunner(CPUModelRunner):
             engine_seams.punch_worker_holes(self, req_id, blocks)
             holey.add(req_id)
         scoring.begin_step(scoring.StepContext(
-            req_ids=engine_seams.batch_req_ids(self), score_from=plan.score_from, holey=set(holey)
+            req_ids=engine_seams.batch_req_ids(self), score_from=plan.score_from,
+            score_max=plan.score_max, holey=set(holey),
         ))
         return result
 

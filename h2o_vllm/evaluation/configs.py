@@ -4,6 +4,8 @@
     streaming_20%   StreamingLLM at 20% of the sequence
     h2o_20%         H2O, prompt scored by every query row (the paper)
     h2o-window_20%  H2O, prompt scored by its last ``window`` rows only (observation window)
+    h2o-window-max_20%  the same, each query's block score the max over heads and layers
+                    (``h2o_score_reduce: max``) instead of their sum
 
 Selected per request with ``vllm_xargs`` (any h2o-vllm server), or with the
 ``MODEL@policy-budget`` model-name aliases that ``h2o-vllm serve`` lists (for
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-POLICIES = ("streaming", "h2o", "h2o-window")
+POLICIES = ("streaming", "h2o", "h2o-window", "h2o-window-max")
+DEFAULT_WINDOW = 8  # query rows: the needle's question ("What is the pass key? The pass key is")
 SELECT_MODES = ("xargs", "alias")
 
 
@@ -26,7 +29,7 @@ class EvalConfigError(ValueError):
 class EvalConfig:
     policy: str  # "full" or one of POLICIES
     budget: float | None = None  # fraction of the sequence; None for full
-    window: int = 32  # observation window of h2o-window, in query rows
+    window: int = DEFAULT_WINDOW  # observation window of the h2o-window policies, in query rows
 
     def __post_init__(self):
         if self.policy == "full":
@@ -43,16 +46,22 @@ class EvalConfig:
     def xargs(self) -> dict:
         if self.policy == "full":
             return {"h2o_policy": "none"}
-        fields = {"h2o_policy": "h2o" if self.policy == "h2o-window" else self.policy, "h2o_budget": self.budget}
-        if self.policy != "streaming":  # explicit, whatever the server's default: 0 = every prompt row
-            fields["h2o_prompt_window"] = self.window if self.policy == "h2o-window" else 0
-        return fields
+        if self.policy == "streaming":
+            return {"h2o_policy": "streaming", "h2o_budget": self.budget}
+        # Every H2O field explicit, whatever the server's defaults (a window of 0 = every prompt row).
+        windowed = self.policy.startswith("h2o-window")
+        return {
+            "h2o_policy": "h2o",
+            "h2o_budget": self.budget,
+            "h2o_prompt_window": self.window if windowed else 0,
+            "h2o_score_reduce": "max" if self.policy == "h2o-window-max" else "sum",
+        }
 
     def alias(self, model: str) -> str:
         if self.policy == "full":
             return f"{model}@full"
-        if self.policy == "h2o-window":
-            raise EvalConfigError("h2o-window has no model-name alias; use --select xargs")
+        if self.policy.startswith("h2o-window"):
+            raise EvalConfigError(f"{self.policy} has no model-name alias; use --select xargs")
         return f"{model}@{self.policy}-{self.budget:g}"
 
     def request_fields(self, model: str, select: str) -> tuple[str, dict]:
@@ -62,7 +71,7 @@ class EvalConfig:
         return model, {"vllm_xargs": self.xargs()}
 
 
-def eval_configs(policies, budgets, window: int = 32) -> list[EvalConfig]:
+def eval_configs(policies, budgets, window: int = DEFAULT_WINDOW) -> list[EvalConfig]:
     """The full cache first (the other configurations are scored against it), then policy x budget."""
     configs = [EvalConfig("full")]
     configs += [EvalConfig(p, float(b), window) for p in policies for b in budgets]

@@ -28,6 +28,7 @@ def enable_h2o_llm(
     per_layer: bool = False,
     score_norm: str = "sum",
     prompt_window: int | None = None,
+    score_reduce: str = "sum",
 ):
     """H2O: keep ``n_sink`` first tokens, ``recent_window`` last ones and
     ``max_capacity - n_sink - recent_window`` heavy hitters."""
@@ -36,7 +37,7 @@ def enable_h2o_llm(
             f"max_capacity ({max_capacity}) must hold n_sink + recent_window ({n_sink} + {recent_window})"
         )
     config = PolicyConfig("h2o", Budget(tokens=max_capacity), n_sink, recent_window, block_size, score_norm)
-    return enable_policy(model, config, per_layer=per_layer, prompt_window=prompt_window)
+    return enable_policy(model, config, per_layer=per_layer, prompt_window=prompt_window, score_reduce=score_reduce)
 
 
 def enable_streaming_llm(model, n_sink: int = 8, window_size: int = 256, *, block_size: int = 1):
@@ -45,7 +46,9 @@ def enable_streaming_llm(model, n_sink: int = 8, window_size: int = 256, *, bloc
     return enable_policy(model, config)
 
 
-def enable_policy(model, config: PolicyConfig, *, per_layer: bool = False, prompt_window: int | None = None):
+def enable_policy(
+    model, config: PolicyConfig, *, per_layer: bool = False, prompt_window: int | None = None, score_reduce: str = "sum"
+):
     """Any policy of the core. Re-enabling replaces the previous setting."""
     attention.register()
     state = getattr(model, _STATE, None)
@@ -53,7 +56,7 @@ def enable_policy(model, config: PolicyConfig, *, per_layer: bool = False, promp
         state = {"attn_implementation": model.config._attn_implementation, "generate": model.generate}
         setattr(model, _STATE, state)
     model.set_attn_implementation(attention.h2o_name(state["attn_implementation"]))
-    cache_kwargs = {"per_layer": per_layer, "prompt_window": prompt_window}
+    cache_kwargs = {"per_layer": per_layer, "prompt_window": prompt_window, "score_reduce": score_reduce}
     state["make_cache"] = lambda: H2OCache.for_model(model, config, **cache_kwargs)
     original_generate = state["generate"]
 

@@ -13,6 +13,13 @@ which calls :meth:`H2OCache.attend` for every layer. With ``per_layer=False``
 heads and queries into one ledger per row, and one decision after the last
 layer holds for all layers. With ``per_layer=True`` each layer keeps its own
 ledger and evicts right after its own attention (the paper's setting).
+
+``score_reduce`` says how heads (and, with shared decisions, layers) are
+combined: ``"sum"`` adds every head's attention mass (the paper); ``"max"``
+takes, for each query, the largest mass any one head gives a block, then sums
+over queries. With one decision per block for 270 heads, a block that a few
+retrieval heads need is otherwise outvoted by the many heads that look at
+recent text.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from h2o_vllm.ledger import BlockLedger
 from h2o_vllm.policy import PolicyConfig, make_policy
+
+SCORE_REDUCE = ("sum", "max")
 
 # update() and the attention call of the same layer run back to back on one thread;
 # this is how the attention function finds the cache it belongs to.
@@ -123,8 +132,11 @@ class H2OCache(Cache):
         *,
         per_layer: bool = False,
         prompt_window: int | None = None,
+        score_reduce: str = "sum",
         score_chunk: int = 256,
     ):
+        if score_reduce not in SCORE_REDUCE:
+            raise ValueError(f"score_reduce must be one of {', '.join(SCORE_REDUCE)}, got {score_reduce!r}")
         super().__init__(layers=[EvictingLayer() for _ in range(num_layers)])
         # One config for every row, or one per batch row (rows never share decisions anyway).
         self.policy_config = policy_config
@@ -132,6 +144,8 @@ class H2OCache(Cache):
         self.per_layer = per_layer
         # None: every prompt query scores (the paper's column sums); W: only the last W prompt queries.
         self.prompt_window = prompt_window
+        self.score_reduce = score_reduce
+        self._row_max: list[torch.Tensor] = []  # score_reduce="max": per row [queries, blocks], max so far this step
         self.score_chunk = score_chunk
         self.padding: torch.Tensor | None = None  # [batch] left-padding tokens per row
         self.ledgers: list[list[BlockLedger]] = []  # [score group][row]
@@ -220,6 +234,14 @@ class H2OCache(Cache):
         is_prompt = first_query == 0
         row_start = max(0, q_len - self.prompt_window) if (is_prompt and self.prompt_window) else 0
         batch, width = layer.positions.shape
+        group = layer_idx if self.per_layer else 0
+        ledgers = self.ledgers[group]
+        for row, ledger in enumerate(ledgers):
+            ledger.grow(layer.seen - int(self.padding[row]))
+        logical = layer.positions - self.padding[:, None]  # [B, W]; < 0: padding or empty slot
+        use_max = self.score_reduce == "max"
+        if use_max and (self.per_layer or layer_idx == 0):
+            self._row_max = [torch.zeros(q_len - row_start, ledger.num_blocks) for ledger in ledgers]
         mass = torch.zeros(batch, width, dtype=torch.float64)
         visibility = torch.zeros(batch, width, dtype=torch.float64)
         groups = getattr(module, "num_key_value_groups", 1)
@@ -235,15 +257,23 @@ class H2OCache(Cache):
                 logits = torch.matmul(query[:, :, start:end].float(), keys.float().transpose(2, 3)) * scaling
                 probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
             probs = probs * query_is_real[:, None, :, None]
-            mass += probs.sum(dim=(1, 2)).double()
             visibility += (allowed[:, 0] & query_is_real[:, :, None]).sum(dim=1).double()
-        group = layer_idx if self.per_layer else 0
-        positions = layer.positions
-        for row, ledger in enumerate(self.ledgers[group]):
-            ledger.grow(layer.seen - int(self.padding[row]))
-            logical = positions[row] - self.padding[row]
-            real = logical >= 0
-            ledger.add(logical[real].cpu().numpy(), mass[row, real].numpy(), visibility[row, real].numpy())
+            if not use_max:
+                mass += probs.sum(dim=(1, 2)).double()
+                continue
+            for row, ledger in enumerate(ledgers):
+                # Each head's mass per block, [H, r, blocks]; the extra last block collects padding slots.
+                blocks = torch.where(logical[row] >= 0, logical[row] // ledger.block_size, ledger.num_blocks)
+                per_head = torch.zeros(probs.shape[1], end - start, ledger.num_blocks + 1)
+                per_head.scatter_add_(2, blocks.expand_as(probs[row]), probs[row])
+                rows = self._row_max[row][start - row_start : end - row_start]
+                torch.maximum(rows, per_head[..., :-1].amax(dim=0), out=rows)
+        for row, ledger in enumerate(ledgers):
+            real = logical[row] >= 0
+            ledger.add(logical[row][real].cpu().numpy(), mass[row, real].numpy(), visibility[row, real].numpy())
+        if use_max and (self.per_layer or layer_idx == len(self.layers) - 1):
+            for ledger, row_max in zip(ledgers, self._row_max):
+                ledger.add_blocks(np.arange(ledger.num_blocks), row_max.sum(dim=0).double().numpy())
 
     def _evict(self, group: int, layers: list[EvictingLayer]) -> None:
         decisions = [ledger.evict(policy) for ledger, policy in zip(self.ledgers[group], self.policies)]

@@ -62,20 +62,20 @@ def test_eval_runs_every_scenario_under_each_policy(server, tmp_path):
                     "--summaries", "1", "--summary-essay-tokens", "512", "--summary-new-tokens", "32",
                     "--budgets", "0.2", "--concurrency", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[eval] 20/20 requests, 0 failed" in proc.stderr  # progress lines
+    assert "[eval] 25/25 requests, 0 failed" in proc.stderr  # progress lines
     results = json.loads((tmp_path / "eval.json").read_text())["results"]
-    assert list(results) == ["full", "streaming_20%", "h2o_20%", "h2o-window_20%"]
+    assert list(results) == ["full", "streaming_20%", "h2o_20%", "h2o-window_20%", "h2o-window-max_20%"]
     for name, r in results.items():
         assert r["failed"] == 0 and r["samples"] == {"needle": 2, "fidelity": 2, "summary": 1}, name
         assert 0.0 <= r["fidelity_rouge_l"] <= 1.0 and 0 <= r["fidelity_matched_tokens"] <= 64
     assert results["full"]["fidelity_matched_tokens"] == 64 and results["full"]["summary_rouge_l"] == 1.0
-    # 5 items per configuration: full -> none, streaming -> streaming, h2o and h2o-window -> h2o.
+    # 5 items per configuration: full -> none, streaming -> streaming, the three h2o ones -> h2o.
     changed = delta(server, before)
-    assert changed.get("none") == 5 and changed.get("streaming") == 5 and changed.get("h2o") == 10, changed
+    assert changed.get("none") == 5 and changed.get("streaming") == 5 and changed.get("h2o") == 15, changed
     assert changed.get("evicted", 0) > 0
     table = (tmp_path / "eval.md").read_text()
-    assert "| h2o-window |" in table and "Produced by:" in table and (tmp_path / "eval.png").exists()
-    assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 20
+    assert "| h2o-window |" in table and "| h2o-window-max |" in table and "Produced by:" in table and (tmp_path / "eval.png").exists()
+    assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 25
 
 
 def test_eval_selects_policies_through_model_aliases(server, tmp_path):
