@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples", type=int, default=2, help="pass keys per length and depth")
     g = p.add_argument_group("fidelity")
     g.add_argument("--fidelity-prompts", type=int, default=3)
-    g.add_argument("--fidelity-prompt-tokens", type=int, default=512)
+    g.add_argument("--fidelity-prompt-tokens", type=int, default=1024,
+                   help="long enough that 10%% of the sequence leaves room for heavy hitters besides sink and recent blocks")
     g.add_argument("--fidelity-new-tokens", type=int, default=512)
     g = p.add_argument_group("summary")
     g.add_argument("--summaries", type=int, default=3)
