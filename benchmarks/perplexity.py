@@ -21,6 +21,8 @@ Configuration names:
     ..._layer                  per-layer decisions (the paper) instead of one shared decision
     ..._bN                     blocks of N tokens instead of single tokens
     ..._mean                   scores divided by the number of queries that saw each token
+    ..._max                    each query's largest mass over heads (and layers, when shared)
+                               instead of the sum (H2OCache score_reduce="max")
     ..._rNN                    (P% budgets) NN% of what the sinks leave goes to the recent
                                window, the rest to heavy hitters (default 50)
 
@@ -55,6 +57,7 @@ class RunSpec:
     per_layer: bool = False
     relative: bool = False  # budget is a share of the evaluated length: report at --max-tokens only
     label: str = ""  # budget as written in the table
+    score_reduce: str = "sum"
 
 
 def parse_config(name: str, max_tokens: int) -> RunSpec:
@@ -62,11 +65,13 @@ def parse_config(name: str, max_tokens: int) -> RunSpec:
 
     if name == "baseline":
         return RunSpec(name, None, label="all")
-    rest, per_layer, block_size, score_norm, recent_share = name, False, 1, "sum", None
-    while m := re.fullmatch(r"(.*)_(layer|mean|b\d+|r\d+)", rest):
+    rest, per_layer, block_size, score_norm, recent_share, reduce = name, False, 1, "sum", None, "sum"
+    while m := re.fullmatch(r"(.*)_(layer|mean|max|b\d+|r\d+)", rest):
         rest, suffix = m.group(1), m.group(2)
         if suffix == "layer":
             per_layer = True
+        elif suffix == "max":
+            reduce = "max"
         elif suffix == "mean":
             score_norm = "mean"
         elif suffix.startswith("r"):
@@ -78,7 +83,8 @@ def parse_config(name: str, max_tokens: int) -> RunSpec:
         budget = Budget(tokens=round(share * max_tokens))
         n_recent = None if recent_share is None else round(recent_share * (budget.tokens - 8))
         cfg = PolicyConfig(policy, budget, n_sink=8, n_recent=n_recent, block_size=block_size, score_norm=score_norm)
-        return RunSpec(name, cfg, per_layer, relative=True, label=f"{m.group(2)}% of N = {budget.tokens}")
+        return RunSpec(name, cfg, per_layer, relative=True, label=f"{m.group(2)}% of N = {budget.tokens}",
+                       score_reduce=reduce)
     elif m := re.fullmatch(r"streaming_(\d+)_(\d+)", rest):
         sink, window = int(m.group(1)), int(m.group(2))
         cfg = PolicyConfig("streaming", Budget(tokens=sink + window), sink, window, block_size)
@@ -87,7 +93,7 @@ def parse_config(name: str, max_tokens: int) -> RunSpec:
         cfg = PolicyConfig("h2o", Budget(tokens=capacity), sink, recent, block_size, score_norm)
     else:
         raise SystemExit(f"unknown configuration {name!r}; see --help")
-    return RunSpec(name, cfg, per_layer, label=str(cfg.budget.tokens))
+    return RunSpec(name, cfg, per_layer, label=str(cfg.budget.tokens), score_reduce=reduce)
 
 
 def budget_tokens(spec: RunSpec, length: int) -> int:
@@ -130,7 +136,8 @@ def run_pass(model, specs: list[RunSpec], ids: torch.Tensor, log_every: int) -> 
     else:
         row_configs = [spec.policy_config for spec in specs for _ in range(corpora)]
         # Streaming rows decide without scores, so they follow a per-layer pass unchanged.
-        cache = H2OCache.for_model(model, row_configs, per_layer=any(spec.per_layer for spec in specs))
+        cache = H2OCache.for_model(model, row_configs, per_layer=any(spec.per_layer for spec in specs),
+                                   score_reduce="max" if any(s.score_reduce == "max" for s in specs) else "sum")
     nll = torch.zeros(batch_ids.shape[0], n - 1, dtype=torch.float64)
     peak_tokens = torch.zeros(batch_ids.shape[0], dtype=torch.float64)
     start = time.perf_counter()
@@ -153,7 +160,7 @@ def time_alone(model, spec: RunSpec, ids: torch.Tensor) -> float:
     from h2o_vllm.hf import H2OCache
 
     cache = DynamicCache() if spec.policy_config is None else H2OCache.for_model(
-        model, spec.policy_config, per_layer=spec.per_layer)
+        model, spec.policy_config, per_layer=spec.per_layer, score_reduce=spec.score_reduce)
     start = time.perf_counter()
     with torch.no_grad():
         for t in range(ids.shape[1]):
@@ -165,19 +172,20 @@ def pass_groups(specs: list[RunSpec], max_tokens: int, one_pass: bool = False) -
     """Batch configurations whose caches are of similar size (rows are padded to the widest).
 
     StreamingLLM ignores scores, so it rides along in a per-layer pass unchanged;
-    H2O rows only share a pass with H2O rows of the same per_layer setting.
+    H2O rows only share a pass with H2O rows of the same per_layer and score_reduce settings.
     """
     groups: dict[tuple, list[RunSpec]] = {}
-    layered = {s.per_layer for s in specs if s.policy_config is not None and s.policy_config.policy == "h2o"}
+    layered = {(s.per_layer, s.score_reduce) for s in specs
+               if s.policy_config is not None and s.policy_config.policy == "h2o"}
     for spec in specs:
         if spec.policy_config is None:
             key = ("baseline",)
         elif one_pass:
             if len(layered) > 1:
-                raise SystemExit("--one-pass needs all H2O configurations to be _layer or none of them")
+                raise SystemExit("--one-pass needs all H2O configurations to share _layer and _max (all or none)")
             key = ("all",)
         else:
-            key = (spec.per_layer, budget_tokens(spec, max_tokens).bit_length())
+            key = (spec.per_layer, spec.score_reduce, budget_tokens(spec, max_tokens).bit_length())
         groups.setdefault(key, []).append(spec)
     return list(groups.values())
 

@@ -83,7 +83,8 @@ def markdown(results: dict, configs: list[EvalConfig]) -> str:
         for policy in policies:
             cells = [_cell(results.get(EvalConfig(policy, b).name, {}).get(metric), fmt) for b in budgets]
             rows.append(f"| {policy} | " + " | ".join(cells) + " |")
-        note = "" if metric.startswith("needle") else " (the full cache is the reference: tokens all equal, ROUGE-L 1)"
+        note = {"fidelity": " (the full cache is the reference: all tokens equal, ROUGE-L 1)",
+                "summary": " (the full cache is the reference: ROUGE-L 1)"}.get(scenario, "")
         out.append(f"**{title}**{note}\n\n{head}" + "\n".join(rows) + "\n")
     lengths = sorted({k for r in results.values() for k in r["needle_accuracy_by_length"]}, key=_length_key)
     if lengths:
