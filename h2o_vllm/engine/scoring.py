@@ -2,9 +2,10 @@
 
 vLLM's CPU attention kernel returns no probabilities, so for the query rows the
 scheduler asked to score we recompute ``softmax(scale * q K^T)`` over the keys
-the kernel attended (read back from the paged cache), sum it over heads, query
-rows and the tokens of each block, and accumulate per logical block across all
-layers of the step. One :class:`StepScorer` lives for one step.
+the kernel attended (read back from the paged cache), sum it over the tokens of
+each block, and combine over heads, layers and query rows: summed (the paper), or
+for ``score_reduce="max"`` requests the largest head-and-layer value per query
+row, then summed over rows. One :class:`StepScorer` lives for one step.
 
 The runner describes the step in a :class:`StepContext`; the attention builder
 (one call per step) turns it into compacted metadata and a scorer; every layer's
