@@ -33,6 +33,11 @@ from typing import ClassVar
 import numpy as np
 
 
+# How engines combine heads and layers into one block score (the policy only sees the result):
+# "sum" as in the paper, or "max": each query's largest mass from one head of one layer.
+SCORE_REDUCE = ("sum", "max")
+
+
 @dataclass(frozen=True)
 class Budget:
     """How much KV a sequence may keep: a token count, or a fraction of its current length."""

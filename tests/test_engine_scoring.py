@@ -24,7 +24,7 @@ def test_compact_drops_holes_and_shortens_only_those_rows():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("score_max", [set(), {"A", "B"}], ids=["sum", "max-for-A-B"])
+@pytest.mark.parametrize("score_max", [set(), {"A", "B"}, {"A", "B", "C"}], ids=["sum", "max-for-A-B", "max-for-all"])
 def test_step_scores_equal_brute_force_softmax(dtype, score_max):
     from vllm import _custom_ops as ops
 

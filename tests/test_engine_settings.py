@@ -47,13 +47,6 @@ def test_bad_values_name_the_field(extra, param):
     assert info.value.param == param
 
 
-def test_engine_and_reference_know_the_same_score_reductions():
-    from h2o_vllm.engine.settings import SCORE_REDUCE
-    from h2o_vllm.hf.cache import SCORE_REDUCE as REFERENCE_SCORE_REDUCE
-
-    assert SCORE_REDUCE == REFERENCE_SCORE_REDUCE
-
-
 def test_engine_kwargs_force_what_fights_eviction():
     kwargs = engine_kwargs(H2OSettings(budget=Budget(tokens=256)), additional_config={"x": 1}, max_num_seqs=8)
     assert kwargs["block_size"] == 32 and kwargs["enable_prefix_caching"] is False

@@ -167,8 +167,9 @@ class StepScorer:
         self.requests: list[_Scored] = []  # scored one by one (several query rows: prompt chunks)
         self.decodes: list[_Scored] = []  # one query row each: scored together in one padded batch
         self.num_layers = 0
-        # (query rows, flat block ids [R * n], -inf bias of padded keys [R, 1, 1, n * bs], mass [R, n],
-        #  which rows use score_reduce="max" [R] bool, their max so far [R, n])
+        # (query rows, flat block ids [R * n], -inf bias of padded keys [R, 1, 1, n * bs], summed mass [R, n]
+        #  or None when every row uses max, the rows that use max (bool [R], or all of them: slice) or None,
+        #  their max so far [R, n] or None)
         self._batch = None
 
     @classmethod
@@ -219,8 +220,11 @@ class StepScorer:
         bias = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))[:, None, None, :]  # [R, 1, 1, keys]
         rows = torch.tensor([d.query_rows.start for d in self.decodes])
         use_max = torch.tensor([d.row_max is not None for d in self.decodes])
-        self._batch = (rows, ids.view(-1), bias, torch.zeros(len(self.decodes), width, dtype=torch.float32),
-                       use_max, torch.zeros(len(self.decodes), width) if bool(use_max.any()) else None)
+        reqs = len(self.decodes)
+        all_max, any_max = bool(use_max.all()), bool(use_max.any())
+        self._batch = (rows, ids.view(-1), bias, None if all_max else torch.zeros(reqs, width),
+                       (slice(None) if all_max else use_max) if any_max else None,
+                       torch.zeros(reqs, width) if any_max else None)
 
     def _keys_t(self, pages: torch.Tensor, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
         """float32 K^T of ``block_ids`` (``num_seqs`` equal-length lists, flattened): [seqs, kv_heads, head_dim, keys].
@@ -248,8 +252,9 @@ class StepScorer:
         q = query[rows].float().mul_(scale).view(reqs, kv_heads, -1, head_dim)  # [R, kv, g, d]
         logits = torch.matmul(q, k_t).add_(bias).view(reqs, -1, k_t.shape[-1])  # [R, heads, keys]: heads are the rows
         inverse = exp_rows_(logits)
-        mass += column_sums(logits, inverse).view(reqs, -1, self.block_size).sum(dim=2)
-        if row_max is not None:
+        if mass is not None:
+            mass += column_sums(logits, inverse).view(reqs, -1, self.block_size).sum(dim=2)
+        if use_max is not None:
             per_head = row_block_mass(logits[use_max], inverse[use_max], self.block_size)  # [R', heads, n]
             row_max[use_max] = torch.maximum(row_max[use_max], per_head.amax(dim=1))
 

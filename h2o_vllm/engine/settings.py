@@ -19,9 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from h2o_vllm.policy import POLICIES, Budget, PolicyConfig
-
-SCORE_REDUCE = ("sum", "max")  # kept equal to h2o_vllm.hf.cache.SCORE_REDUCE by a test
+from h2o_vllm.policy import POLICIES, SCORE_REDUCE, Budget, PolicyConfig
 
 CONFIG_KEY = "h2o"  # key inside vLLM's additional_config
 REQUEST_PREFIX = "h2o_"

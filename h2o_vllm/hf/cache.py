@@ -32,9 +32,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from h2o_vllm.ledger import BlockLedger
-from h2o_vllm.policy import PolicyConfig, make_policy
-
-SCORE_REDUCE = ("sum", "max")
+from h2o_vllm.policy import SCORE_REDUCE, PolicyConfig, make_policy
 
 # update() and the attention call of the same layer run back to back on one thread;
 # this is how the attention function finds the cache it belongs to.
