@@ -18,7 +18,9 @@ Configuration names:
                                for the whole run, as in the H2O paper's evaluation), 8 sinks;
                                H2O splits the rest half recent, half heavy hitters. Reported
                                at N = --max-tokens only.
-    ..._layer                  per-layer decisions (the paper) instead of one shared decision
+    ..._layer                  per-layer decisions instead of one shared decision
+    ..._head                   per-layer and per-KV-head decisions (the paper's code): each KV
+                               head keeps its own tokens
     ..._bN                     blocks of N tokens instead of single tokens
     ..._mean                   scores divided by the number of queries that saw each token
     ..._max                    each query's largest mass over heads (and layers, when shared)
@@ -55,6 +57,7 @@ class RunSpec:
     name: str
     policy_config: object | None  # None = baseline
     per_layer: bool = False
+    per_head: bool = False  # implies per_layer
     relative: bool = False  # budget is a share of the evaluated length: report at --max-tokens only
     label: str = ""  # budget as written in the table
     score_reduce: str = "sum"
@@ -65,11 +68,13 @@ def parse_config(name: str, max_tokens: int) -> RunSpec:
 
     if name == "baseline":
         return RunSpec(name, None, label="all")
-    rest, per_layer, block_size, score_norm, recent_share, reduce = name, False, 1, "sum", None, "sum"
-    while m := re.fullmatch(r"(.*)_(layer|mean|max|b\d+|r\d+)", rest):
+    rest, per_layer, per_head, block_size, score_norm, recent_share, reduce = name, False, False, 1, "sum", None, "sum"
+    while m := re.fullmatch(r"(.*)_(layer|head|mean|max|b\d+|r\d+)", rest):
         rest, suffix = m.group(1), m.group(2)
         if suffix == "layer":
             per_layer = True
+        elif suffix == "head":
+            per_layer = per_head = True
         elif suffix == "max":
             reduce = "max"
         elif suffix == "mean":
@@ -83,7 +88,7 @@ def parse_config(name: str, max_tokens: int) -> RunSpec:
         budget = Budget(tokens=round(share * max_tokens))
         n_recent = None if recent_share is None else round(recent_share * (budget.tokens - 8))
         cfg = PolicyConfig(policy, budget, n_sink=8, n_recent=n_recent, block_size=block_size, score_norm=score_norm)
-        return RunSpec(name, cfg, per_layer, relative=True, label=f"{m.group(2)}% of N = {budget.tokens}",
+        return RunSpec(name, cfg, per_layer, per_head, relative=True, label=f"{m.group(2)}% of N = {budget.tokens}",
                        score_reduce=reduce)
     elif m := re.fullmatch(r"streaming_(\d+)_(\d+)", rest):
         sink, window = int(m.group(1)), int(m.group(2))
@@ -93,7 +98,7 @@ def parse_config(name: str, max_tokens: int) -> RunSpec:
         cfg = PolicyConfig("h2o", Budget(tokens=capacity), sink, recent, block_size, score_norm)
     else:
         raise SystemExit(f"unknown configuration {name!r}; see --help")
-    return RunSpec(name, cfg, per_layer, label=str(cfg.budget.tokens), score_reduce=reduce)
+    return RunSpec(name, cfg, per_layer, per_head, label=str(cfg.budget.tokens), score_reduce=reduce)
 
 
 def budget_tokens(spec: RunSpec, length: int) -> int:
@@ -109,13 +114,12 @@ def kv_bytes_per_token(model) -> int:
 
 
 def resident_tokens(cache) -> torch.Tensor:
-    """[batch] KV tokens each row holds, averaged over layers (equal for shared decisions)."""
+    """[batch] KV tokens each row holds, averaged over layers and heads (equal for shared decisions)."""
     from transformers import DynamicCache
 
     if isinstance(cache, DynamicCache):
         return torch.full((cache.layers[0].keys.shape[0],), cache.layers[0].keys.shape[-2], dtype=torch.float64)
-    counts = [(layer.positions >= cache.padding[:, None]).sum(dim=1) for layer in cache.layers]
-    return torch.stack(counts).double().mean(dim=0)
+    return cache.resident_tokens()
 
 
 def run_pass(model, specs: list[RunSpec], ids: torch.Tensor, log_every: int) -> dict:
@@ -135,8 +139,9 @@ def run_pass(model, specs: list[RunSpec], ids: torch.Tensor, log_every: int) -> 
         cache = DynamicCache()
     else:
         row_configs = [spec.policy_config for spec in specs for _ in range(corpora)]
-        # Streaming rows decide without scores, so they follow a per-layer pass unchanged.
+        # Streaming rows decide without scores, so they follow a per-layer or per-head pass unchanged.
         cache = H2OCache.for_model(model, row_configs, per_layer=any(spec.per_layer for spec in specs),
+                                   per_head=any(spec.per_head for spec in specs),
                                    score_reduce="max" if any(s.score_reduce == "max" for s in specs) else "sum")
     nll = torch.zeros(batch_ids.shape[0], n - 1, dtype=torch.float64)
     peak_tokens = torch.zeros(batch_ids.shape[0], dtype=torch.float64)
@@ -160,7 +165,7 @@ def time_alone(model, spec: RunSpec, ids: torch.Tensor) -> float:
     from h2o_vllm.hf import H2OCache
 
     cache = DynamicCache() if spec.policy_config is None else H2OCache.for_model(
-        model, spec.policy_config, per_layer=spec.per_layer, score_reduce=spec.score_reduce)
+        model, spec.policy_config, per_layer=spec.per_layer, per_head=spec.per_head, score_reduce=spec.score_reduce)
     start = time.perf_counter()
     with torch.no_grad():
         for t in range(ids.shape[1]):
@@ -172,20 +177,20 @@ def pass_groups(specs: list[RunSpec], max_tokens: int, one_pass: bool = False) -
     """Batch configurations whose caches are of similar size (rows are padded to the widest).
 
     StreamingLLM ignores scores, so it rides along in a per-layer pass unchanged;
-    H2O rows only share a pass with H2O rows of the same per_layer and score_reduce settings.
+    H2O rows only share a pass with H2O rows of the same per_layer, per_head and score_reduce settings.
     """
     groups: dict[tuple, list[RunSpec]] = {}
-    layered = {(s.per_layer, s.score_reduce) for s in specs
+    layered = {(s.per_layer, s.per_head, s.score_reduce) for s in specs
                if s.policy_config is not None and s.policy_config.policy == "h2o"}
     for spec in specs:
         if spec.policy_config is None:
             key = ("baseline",)
         elif one_pass:
             if len(layered) > 1:
-                raise SystemExit("--one-pass needs all H2O configurations to share _layer and _max (all or none)")
+                raise SystemExit("--one-pass needs all H2O configurations to share _layer, _head and _max (all or none)")
             key = ("all",)
         else:
-            key = (spec.per_layer, spec.score_reduce, budget_tokens(spec, max_tokens).bit_length())
+            key = (spec.per_layer, spec.per_head, spec.score_reduce, budget_tokens(spec, max_tokens).bit_length())
         groups.setdefault(key, []).append(spec)
     return list(groups.values())
 

@@ -194,3 +194,100 @@ def test_rows_of_a_batch_can_follow_different_policies(tiny_model_dir):
         assert kept_batched == kept_alone
         torch.testing.assert_close(batched_logits[row], alone_logits[0], rtol=1e-4, atol=1e-4)
     assert len(kept_batched) == 32  # the 'none' row kept everything
+
+
+def _gqa_model(impl: str, seed: int = 0):
+    """A random 2-layer Llama with 2 KV heads shared by 4 query heads (the tiny model has one KV head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from h2o_vllm.tiny_model import TINY_CONFIG
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=1000, **{**TINY_CONFIG, "hidden_size": 128, "num_attention_heads": 4,
+                                            "num_key_value_heads": 2}, attn_implementation=impl)
+    return LlamaForCausalLM(config).float().eval()
+
+
+def _kept_per_head(cache, layer_idx: int, row: int) -> list[list[int]]:
+    layer = cache.layers[layer_idx]
+    return [sorted(p for p in layer.positions[row * cache.heads_apart + h].tolist() if p >= 0)
+            for h in range(cache.heads_apart)]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_per_head_cache_matches_a_plain_cache_cut_head_by_head(impl):
+    """Each KV head keeps its own tokens: every step's logits equal those of transformers'
+    DynamicCache from which each layer's and head's evicted slots were cut by hand."""
+    import copy
+
+    from transformers import DynamicCache
+
+    model = _gqa_model(impl)
+    reference_model = copy.deepcopy(model)
+    cfg = PolicyConfig("h2o", Budget(tokens=12), n_sink=2, n_recent=4, block_size=1)
+    cache = H2OCache.for_model(model, cfg, per_layer=True, per_head=True)
+    plain = DynamicCache()
+    positions = None  # [layers][heads] positions of the plain cache's slots
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for t in range(40):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+            ref = reference_model(
+                input_ids=ids[:, t : t + 1], past_key_values=plain, position_ids=torch.tensor([[t]]), use_cache=True
+            ).logits[0, -1]
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+            if positions is None:
+                positions = [[[] for _ in range(2)] for _ in plain.layers]
+            for layer_idx, layer in enumerate(plain.layers):
+                kept_heads = _kept_per_head(cache, layer_idx, 0)
+                keys, values = [], []
+                for h, kept in enumerate(kept_heads):
+                    positions[layer_idx][h].append(t)
+                    index = [i for i, p in enumerate(positions[layer_idx][h]) if p in set(kept)]
+                    positions[layer_idx][h] = [positions[layer_idx][h][i] for i in index]
+                    keys.append(layer.keys[:, h : h + 1, index])
+                    values.append(layer.values[:, h : h + 1, index])
+                layer.keys, layer.values = torch.cat(keys, dim=1), torch.cat(values, dim=1)
+    kept = [_kept_per_head(cache, layer_idx, 0) for layer_idx in range(2)]
+    assert all(len(head) == 12 and head[:2] == [0, 1] and head[-4:] == [36, 37, 38, 39] for heads in kept for head in heads)
+    assert any(heads[0] != heads[1] for heads in kept)  # the heads chose differently
+    assert cache.resident_tokens().tolist() == [12.0]
+
+
+def test_per_head_scores_are_each_kv_heads_attention_mass():
+    """A KV head's ledger holds the attention its query heads gave each token, summed over queries."""
+    model = _gqa_model("eager")
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        attentions = model(input_ids=ids, output_attentions=True).attentions  # [batch, 4 heads, q, k] per layer
+    cache = H2OCache.for_model(model, PolicyConfig("h2o", Budget(tokens=64), n_sink=1, n_recent=1),
+                               per_layer=True, per_head=True)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    for layer_idx, probs in enumerate(attentions):
+        per_kv_head = probs.view(2, 2, 2, 24, 24).sum(dim=(2, 3))  # [batch, kv head, key]
+        for row in range(2):
+            for h in range(2):
+                np.testing.assert_allclose(cache.ledgers[layer_idx][row * 2 + h].scores, per_kv_head[row, h].numpy(),
+                                           rtol=1e-4, atol=1e-6)
+
+
+def test_per_head_rows_of_a_batch_decide_as_they_would_alone():
+    model = _gqa_model("sdpa")
+    configs = [PolicyConfig("h2o", Budget(tokens=10), n_sink=2, n_recent=3), PolicyConfig("h2o", Budget(tokens=14), n_sink=1, n_recent=6)]
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(9))
+    batched = H2OCache.for_model(model, configs, per_layer=True, per_head=True)
+    batched_logits = _run_tokens(model, batched, ids)
+    for row, cfg in enumerate(configs):
+        alone = H2OCache.for_model(model, cfg, per_layer=True, per_head=True)
+        alone_logits = _run_tokens(model, alone, ids[row : row + 1])
+        for layer_idx in range(2):
+            assert _kept_per_head(batched, layer_idx, row) == _kept_per_head(alone, layer_idx, 0)
+        torch.testing.assert_close(batched_logits[row], alone_logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_per_head_needs_per_layer(tiny_model_dir):
+    with pytest.raises(ValueError, match="per_layer"):
+        H2OCache(PolicyConfig("h2o"), num_layers=2, per_head=True)
+    with pytest.raises(ValueError, match="per_layer"):
+        enable_h2o_llm(_load(tiny_model_dir, "sdpa"), per_head=True)

@@ -26,18 +26,23 @@ def enable_h2o_llm(
     *,
     block_size: int = 1,
     per_layer: bool = False,
+    per_head: bool = False,
     score_norm: str = "sum",
     prompt_window: int | None = None,
     score_reduce: str = "sum",
 ):
     """H2O: keep ``n_sink`` first tokens, ``recent_window`` last ones and
-    ``max_capacity - n_sink - recent_window`` heavy hitters."""
+    ``max_capacity - n_sink - recent_window`` heavy hitters.
+
+    ``per_layer=True, per_head=True`` decides per layer and KV head, as the paper's code does;
+    the default, one decision for all layers and heads, is what the paged vLLM engine can do."""
     if max_capacity < n_sink + recent_window:
         raise ValueError(
             f"max_capacity ({max_capacity}) must hold n_sink + recent_window ({n_sink} + {recent_window})"
         )
     config = PolicyConfig("h2o", Budget(tokens=max_capacity), n_sink, recent_window, block_size, score_norm)
-    return enable_policy(model, config, per_layer=per_layer, prompt_window=prompt_window, score_reduce=score_reduce)
+    return enable_policy(model, config, per_layer=per_layer, per_head=per_head, prompt_window=prompt_window,
+                         score_reduce=score_reduce)
 
 
 def enable_streaming_llm(model, n_sink: int = 8, window_size: int = 256, *, block_size: int = 1):
@@ -47,7 +52,8 @@ def enable_streaming_llm(model, n_sink: int = 8, window_size: int = 256, *, bloc
 
 
 def enable_policy(
-    model, config: PolicyConfig, *, per_layer: bool = False, prompt_window: int | None = None, score_reduce: str = "sum"
+    model, config: PolicyConfig, *, per_layer: bool = False, per_head: bool = False, prompt_window: int | None = None,
+    score_reduce: str = "sum",
 ):
     """Any policy of the core. Re-enabling replaces the previous setting."""
     attention.register()
@@ -56,7 +62,9 @@ def enable_policy(
         state = {"attn_implementation": model.config._attn_implementation, "generate": model.generate}
         setattr(model, _STATE, state)
     model.set_attn_implementation(attention.h2o_name(state["attn_implementation"]))
-    cache_kwargs = {"per_layer": per_layer, "prompt_window": prompt_window, "score_reduce": score_reduce}
+    if per_head and not per_layer:
+        raise ValueError("per_head needs per_layer=True")
+    cache_kwargs = {"per_layer": per_layer, "per_head": per_head, "prompt_window": prompt_window, "score_reduce": score_reduce}
     state["make_cache"] = lambda: H2OCache.for_model(model, config, **cache_kwargs)
     original_generate = state["generate"]
 

@@ -12,7 +12,11 @@ which calls :meth:`H2OCache.attend` for every layer. With ``per_layer=False``
 (the default, as paging requires) the attention mass is summed over layers,
 heads and queries into one ledger per row, and one decision after the last
 layer holds for all layers. With ``per_layer=True`` each layer keeps its own
-ledger and evicts right after its own attention (the paper's setting).
+ledger and evicts right after its own attention. With ``per_head=True`` as
+well, each KV head of each layer keeps its own slots (what the paper's code
+does): the cache then treats (row, KV head) pairs as its rows, each with its
+own ledger and decisions, and hands attention ``[batch, kv_heads, ...]`` views.
+A KV head's score sums the query heads that share it (grouped-query attention).
 
 ``score_reduce`` says how heads (and, with shared decisions, layers) are
 combined: ``"sum"`` adds every head's attention mass (the paper); ``"max"``
@@ -129,23 +133,29 @@ class H2OCache(Cache):
         num_layers: int,
         *,
         per_layer: bool = False,
+        per_head: bool = False,
         prompt_window: int | None = None,
         score_reduce: str = "sum",
         score_chunk: int = 256,
     ):
         if score_reduce not in SCORE_REDUCE:
             raise ValueError(f"score_reduce must be one of {', '.join(SCORE_REDUCE)}, got {score_reduce!r}")
+        if per_head and not per_layer:
+            raise ValueError("per_head needs per_layer=True: a KV head of one layer has nothing to share with another layer's")
         super().__init__(layers=[EvictingLayer() for _ in range(num_layers)])
         # One config for every row, or one per batch row (rows never share decisions anyway).
         self.policy_config = policy_config
         self._row_configs = policy_config if isinstance(policy_config, list) else None
         self.per_layer = per_layer
+        self.per_head = per_head
+        self.heads_apart = 1  # rows per batch row: its number of KV heads with per_head, else 1
         # None: every prompt query scores (the paper's column sums); W: only the last W prompt queries.
         self.prompt_window = prompt_window
         self.score_reduce = score_reduce
         self._row_max: list[torch.Tensor] = []  # score_reduce="max": per row [queries, blocks], max so far this step
         self.score_chunk = score_chunk
-        self.padding: torch.Tensor | None = None  # [batch] left-padding tokens per row
+        self.padding: torch.Tensor | None = None  # [rows] left-padding tokens per row
+        # A "row" is a batch row, or with per_head a (batch row, KV head) pair: index b * heads_apart + h.
         self.ledgers: list[list[BlockLedger]] = []  # [score group][row]
         self.policies = []  # one per row, made at the first forward when the batch size is known
         self.stats = CacheStats()
@@ -175,12 +185,22 @@ class H2OCache(Cache):
                 "H2OCache needs the model's attention switched to h2o_eager or h2o_sdpa; "
                 "create it with H2OCache.for_model(model, ...) or use enable_h2o_llm(model, ...)"
             )
+        if self.per_head:
+            self.heads_apart = key_states.shape[1]
+            key_states, value_states = _rows_per_head(key_states, self.heads_apart), _rows_per_head(value_states, self.heads_apart)
         keys, values = self.layers[layer_idx].update(key_states, value_states)
         _ACTIVE.cache = self
+        if self.per_head:  # attention wants [batch, kv_heads, slots, dim] back
+            keys, values = _batch_rows(keys, self.heads_apart), _batch_rows(values, self.heads_apart)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
+
+    def resident_tokens(self) -> torch.Tensor:
+        """[batch] KV tokens each batch row holds, averaged over layers (and KV heads with per_head)."""
+        counts = torch.stack([(layer.positions >= self.padding[:, None]).sum(dim=1) for layer in self.layers]).double()
+        return counts.mean(dim=0).view(-1, self.heads_apart).mean(dim=1)
 
     # -- called by the attention function -------------------------------------------------
 
@@ -192,7 +212,10 @@ class H2OCache(Cache):
         if self.padding is None:
             self._start(attention_mask, query.shape[0], q_len)
         if layer.compacted:
-            allowed = self._allowed(layer, first_query, 0, q_len)
+            allowed = self._allowed(layer, first_query, 0, q_len)  # [rows, 1, q, slots]
+            if self.heads_apart > 1:  # each query head sees its KV head's slots
+                heads = query.shape[1]
+                allowed = _batch_rows(allowed.expand(-1, heads // self.heads_apart, -1, -1), self.heads_apart)
             attention_mask = _as_mask(allowed, query.dtype, additive_mask)
         out, weights = base_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         if any(p.config.policy != "none" for p in self.policies):
@@ -208,11 +231,13 @@ class H2OCache(Cache):
 
     def _start(self, attention_mask, batch: int, q_len: int) -> None:
         """First forward: learn each row's left padding and open the ledgers."""
-        self.padding = _left_padding(attention_mask, batch, q_len)
+        self.padding = _left_padding(attention_mask, batch, q_len).repeat_interleave(self.heads_apart)
         groups = len(self.layers) if self.per_layer else 1
         configs = self._row_configs or [self.policy_config] * batch
         if len(configs) != batch:
             raise ValueError(f"{len(configs)} policy configs for a batch of {batch} rows")
+        configs = [c for c in configs for _ in range(self.heads_apart)]
+        batch *= self.heads_apart
         self.policies = [make_policy(c) for c in configs]
         self.ledgers = [[BlockLedger(c.block_size) for c in configs] for _ in range(groups)]
         self.stats.per_row_evicted = [[] for _ in range(batch)]
@@ -228,6 +253,9 @@ class H2OCache(Cache):
         return allowed[:, None]
 
     def _score(self, module, layer, layer_idx, query, key, weights, first_query, scaling) -> None:
+        if self.heads_apart > 1:  # one row per KV head, with the query heads that share it
+            query, key = _rows_per_head(query, self.heads_apart), _rows_per_head(key, self.heads_apart)
+            weights = None if weights is None else _rows_per_head(weights, self.heads_apart)
         q_len = query.shape[2]
         is_prompt = first_query == 0
         row_start = max(0, q_len - self.prompt_window) if (is_prompt and self.prompt_window) else 0
@@ -292,6 +320,16 @@ class H2OCache(Cache):
                     gone = torch.as_tensor(blocks, dtype=torch.long)
                     keep[row] &= ~torch.isin(logical[row] // self.ledgers[group][row].block_size, gone)
             layer.keep_only(keep)
+
+
+def _rows_per_head(t: torch.Tensor, heads_apart: int) -> torch.Tensor:
+    """[batch, heads, ...] -> [batch * heads_apart, heads // heads_apart, ...] (row b * heads_apart + h)."""
+    return t.reshape(t.shape[0] * heads_apart, t.shape[1] // heads_apart, *t.shape[2:])
+
+
+def _batch_rows(t: torch.Tensor, heads_apart: int) -> torch.Tensor:
+    """The inverse of :func:`_rows_per_head`."""
+    return t.reshape(t.shape[0] // heads_apart, t.shape[1] * heads_apart, *t.shape[2:])
 
 
 def _left_padding(attention_mask, batch: int, q_len: int) -> torch.Tensor:
