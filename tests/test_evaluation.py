@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from h2o_vllm.engine.settings import H2OSettings
 from h2o_vllm.evaluation import metrics, report, scenarios
 from h2o_vllm.evaluation.client import Answer, request_body, server_root
 from h2o_vllm.evaluation.configs import EvalConfig, EvalConfigError, eval_configs
@@ -83,16 +84,23 @@ def test_fidelity_and_summary_items(tokenizer, corpus):
 
 
 def test_configs_select_policy_per_request():
-    configs = eval_configs(["streaming", "h2o", "h2o-window", "h2o-window-max"], [0.1, 0.2], window=16)
+    configs = eval_configs(["streaming", "h2o", "h2o-window", "h2o-window-max", "h2o-mean"], [0.1, 0.2], window=16)
     assert [c.name for c in configs] == ["full", "streaming_10%", "streaming_20%", "h2o_10%", "h2o_20%",
-                                         "h2o-window_10%", "h2o-window_20%", "h2o-window-max_10%", "h2o-window-max_20%"]
+                                         "h2o-window_10%", "h2o-window_20%", "h2o-window-max_10%", "h2o-window-max_20%",
+                                         "h2o-mean_10%", "h2o-mean_20%"]
     assert configs[0].xargs() == {"h2o_policy": "none"}
     assert configs[1].xargs() == {"h2o_policy": "streaming", "h2o_budget": 0.1}
-    assert configs[4].xargs() == {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_prompt_window": 0, "h2o_score_reduce": "sum"}
-    assert configs[6].xargs() == {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_prompt_window": 16, "h2o_score_reduce": "sum"}
-    assert configs[8].xargs() == {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_prompt_window": 16, "h2o_score_reduce": "max"}
+    h2o = {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_score_norm": "sum"}
+    assert configs[4].xargs() == {**h2o, "h2o_prompt_window": 0, "h2o_score_reduce": "sum"}
+    assert configs[6].xargs() == {**h2o, "h2o_prompt_window": 16, "h2o_score_reduce": "sum"}
+    assert configs[8].xargs() == {**h2o, "h2o_prompt_window": 16, "h2o_score_reduce": "max"}
+    assert configs[10].xargs() == {**h2o, "h2o_prompt_window": 0, "h2o_score_reduce": "sum", "h2o_score_norm": "mean"}
+    for c in configs[3:]:  # the server accepts every field the configurations send
+        H2OSettings().for_request(c.xargs())
     with pytest.raises(EvalConfigError, match="no model-name alias"):
         configs[8].alias("m")
+    with pytest.raises(EvalConfigError, match="no model-name alias"):
+        configs[10].alias("m")
     assert configs[4].request_fields("m", "alias") == ("m@h2o-0.2", {})
     assert configs[0].request_fields("m", "alias") == ("m@full", {})
     assert configs[2].request_fields("m", "xargs") == ("m", {"vllm_xargs": {"h2o_policy": "streaming", "h2o_budget": 0.2}})

@@ -6,6 +6,8 @@
     h2o-window_20%  H2O, prompt scored by its last ``window`` rows only (observation window)
     h2o-window-max_20%  the same, each query's block score the max over heads and layers
                     (``h2o_score_reduce: max``) instead of their sum
+    h2o-mean_20%    H2O as the paper scores the prompt, each block's score divided by the
+                    number of queries that saw it (``h2o_score_norm: mean``); not run by default
 
 Selected per request with ``vllm_xargs`` (any h2o-vllm server), or with the
 ``MODEL@policy-budget`` model-name aliases that ``h2o-vllm serve`` lists (for
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-POLICIES = ("streaming", "h2o", "h2o-window", "h2o-window-max")
+POLICIES = ("streaming", "h2o", "h2o-window", "h2o-window-max", "h2o-mean")
+DEFAULT_POLICIES = POLICIES[:4]
 DEFAULT_WINDOW = 8  # query rows: the needle's question ("What is the pass key? The pass key is")
 SELECT_MODES = ("xargs", "alias")
 
@@ -55,12 +58,13 @@ class EvalConfig:
             "h2o_budget": self.budget,
             "h2o_prompt_window": self.window if windowed else 0,
             "h2o_score_reduce": "max" if self.policy == "h2o-window-max" else "sum",
+            "h2o_score_norm": "mean" if self.policy == "h2o-mean" else "sum",
         }
 
     def alias(self, model: str) -> str:
         if self.policy == "full":
             return f"{model}@full"
-        if self.policy.startswith("h2o-window"):
+        if self.policy not in ("streaming", "h2o"):
             raise EvalConfigError(f"{self.policy} has no model-name alias; use --select xargs")
         return f"{model}@{self.policy}-{self.budget:g}"
 

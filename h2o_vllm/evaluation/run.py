@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from h2o_vllm.evaluation import scenarios
-from h2o_vllm.evaluation.configs import DEFAULT_WINDOW, POLICIES, SELECT_MODES, EvalConfigError, eval_configs
+from h2o_vllm.evaluation.configs import DEFAULT_POLICIES, DEFAULT_WINDOW, POLICIES, SELECT_MODES, EvalConfigError, eval_configs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for building prompts (default: the default model's)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--scenarios", nargs="+", default=list(scenarios.SCENARIOS), choices=scenarios.SCENARIOS)
-    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), choices=POLICIES)
     p.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.2, 0.5], help="fractions of the sequence")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="observation window of the h2o-window policies (query rows)")
     p.add_argument("--select", choices=SELECT_MODES, default="xargs",
