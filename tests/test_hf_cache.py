@@ -71,31 +71,54 @@ def test_eviction_frees_memory_and_holds_the_budget(tiny_model_dir, impl, block_
         assert kept[-2 * block_size :] == list(range(60 - 2 * block_size, 60))  # the recent window stays
 
 
-def test_cache_matches_a_plain_cache_with_the_same_slots_removed(tiny_model_dir):
-    """Each step's logits equal those of transformers' own DynamicCache from which the
-    same slots were cut by hand: masks, positions and repacking are right."""
+def _assert_matches_a_plain_cache_cut_by_hand(model, cache, ids, tolerance):
+    """Each step's logits equal those of transformers' own DynamicCache from which the same
+    slots were cut by hand, layer by layer and KV head by KV head: masks, positions and
+    repacking are right."""
+    import copy
+
     from transformers import DynamicCache
 
-    model = _load(tiny_model_dir, "sdpa")
-    reference_model = _load(tiny_model_dir, "sdpa")
-    cfg = PolicyConfig("h2o", Budget(tokens=12), n_sink=2, n_recent=4, block_size=1)
-    cache = H2OCache.for_model(model, cfg)
-    plain, plain_positions = DynamicCache(), []
-    ids = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(1))
+    reference_model = copy.deepcopy(model)  # the same weights, with the model's own attention back
+    reference_model.set_attn_implementation(model.config._attn_implementation.removeprefix("h2o_"))
+    plain, positions = DynamicCache(), None  # positions: [layer][kv head] of the plain cache's slots
     with torch.no_grad():
-        for t in range(30):
+        for t in range(ids.shape[1]):
             out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
             ref = reference_model(
                 input_ids=ids[:, t : t + 1], past_key_values=plain, position_ids=torch.tensor([[t]]), use_cache=True
             ).logits[0, -1]
-            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-            plain_positions.append(t)
-            kept = set(cache.layers[0].positions[0].tolist())
-            keep = [i for i, p in enumerate(plain_positions) if p in kept]
-            for layer in plain.layers:
-                layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
-            plain_positions = [plain_positions[i] for i in keep]
-    assert len(plain_positions) == 12 and cache.stats.evicted_blocks == 30 - 12
+            torch.testing.assert_close(out, ref, rtol=tolerance, atol=tolerance)
+            kv_heads = plain.layers[0].keys.shape[1]
+            if positions is None:
+                positions = [[[] for _ in range(kv_heads)] for _ in plain.layers]
+            for layer_idx, layer in enumerate(plain.layers):
+                kept_heads = _kept_per_head(cache, layer_idx, 0)
+                keys, values = [], []
+                for h in range(kv_heads):
+                    kept = set(kept_heads[h if cache.per_head else 0])
+                    positions[layer_idx][h].append(t)
+                    index = [i for i, p in enumerate(positions[layer_idx][h]) if p in kept]
+                    positions[layer_idx][h] = [positions[layer_idx][h][i] for i in index]
+                    keys.append(layer.keys[:, h : h + 1, index])
+                    values.append(layer.values[:, h : h + 1, index])
+                layer.keys, layer.values = torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+
+def _kept_per_head(cache, layer_idx: int, row: int) -> list[list[int]]:
+    """Logical positions each KV head of batch row ``row`` keeps (one list without per_head)."""
+    layer = cache.layers[layer_idx]
+    return [sorted(p for p in layer.positions[row * cache.heads_apart + h].tolist() if p >= 0)
+            for h in range(cache.heads_apart)]
+
+
+def test_cache_matches_a_plain_cache_with_the_same_slots_removed(tiny_model_dir):
+    model = _load(tiny_model_dir, "sdpa")
+    cfg = PolicyConfig("h2o", Budget(tokens=12), n_sink=2, n_recent=4, block_size=1)
+    cache = H2OCache.for_model(model, cfg)
+    ids = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(1))
+    _assert_matches_a_plain_cache_cut_by_hand(model, cache, ids, tolerance=1e-5)
+    assert cache.layers[0].keys.shape[-2] == 12 and cache.stats.evicted_blocks == 30 - 12
 
 
 def test_a_cache_without_the_attention_wrapper_is_refused(tiny_model_dir):
@@ -208,46 +231,14 @@ def _gqa_model(impl: str, seed: int = 0):
     return LlamaForCausalLM(config).float().eval()
 
 
-def _kept_per_head(cache, layer_idx: int, row: int) -> list[list[int]]:
-    layer = cache.layers[layer_idx]
-    return [sorted(p for p in layer.positions[row * cache.heads_apart + h].tolist() if p >= 0)
-            for h in range(cache.heads_apart)]
-
-
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_per_head_cache_matches_a_plain_cache_cut_head_by_head(impl):
-    """Each KV head keeps its own tokens: every step's logits equal those of transformers'
-    DynamicCache from which each layer's and head's evicted slots were cut by hand."""
-    import copy
-
-    from transformers import DynamicCache
-
+    """Each KV head keeps its own tokens, and attention sees exactly those."""
     model = _gqa_model(impl)
-    reference_model = copy.deepcopy(model)
     cfg = PolicyConfig("h2o", Budget(tokens=12), n_sink=2, n_recent=4, block_size=1)
     cache = H2OCache.for_model(model, cfg, per_layer=True, per_head=True)
-    plain = DynamicCache()
-    positions = None  # [layers][heads] positions of the plain cache's slots
     ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        for t in range(40):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
-            ref = reference_model(
-                input_ids=ids[:, t : t + 1], past_key_values=plain, position_ids=torch.tensor([[t]]), use_cache=True
-            ).logits[0, -1]
-            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-            if positions is None:
-                positions = [[[] for _ in range(2)] for _ in plain.layers]
-            for layer_idx, layer in enumerate(plain.layers):
-                kept_heads = _kept_per_head(cache, layer_idx, 0)
-                keys, values = [], []
-                for h, kept in enumerate(kept_heads):
-                    positions[layer_idx][h].append(t)
-                    index = [i for i, p in enumerate(positions[layer_idx][h]) if p in set(kept)]
-                    positions[layer_idx][h] = [positions[layer_idx][h][i] for i in index]
-                    keys.append(layer.keys[:, h : h + 1, index])
-                    values.append(layer.values[:, h : h + 1, index])
-                layer.keys, layer.values = torch.cat(keys, dim=1), torch.cat(values, dim=1)
+    _assert_matches_a_plain_cache_cut_by_hand(model, cache, ids, tolerance=1e-4)
     kept = [_kept_per_head(cache, layer_idx, 0) for layer_idx in range(2)]
     assert all(len(head) == 12 and head[:2] == [0, 1] and head[-4:] == [36, 37, 38, 39] for heads in kept for head in heads)
     assert any(heads[0] != heads[1] for heads in kept)  # the heads chose differently
