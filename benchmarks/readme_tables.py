@@ -14,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = {
     "perplexity-table": ["results/perplexity/table.md"],
+    "hf-fidelity-table": ["results/hf-fidelity/table.md"],
     "load-table": ["results/load/kv-intro.md", "results/load/kv.md", "results/load/sharegpt-intro.md",
                    "results/load/sharegpt.md"],
     "eval-table": ["results/eval/eval-intro.md", "results/eval/eval.md"],
