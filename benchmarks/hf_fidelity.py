@@ -15,9 +15,8 @@ Configuration names (budgets are fractions of the growing sequence, as in the en
     full                     the full cache (transformers' DynamicCache)
     streaming_P%             sinks + recent window
     h2o_P%                   sinks + half recent window + half heavy hitters
-    ..._bN                   blocks of N tokens (32: the engine's unit); default single tokens
-    ..._layer / ..._head     decisions per layer / per layer and KV head; default one for all
-    ..._mean                 scores divided by the number of queries that saw each token
+    ..._bN, _layer, _head, _mean, _max   as in benchmarks/perplexity.py (_b32: the engine's
+                             32-token blocks; _head: decisions per layer and KV head)
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from perplexity import split_options  # the same name suffixes (this script's folder is on sys.path)
 
 # StreamingLLM, H2O as the paged engine decides (32-token blocks, one decision for all layers
 # and heads), and H2O as it wins the perplexity benchmark (tokens, per layer and KV head, mean).
@@ -46,6 +46,7 @@ class Spec:
     policy_config: object | None  # None: the full cache
     per_layer: bool = False
     per_head: bool = False
+    score_reduce: str = "sum"
 
 
 def parse_config(name: str, n_sink: int) -> Spec:
@@ -53,22 +54,13 @@ def parse_config(name: str, n_sink: int) -> Spec:
 
     if name == "full":
         return Spec(name, None)
-    rest, block_size, per_layer, per_head, score_norm = name, 1, False, False, "sum"
-    while m := re.fullmatch(r"(.*)_(layer|head|mean|b\d+)", rest):
-        rest, suffix = m.group(1), m.group(2)
-        if suffix == "layer":
-            per_layer = True
-        elif suffix == "head":
-            per_layer = per_head = True
-        elif suffix == "mean":
-            score_norm = "mean"
-        else:
-            block_size = int(suffix[1:])
+    rest, o = split_options(name)
     m = re.fullmatch(r"(h2o|streaming)_(\d+(?:\.\d+)?)%", rest)
-    if not m:
+    if not m or o.recent_share is not None:
         raise SystemExit(f"unknown configuration {name!r}; see --help")
     budget = Budget(fraction=float(m.group(2)) / 100)
-    return Spec(name, PolicyConfig(m.group(1), budget, n_sink, None, block_size, score_norm), per_layer, per_head)
+    config = PolicyConfig(m.group(1), budget, n_sink, None, o.block_size, o.score_norm)
+    return Spec(name, config, o.per_layer, o.per_head, o.score_reduce)
 
 
 def prompts_from_essays(tokenizer, count: int, prompt_tokens: int) -> torch.Tensor:
@@ -86,7 +78,7 @@ def generate(model, spec: Spec, prompts: torch.Tensor, new_tokens: int) -> torch
     from h2o_vllm.hf import H2OCache
 
     cache = DynamicCache() if spec.policy_config is None else H2OCache.for_model(
-        model, spec.policy_config, per_layer=spec.per_layer, per_head=spec.per_head)
+        model, spec.policy_config, per_layer=spec.per_layer, per_head=spec.per_head, score_reduce=spec.score_reduce)
     with torch.no_grad():
         out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), past_key_values=cache,
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)

@@ -63,42 +63,60 @@ class RunSpec:
     score_reduce: str = "sum"
 
 
+@dataclass
+class Options:
+    """What a configuration name's suffixes ask for (see the module docstring)."""
+
+    per_layer: bool = False
+    per_head: bool = False  # implies per_layer
+    block_size: int = 1
+    score_norm: str = "sum"
+    recent_share: float | None = None
+    score_reduce: str = "sum"
+
+
+def split_options(name: str) -> tuple[str, Options]:
+    """``h2o_20%_mean_head`` -> (``h2o_20%``, the options of ``_mean`` and ``_head``)."""
+    rest, opts = name, Options()
+    while m := re.fullmatch(r"(.*)_(layer|head|mean|max|b\d+|r\d+)", rest):
+        rest, suffix = m.group(1), m.group(2)
+        if suffix == "layer":
+            opts.per_layer = True
+        elif suffix == "head":
+            opts.per_layer = opts.per_head = True
+        elif suffix == "max":
+            opts.score_reduce = "max"
+        elif suffix == "mean":
+            opts.score_norm = "mean"
+        elif suffix.startswith("r"):
+            opts.recent_share = int(suffix[1:]) / 100
+        else:
+            opts.block_size = int(suffix[1:])
+    return rest, opts
+
+
 def parse_config(name: str, max_tokens: int) -> RunSpec:
     from h2o_vllm.policy import Budget, PolicyConfig
 
     if name == "baseline":
         return RunSpec(name, None, label="all")
-    rest, per_layer, per_head, block_size, score_norm, recent_share, reduce = name, False, False, 1, "sum", None, "sum"
-    while m := re.fullmatch(r"(.*)_(layer|head|mean|max|b\d+|r\d+)", rest):
-        rest, suffix = m.group(1), m.group(2)
-        if suffix == "layer":
-            per_layer = True
-        elif suffix == "head":
-            per_layer = per_head = True
-        elif suffix == "max":
-            reduce = "max"
-        elif suffix == "mean":
-            score_norm = "mean"
-        elif suffix.startswith("r"):
-            recent_share = int(suffix[1:]) / 100
-        else:
-            block_size = int(suffix[1:])
+    rest, o = split_options(name)
     if m := re.fullmatch(r"(h2o|streaming)_(\d+(?:\.\d+)?)%", rest):
         policy, share = m.group(1), float(m.group(2)) / 100
         budget = Budget(tokens=round(share * max_tokens))
-        n_recent = None if recent_share is None else round(recent_share * (budget.tokens - 8))
-        cfg = PolicyConfig(policy, budget, n_sink=8, n_recent=n_recent, block_size=block_size, score_norm=score_norm)
-        return RunSpec(name, cfg, per_layer, per_head, relative=True, label=f"{m.group(2)}% of N = {budget.tokens}",
-                       score_reduce=reduce)
+        n_recent = None if o.recent_share is None else round(o.recent_share * (budget.tokens - 8))
+        cfg = PolicyConfig(policy, budget, n_sink=8, n_recent=n_recent, block_size=o.block_size, score_norm=o.score_norm)
+        return RunSpec(name, cfg, o.per_layer, o.per_head, relative=True, label=f"{m.group(2)}% of N = {budget.tokens}",
+                       score_reduce=o.score_reduce)
     elif m := re.fullmatch(r"streaming_(\d+)_(\d+)", rest):
         sink, window = int(m.group(1)), int(m.group(2))
-        cfg = PolicyConfig("streaming", Budget(tokens=sink + window), sink, window, block_size)
+        cfg = PolicyConfig("streaming", Budget(tokens=sink + window), sink, window, o.block_size)
     elif m := re.fullmatch(r"h2o_(\d+)_(\d+)_(\d+)", rest):
         sink, recent, capacity = (int(g) for g in m.groups())
-        cfg = PolicyConfig("h2o", Budget(tokens=capacity), sink, recent, block_size, score_norm)
+        cfg = PolicyConfig("h2o", Budget(tokens=capacity), sink, recent, o.block_size, o.score_norm)
     else:
         raise SystemExit(f"unknown configuration {name!r}; see --help")
-    return RunSpec(name, cfg, per_layer, per_head, label=str(cfg.budget.tokens), score_reduce=reduce)
+    return RunSpec(name, cfg, o.per_layer, o.per_head, label=str(cfg.budget.tokens), score_reduce=o.score_reduce)
 
 
 def budget_tokens(spec: RunSpec, length: int) -> int:
