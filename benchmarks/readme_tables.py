@@ -1,13 +1,23 @@
-"""Copy committed benchmark tables into README.md between their markers.
+"""Copy committed benchmark tables into the documentation pages, between their markers.
 
     python benchmarks/readme_tables.py
 
-Each ``<!-- NAME -->`` ... ``<!-- /NAME -->`` block is replaced by the files listed
-for NAME below (the tables the scripts wrote, with the commands that made them).
+Each ``<!-- NAME -->`` ... ``<!-- /NAME -->`` block of the page that PAGES assigns
+to NAME is replaced by the files SECTIONS lists for NAME (the tables the scripts
+wrote, the ``*-intro.md`` files written by hand beside them, and the commands that
+made them). All result sections live in ``results/README.md`` today; moving one is
+a one-line change to PAGES.
+
+Relative links in a copied file (images) are written from that file's folder, so
+each file reads correctly on its own (``](capacity.png)`` in
+``results/engine/capacity-intro.md``); they are rewritten relative to the page
+the file lands in (``](engine/capacity.png)`` in ``results/README.md``).
+Running the script twice changes nothing the second time.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -21,19 +31,49 @@ SECTIONS = {
     "engine-table": ["results/engine/capacity-intro.md", "results/engine/capacity.md",
                      "results/engine/overhead-intro.md", "results/engine/overhead.md"],
 }
+# section -> the page (relative to the repository root) that holds its markers
+PAGES = {
+    "perplexity-table": "results/README.md",
+    "hf-fidelity-table": "results/README.md",
+    "load-table": "results/README.md",
+    "eval-table": "results/README.md",
+    "engine-table": "results/README.md",
+}
+# ](target) of a Markdown link or image whose target is a relative path
+# (not a URL, an anchor or an absolute path)
+LINK = re.compile(r"(\]\()(?![a-zA-Z][a-zA-Z0-9+.-]*:|#|/)([^)\s]+)(\))")
+
+
+def rebase_links(text: str, source: str, page: str) -> str:
+    """Rewrite the relative link targets of ``text`` (from file ``source``) relative to ``page``.
+
+    Both paths are relative to the repository root.
+    """
+    source_dir, page_dir = os.path.dirname(source), os.path.dirname(page) or "."
+
+    def rebase(m: re.Match) -> str:
+        target = os.path.relpath(os.path.join(source_dir, m.group(2)), page_dir)
+        return m.group(1) + Path(target).as_posix() + m.group(3)
+
+    return LINK.sub(rebase, text)
 
 
 def main() -> int:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    for name, files in SECTIONS.items():
-        pattern = re.compile(rf"(<!-- {re.escape(name)} -->\n).*?(<!-- /{re.escape(name)} -->)", re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"README.md has no <!-- {name} --> section")
-        body = "\n".join((ROOT / f).read_text().rstrip() + "\n" for f in files if (ROOT / f).exists())
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
-    readme.write_text(text)
-    print(f"updated {readme}")
+    if set(PAGES) != set(SECTIONS):
+        raise SystemExit(f"PAGES and SECTIONS name different sections: {sorted(set(PAGES) ^ set(SECTIONS))}")
+    for page in sorted(set(PAGES.values())):
+        path = ROOT / page
+        text = path.read_text()
+        for name in (n for n, p in PAGES.items() if p == page):
+            pattern = re.compile(rf"(<!-- {re.escape(name)} -->\n).*?(<!-- /{re.escape(name)} -->)", re.S)
+            if not pattern.search(text):
+                raise SystemExit(f"{page} has no <!-- {name} --> section")
+            files = SECTIONS[name]
+            body = "\n".join(rebase_links((ROOT / f).read_text().rstrip() + "\n", f, page)
+                             for f in files if (ROOT / f).exists())
+            text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+        path.write_text(text)
+        print(f"updated {path}")
     return 0
 
 
