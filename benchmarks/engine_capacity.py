@@ -43,16 +43,17 @@ def workload_prompts(num: int, length: int) -> list[list[int]]:
 
 def engine_config(name: str):
     """(engine kwargs, label) for a configuration name: vanilla, none, h2o_20%, streaming_20%, h2o_tokens_N."""
-    from h2o_vllm.engine import H2OSettings, engine_kwargs
+    from h2o_vllm.engine import engine_config as h2o_config
+    from h2o_vllm.engine import engine_kwargs
     from h2o_vllm.policy import Budget
 
     if name == "vanilla":
         return {}
     if name == "none":
-        return engine_kwargs(H2OSettings(policy="none"))
+        return engine_kwargs(h2o_config(policy="none"))
     policy, _, budget = name.partition("_")
     budget = budget.replace("tokens_", "")
-    return engine_kwargs(H2OSettings(policy=policy, budget=Budget.parse(budget), n_sink=BLOCK))
+    return engine_kwargs(h2o_config(policy=policy, budget=Budget.parse(budget), n_sink=BLOCK))
 
 
 def run_config(name: str, prompts, new_tokens: int, args) -> dict:
@@ -60,7 +61,7 @@ def run_config(name: str, prompts, new_tokens: int, args) -> dict:
     from vllm.inputs import TokensPrompt
 
     from h2o_vllm.assets import prepare_default_model
-    from h2o_vllm.engine.observe import StepObserver, inprocess_llm, scheduler_of
+    from h2o_vllm.engine.observe import StepObserver, inprocess_llm, num_free_blocks, scheduler_of
 
     model = str(prepare_default_model(log=lambda *_: None).path)
     kwargs = dict(
@@ -71,7 +72,7 @@ def run_config(name: str, prompts, new_tokens: int, args) -> dict:
     )
     with inprocess_llm(model, **{**kwargs, **engine_config(name)}) as llm:
         scheduler = scheduler_of(llm)
-        start_free = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+        start_free = num_free_blocks(scheduler)
         observer = StepObserver(scheduler)
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         t0 = time.perf_counter()

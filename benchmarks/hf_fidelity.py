@@ -15,22 +15,20 @@ Configuration names (budgets are fractions of the growing sequence, as in the en
     full                     the full cache (transformers' DynamicCache)
     streaming_P%             sinks + recent window
     h2o_P%                   sinks + half recent window + half heavy hitters
-    ..._bN, _layer, _head, _mean, _max   as in benchmarks/perplexity.py (_b32: the engine's
-                             32-token blocks; _head: decisions per layer and KV head)
+    ..._bN, _layer, _head, _mean, _max, _windowN   options of h2o_vllm.names (_b32: the
+                             engine's 32-token blocks; _head: decisions per layer and KV head)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from perplexity import split_options  # the same name suffixes (this script's folder is on sys.path)
 
 # StreamingLLM, H2O as the paged engine decides (32-token blocks, one decision for all layers
 # and heads), and H2O as it wins the perplexity benchmark (tokens, per layer and KV head, mean).
@@ -46,21 +44,22 @@ class Spec:
     policy_config: object | None  # None: the full cache
     per_layer: bool = False
     per_head: bool = False
-    score_reduce: str = "sum"
 
 
 def parse_config(name: str, n_sink: int) -> Spec:
-    from h2o_vllm.policy import Budget, PolicyConfig
+    """A configuration name (h2o_vllm.names) with a budget in % of the sequence, ``n_sink`` sinks."""
+    from h2o_vllm.names import parse_name
+    from h2o_vllm.policy import PolicyConfig
 
     if name == "full":
         return Spec(name, None)
-    rest, o = split_options(name)
-    m = re.fullmatch(r"(h2o|streaming)_(\d+(?:\.\d+)?)%", rest)
-    if not m or o.recent_share is not None:
+    try:
+        named = parse_name(name, PolicyConfig(n_sink=n_sink))
+    except ValueError as exc:
+        raise SystemExit(f"{exc}; see --help") from None
+    if not named.has_budget or named.config.budget.fraction is None or named.recent_share is not None:
         raise SystemExit(f"unknown configuration {name!r}; see --help")
-    budget = Budget(fraction=float(m.group(2)) / 100)
-    config = PolicyConfig(m.group(1), budget, n_sink, None, o.block_size, o.score_norm)
-    return Spec(name, config, o.per_layer, o.per_head, o.score_reduce)
+    return Spec(name, named.config, named.per_layer, named.per_head)
 
 
 def prompts_from_essays(tokenizer, count: int, prompt_tokens: int) -> torch.Tensor:
@@ -78,7 +77,7 @@ def generate(model, spec: Spec, prompts: torch.Tensor, new_tokens: int) -> torch
     from h2o_vllm.hf import H2OCache
 
     cache = DynamicCache() if spec.policy_config is None else H2OCache.for_model(
-        model, spec.policy_config, per_layer=spec.per_layer, per_head=spec.per_head, score_reduce=spec.score_reduce)
+        model, spec.policy_config, per_layer=spec.per_layer, per_head=spec.per_head)
     with torch.no_grad():
         out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), past_key_values=cache,
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)

@@ -128,7 +128,7 @@ def sharegpt_path() -> str:
 
 
 def run_config(name: str, args, ideal_seqs: int | None) -> dict:
-    from h2o_vllm.testing import ServerProcess
+    from h2o_vllm.local_server import ServerProcess
 
     out_dir = args.out / "raw"
     out_dir.mkdir(parents=True, exist_ok=True)

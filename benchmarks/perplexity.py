@@ -10,7 +10,7 @@ Both corpora run as one batch of two rows, each row with its own decisions.
     python benchmarks/perplexity.py                      # the README table (about 1.5 h on 2 cores)
     python benchmarks/perplexity.py --configs h2o_20%_layer --corpora essays --max-tokens 1024
 
-Configuration names:
+Configuration names (the grammar of h2o_vllm.names; the perplexity spellings below are accepted):
     baseline                   full cache (transformers' own DynamicCache)
     streaming_S_W              S sink tokens + W recent tokens
     h2o_S_R_C                  S sinks + R recent + (C - S - R) heavy hitters, C tokens in all
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -60,63 +59,35 @@ class RunSpec:
     per_head: bool = False  # implies per_layer
     relative: bool = False  # budget is a share of the evaluated length: report at --max-tokens only
     label: str = ""  # budget as written in the table
-    score_reduce: str = "sum"
 
-
-@dataclass
-class Options:
-    """What a configuration name's suffixes ask for (see the module docstring)."""
-
-    per_layer: bool = False
-    per_head: bool = False  # implies per_layer
-    block_size: int = 1
-    score_norm: str = "sum"
-    recent_share: float | None = None
-    score_reduce: str = "sum"
-
-
-def split_options(name: str) -> tuple[str, Options]:
-    """``h2o_20%_mean_head`` -> (``h2o_20%``, the options of ``_mean`` and ``_head``)."""
-    rest, opts = name, Options()
-    while m := re.fullmatch(r"(.*)_(layer|head|mean|max|b\d+|r\d+)", rest):
-        rest, suffix = m.group(1), m.group(2)
-        if suffix == "layer":
-            opts.per_layer = True
-        elif suffix == "head":
-            opts.per_layer = opts.per_head = True
-        elif suffix == "max":
-            opts.score_reduce = "max"
-        elif suffix == "mean":
-            opts.score_norm = "mean"
-        elif suffix.startswith("r"):
-            opts.recent_share = int(suffix[1:]) / 100
-        else:
-            opts.block_size = int(suffix[1:])
-    return rest, opts
+    @property
+    def score_reduce(self) -> str:
+        return "sum" if self.policy_config is None else self.policy_config.score_reduce
 
 
 def parse_config(name: str, max_tokens: int) -> RunSpec:
+    """A configuration name (h2o_vllm.names, 8 sink tokens unless it says otherwise) as this benchmark runs it."""
+    from h2o_vllm.names import parse_name
     from h2o_vllm.policy import Budget, PolicyConfig
 
     if name == "baseline":
         return RunSpec(name, None, label="all")
-    rest, o = split_options(name)
-    if m := re.fullmatch(r"(h2o|streaming)_(\d+(?:\.\d+)?)%", rest):
-        policy, share = m.group(1), float(m.group(2)) / 100
-        budget = Budget(tokens=round(share * max_tokens))
-        n_recent = None if o.recent_share is None else round(o.recent_share * (budget.tokens - 8))
-        cfg = PolicyConfig(policy, budget, n_sink=8, n_recent=n_recent, block_size=o.block_size, score_norm=o.score_norm)
-        return RunSpec(name, cfg, o.per_layer, o.per_head, relative=True, label=f"{m.group(2)}% of N = {budget.tokens}",
-                       score_reduce=o.score_reduce)
-    elif m := re.fullmatch(r"streaming_(\d+)_(\d+)", rest):
-        sink, window = int(m.group(1)), int(m.group(2))
-        cfg = PolicyConfig("streaming", Budget(tokens=sink + window), sink, window, o.block_size)
-    elif m := re.fullmatch(r"h2o_(\d+)_(\d+)_(\d+)", rest):
-        sink, recent, capacity = (int(g) for g in m.groups())
-        cfg = PolicyConfig("h2o", Budget(tokens=capacity), sink, recent, o.block_size, o.score_norm)
-    else:
+    try:
+        named = parse_name(name, PolicyConfig(n_sink=8))
+    except ValueError as exc:
+        raise SystemExit(f"{exc}; see --help") from None
+    cfg = named.config
+    if named.is_full or not named.has_budget:
         raise SystemExit(f"unknown configuration {name!r}; see --help")
-    return RunSpec(name, cfg, o.per_layer, o.per_head, label=str(cfg.budget.tokens), score_reduce=o.score_reduce)
+    if cfg.budget.fraction is None:
+        return RunSpec(name, cfg, named.per_layer, named.per_head, label=str(cfg.budget.tokens))
+    # P% of N: a fixed share of the evaluated length for the whole run, as in the H2O paper.
+    tokens = round(cfg.budget.fraction * max_tokens)
+    if named.recent_share is not None:
+        cfg = cfg.replace(n_recent=round(named.recent_share * (tokens - cfg.n_sink)))
+    cfg = cfg.replace(budget=Budget(tokens=tokens))
+    return RunSpec(name, cfg, named.per_layer, named.per_head, relative=True,
+                   label=f"{named.config.budget.fraction * 100:g}% of N = {tokens}")
 
 
 def budget_tokens(spec: RunSpec, length: int) -> int:
@@ -159,8 +130,7 @@ def run_pass(model, specs: list[RunSpec], ids: torch.Tensor, log_every: int) -> 
         row_configs = [spec.policy_config for spec in specs for _ in range(corpora)]
         # Streaming rows decide without scores, so they follow a per-layer or per-head pass unchanged.
         cache = H2OCache.for_model(model, row_configs, per_layer=any(spec.per_layer for spec in specs),
-                                   per_head=any(spec.per_head for spec in specs),
-                                   score_reduce="max" if any(s.score_reduce == "max" for s in specs) else "sum")
+                                   per_head=any(spec.per_head for spec in specs))
     nll = torch.zeros(batch_ids.shape[0], n - 1, dtype=torch.float64)
     peak_tokens = torch.zeros(batch_ids.shape[0], dtype=torch.float64)
     start = time.perf_counter()
@@ -183,7 +153,7 @@ def time_alone(model, spec: RunSpec, ids: torch.Tensor) -> float:
     from h2o_vllm.hf import H2OCache
 
     cache = DynamicCache() if spec.policy_config is None else H2OCache.for_model(
-        model, spec.policy_config, per_layer=spec.per_layer, per_head=spec.per_head, score_reduce=spec.score_reduce)
+        model, spec.policy_config, per_layer=spec.per_layer, per_head=spec.per_head)
     start = time.perf_counter()
     with torch.no_grad():
         for t in range(ids.shape[1]):

@@ -1,33 +1,31 @@
-"""Served-model-name aliases that select a policy and budget, for clients that cannot send ``vllm_xargs``.
+"""Served-model-name aliases that select a configuration, for clients that cannot send ``vllm_xargs``.
 
-``smollm2-135m@h2o-0.2`` is the model ``smollm2-135m`` with ``{"h2o_policy": "h2o",
-"h2o_budget": 0.2}``; ``smollm2-135m@streaming-256`` keeps 256 tokens with
-StreamingLLM; ``smollm2-135m@full`` is the full cache (policy ``none``). Explicit
-``vllm_xargs`` in the request win over what the alias says.
+The part after ``@`` is a configuration name (:mod:`h2o_vllm.names`):
+``smollm2-135m@h2o_20%_window8_max`` is the model ``smollm2-135m`` with those
+``h2o_*`` settings; the short older spelling ``smollm2-135m@h2o-0.2`` (what the
+server lists by default) and ``smollm2-135m@full`` (policy ``none``) work too.
+Explicit ``vllm_xargs`` in the request win over what the alias says.
 """
 
 from __future__ import annotations
 
-from h2o_vllm.engine.settings import H2OSettingError, H2OSettings
+from h2o_vllm import names, settings
+from h2o_vllm.engine.settings import ENGINE_DEFAULTS
+from h2o_vllm.settings import H2OSettingError
 
 SEPARATOR = "@"
 DEFAULT_ALIASES = ("h2o-0.1", "h2o-0.2", "h2o-0.5", "streaming-0.1", "streaming-0.2", "streaming-0.5", "full")
 
 
 def alias_settings(suffix: str) -> dict:
-    """``"h2o-0.2"`` -> ``{"h2o_policy": "h2o", "h2o_budget": "0.2"}``, validated."""
-    if suffix in ("full", "none"):
-        values = {"h2o_policy": "none"}
-    else:
-        policy, dash, budget = suffix.partition("-")
-        if not dash or not budget:
-            raise H2OSettingError("model", f"alias {suffix!r} must look like POLICY-BUDGET (h2o-0.2, streaming-256) or full")
-        values = {"h2o_policy": policy, "h2o_budget": budget}
+    """``"h2o-0.2"`` -> ``{"h2o_policy": "h2o", "h2o_budget": 0.2}``: the fields the name sets, validated."""
     try:
-        H2OSettings().for_request(values)
-    except H2OSettingError as exc:
+        named = names.parse_name(suffix, ENGINE_DEFAULTS)
+    except ValueError as exc:
         raise H2OSettingError("model", f"alias {suffix!r}: {exc}") from None
-    return values
+    if named.per_layer or named.recent_share is not None or "block_size" in named.named:
+        raise H2OSettingError("model", f"alias {suffix!r}: the engine has no per-layer, recent-share or block-size option")
+    return settings.to_request_args(named.config, named.named)
 
 
 def split_alias(model_name: str | None) -> tuple[str | None, dict]:

@@ -19,7 +19,6 @@ class BlockLedger:
         self.scores = np.zeros(0)
         self.visibility = np.zeros(0)
         self.resident = np.zeros(0, dtype=bool)
-        self.num_evicted = 0
 
     @property
     def num_blocks(self) -> int:
@@ -58,5 +57,4 @@ class BlockLedger:
         blocks = policy.select(self.view())
         if blocks:
             self.resident[blocks] = False
-            self.num_evicted += len(blocks)
         return blocks

@@ -9,47 +9,18 @@ ran; the tests use it to prove the plugin reaches every process that needs it.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import multiprocessing
 import os
 import sys
 
-TRACE_ENV = "H2O_VLLM_PLUGIN_TRACE"
+from h2o_vllm.patches.process_role import caller_role
 
-# Which vLLM module called load_general_plugins() says which process we are in.
-_CALLER_ROLES = {
-    "vllm.v1.engine.core": "engine_core",
-    "vllm.v1.worker.worker_base": "worker",
-    "vllm.engine.arg_utils": "frontend",
-    "vllm.model_executor.models.registry": "model_registry",
-}
+TRACE_ENV = "H2O_VLLM_PLUGIN_TRACE"
 
 _registered_in_pid: int | None = None
 logger = logging.getLogger("vllm.h2o_vllm")  # under "vllm" so vLLM's log handler prints it
-
-
-def _frame_module(frame) -> str:
-    """Dotted module name of a frame, also for vLLM files run as ``__main__`` subprocesses."""
-    module = frame.f_globals.get("__name__", "")
-    if module == "__main__":
-        path = frame.f_code.co_filename.replace(os.sep, "/")
-        if "/vllm/" in path:
-            module = "vllm." + path.rsplit("/vllm/", 1)[1].removesuffix(".py").replace("/", ".")
-    return module
-
-
-def _caller_role() -> tuple[str, str]:
-    """(role, module) of the vLLM code that asked for the plugins."""
-    for frame_info in inspect.stack()[2:]:
-        module = _frame_module(frame_info.frame)
-        if module.startswith(("vllm.plugins", "importlib")):
-            continue
-        if module.startswith("vllm"):
-            return _CALLER_ROLES.get(module, "other"), module
-        return "direct", module
-    return "direct", ""
 
 
 def _write_trace(path: str, role: str, module: str) -> None:
@@ -75,7 +46,7 @@ def register() -> None:
     if _registered_in_pid == os.getpid():
         return
     _registered_in_pid = os.getpid()
-    role, module = _caller_role()
+    role, module = caller_role()
     trace = os.environ.get(TRACE_ENV)
     if trace:
         _write_trace(trace, role, module)

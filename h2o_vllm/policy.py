@@ -25,7 +25,9 @@ index) is evicted first, so a policy's choice depends on the scores only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -33,9 +35,20 @@ from typing import ClassVar
 import numpy as np
 
 
+# How a block's accumulated score is normalised before ranking: "sum" (the paper) or "mean":
+# divided by how many queries could see it (as kvpress and OpenVINO do), so age is no advantage.
+SCORE_NORMS = ("sum", "mean")
 # How engines combine heads and layers into one block score (the policy only sees the result):
 # "sum" as in the paper, or "max": each query's largest mass from one head of one layer.
 SCORE_REDUCE = ("sum", "max")
+
+
+class PolicyConfigError(ValueError):
+    """A configuration value that is out of range; ``field`` names the :class:`PolicyConfig` attribute."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -90,29 +103,57 @@ class Budget:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Everything that decides evictions, shared by every engine."""
+    """Everything that decides one sequence's evictions, in every engine: the one configuration type.
+
+    The engine's server defaults, a request's ``h2o_*`` overrides, the transformers
+    cache, the evaluation and the benchmarks all build one of these
+    (:mod:`h2o_vllm.settings` parses its HTTP, CLI and environment forms,
+    :mod:`h2o_vllm.names` its names). Values are checked here and nowhere else.
+    """
 
     policy: str = "h2o"
     budget: Budget = Budget(fraction=0.2)
     n_sink: int = 4  # tokens
     n_recent: int | None = None  # tokens; None = half of what the budget leaves after the sinks
-    block_size: int = 1
-    # "sum": accumulated attention (the paper). "mean": divided by how many queries could
-    # see each token (as kvpress and OpenVINO do), so old tokens are not favoured for age.
-    score_norm: str = "sum"
+    block_size: int = 1  # tokens per eviction unit: 1 = token-level (the paper), 32 = the vLLM engine's block
+    score_norm: str = "sum"  # one of SCORE_NORMS
+    prompt_window: int | None = None  # None: every prompt query row scores (the paper); W: only the last W
+    score_reduce: str = "sum"  # one of SCORE_REDUCE
 
     def __post_init__(self):
         if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}")
-        if self.block_size < 1 or self.n_sink < 0 or (self.n_recent is not None and self.n_recent < 0):
-            raise ValueError("block_size must be >= 1, n_sink and n_recent >= 0")
-        if self.score_norm not in ("sum", "mean"):
-            raise ValueError(f"score_norm must be 'sum' or 'mean', got {self.score_norm!r}")
+            raise PolicyConfigError("policy", f"unknown policy {self.policy!r}; choose one of {', '.join(sorted(POLICIES))}")
+        if not isinstance(self.budget, Budget):
+            raise PolicyConfigError("budget", f"budget must be a Budget, got {self.budget!r}")
+        for name, value, minimum in (("n_sink", self.n_sink, 0), ("n_recent", self.n_recent, 0),
+                                     ("block_size", self.block_size, 1), ("prompt_window", self.prompt_window, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum):
+                raise PolicyConfigError(name, f"must be an integer >= {minimum}, got {value!r}")
+        if self.score_norm not in SCORE_NORMS:
+            raise PolicyConfigError("score_norm", f"must be 'sum' or 'mean', got {self.score_norm!r}")
+        if self.score_reduce not in SCORE_REDUCE:
+            choices = ", ".join(repr(r) for r in SCORE_REDUCE)
+            raise PolicyConfigError("score_reduce", f"must be one of {choices}, got {self.score_reduce!r}")
+
+    def replace(self, **changes) -> "PolicyConfig":
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether this policy ranks blocks by attention scores (engines skip scoring otherwise)."""
+        return POLICIES[self.policy].needs_scores
 
     def recent_tokens(self, num_tokens: int) -> int:
         if self.n_recent is not None:
             return self.n_recent
         return max(0, self.budget.tokens_for(num_tokens) - self.n_sink) // 2
+
+    def first_scored_prompt_row(self, num_prompt_tokens: int) -> int:
+        """The first prompt position whose attention is scored: 0, or the start of the observation window."""
+        if self.prompt_window is None:
+            return 0
+        return max(0, num_prompt_tokens - self.prompt_window)
 
 
 @dataclass
@@ -152,6 +193,7 @@ class EvictionPolicy(ABC):
     """One eviction rule. Subclasses only say in which order candidates go."""
 
     name: ClassVar[str]
+    needs_scores: ClassVar[bool] = False  # ranks by attention scores: engines compute them only then
 
     def __init__(self, config: PolicyConfig):
         self.config = config
@@ -200,6 +242,7 @@ class H2O(EvictionPolicy):
     """Sinks + recent window + heavy hitters: the lowest accumulated score goes first."""
 
     name = "h2o"
+    needs_scores = True
 
     def block_scores(self, view: SequenceView) -> np.ndarray:
         if self.config.score_norm == "mean":

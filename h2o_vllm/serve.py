@@ -15,15 +15,11 @@ user left out:
   server-wide defaults below, unless ``--no-h2o``;
 - model-name aliases that select a policy and budget (``smollm2-135m@h2o-0.2``).
 
-H2O options (each also read from an environment variable, for containers):
+H2O options: one ``--h2o-NAME`` per field of :data:`h2o_vllm.settings.FIELDS`
+(policy, budget, sink, recent, prompt-window, score-norm, score-reduce), each also
+read from ``H2O_VLLM_NAME`` (for containers); the server's budget defaults to
+1024 tokens. Besides them:
 
-    --h2o-policy {h2o,streaming,none}  H2O_VLLM_POLICY         default h2o
-    --h2o-budget B                     H2O_VLLM_BUDGET         tokens (1024) or a fraction (0.2, 20%); default 1024
-    --h2o-sink N                       H2O_VLLM_SINK           default 32
-    --h2o-recent N                     H2O_VLLM_RECENT         default: half of what the budget leaves
-    --h2o-prompt-window W              H2O_VLLM_PROMPT_WINDOW  score the prompt with its last W queries; default all
-    --h2o-score-norm {sum,mean}        H2O_VLLM_SCORE_NORM     default sum
-    --h2o-score-reduce {sum,max}       H2O_VLLM_SCORE_REDUCE   default sum
     --h2o-aliases A,B,...              H2O_VLLM_ALIASES        default h2o-0.1,...,streaming-0.5,full; "" for none
     --no-h2o                           H2O_VLLM_DISABLE=1      serve vanilla vLLM
 """
@@ -75,16 +71,6 @@ def split_model(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
-# --h2o-* option -> (settings key, environment variable)
-H2O_OPTIONS = {
-    "--h2o-policy": ("policy", "H2O_VLLM_POLICY"),
-    "--h2o-budget": ("budget", "H2O_VLLM_BUDGET"),
-    "--h2o-sink": ("sink", "H2O_VLLM_SINK"),
-    "--h2o-recent": ("recent", "H2O_VLLM_RECENT"),
-    "--h2o-prompt-window": ("prompt_window", "H2O_VLLM_PROMPT_WINDOW"),
-    "--h2o-score-norm": ("score_norm", "H2O_VLLM_SCORE_NORM"),
-    "--h2o-score-reduce": ("score_reduce", "H2O_VLLM_SCORE_REDUCE"),
-}
 ALIASES_OPTION, ALIASES_ENV = "--h2o-aliases", "H2O_VLLM_ALIASES"
 DISABLE_OPTION, DISABLE_ENV = "--no-h2o", "H2O_VLLM_DISABLE"
 # A server default that never touches short requests: long ones keep 1024 tokens of KV.
@@ -118,19 +104,20 @@ def h2o_engine_args(rest: list[str], served_names: list[str], env=os.environ) ->
     """Take the --h2o-* options out of ``rest``: (vLLM flags that start the H2O engine, alias names)."""
     import json
 
-    from h2o_vllm import aliases
-    from h2o_vllm.engine.settings import ENGINE_BLOCK_SIZE, H2OSettingError, H2OSettings, engine_kwargs
+    from h2o_vllm import aliases, settings
+    from h2o_vllm.engine.settings import ENGINE_BLOCK_SIZE, ENGINE_DEFAULTS, engine_kwargs
+
     values = {}
-    for flag, (key, var) in H2O_OPTIONS.items():
-        value = take_option(rest, flag)
+    for field in settings.FIELDS:
+        value = take_option(rest, field.flag)
         if value is None:
-            value = env.get(var)
+            value = env.get(field.env)
         if value is not None and value != "":
-            values[key] = value
+            values[field.name] = value
     values.setdefault("budget", DEFAULT_SERVER_BUDGET)
     try:
-        settings = H2OSettings().with_values(values)
-    except H2OSettingError as exc:
+        config = settings.apply(ENGINE_DEFAULTS, values)
+    except settings.H2OSettingError as exc:
         raise ServeArgumentError(f"--h2o-{exc.param.replace('_', '-')}: {exc}") from None
     alias_value = take_option(rest, ALIASES_OPTION)
     if alias_value is None:
@@ -138,7 +125,7 @@ def h2o_engine_args(rest: list[str], served_names: list[str], env=os.environ) ->
     suffixes = aliases.DEFAULT_ALIASES if alias_value is None else [a for a in alias_value.split(",") if a.strip()]
     try:
         alias_list = aliases.alias_names(served_names[0], [a.strip() for a in suffixes]) if served_names else []
-    except H2OSettingError as exc:
+    except settings.H2OSettingError as exc:
         raise ServeArgumentError(f"{ALIASES_OPTION}: {exc}") from None
 
     block_size = take_option(rest, "--block-size")
@@ -148,7 +135,7 @@ def h2o_engine_args(rest: list[str], served_names: list[str], env=os.environ) ->
         raise ServeArgumentError("H2O cannot run with prefix caching (see the README); or serve with --no-h2o")
     take_option(rest, "--no-enable-prefix-caching", takes_value=False)
     user_additional = take_option(rest, "--additional-config")
-    kwargs = engine_kwargs(settings, additional_config=json.loads(user_additional) if user_additional else None)
+    kwargs = engine_kwargs(config, additional_config=json.loads(user_additional) if user_additional else None)
     flags = [
         "--scheduler-cls", kwargs["scheduler_cls"],
         "--worker-cls", kwargs["worker_cls"],

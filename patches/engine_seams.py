@@ -1,8 +1,100 @@
-"""Every place where h2o-vllm's engine reaches into vLLM 0.32 internals.
+"""Every place where h2o-vllm reaches into vLLM 0.32 internals.
 
-Read from the vLLM 0.32.0 source (see docs/paged-h2o-plan.md for line
-references). An upgrade re-checks this file and nothing else: the scheduler,
-worker and attention code call only these functions.
+Read from the vLLM 0.32.0 source. ``vllm/...`` paths are files of the installed
+package (``python -c "import vllm; print(vllm.__file__)"``); a bare file name is in
+the folder last named. The subclasses in ``h2o_vllm/engine/`` only override the
+methods listed here and call the functions in this file for everything else;
+``patches/request_*.py`` and ``patches/cli_version.py`` hold the rest. An upgrade
+re-checks this list against the new source and nothing else, then adds the release
+to ``versions.SUPPORTED_VLLM``.
+
+Scheduler side: ``H2OScheduler(Scheduler)`` in h2o_vllm/engine/scheduler.py
+  overrides   vllm/v1/core/sched/scheduler.py: ``Scheduler.__init__``, ``schedule``,
+              ``update_from_output``, ``finish_requests``, ``add_request`` (public) and
+              ``Scheduler._free_request_blocks`` (private: where finishing and
+              preemption both give a request's blocks back)
+  reads       ``Scheduler.running``, ``.requests``, ``.block_size`` (scheduler.py);
+              ``SchedulerOutput.num_scheduled_tokens`` (vllm/v1/core/sched/output.py);
+              ``Request.request_id``, ``num_computed_tokens``, ``num_tokens``,
+              ``num_prompt_tokens``, ``max_tokens``, ``sampling_params``,
+              ``is_finished()`` (vllm/v1/request.py)
+  check_single_full_attention_group
+              ``KVCacheConfig.kv_cache_groups[i].kv_cache_spec``, ``FullAttentionSpec``
+              (vllm/v1/kv_cache_interface.py)
+  request_blocks, free_as_holes, count_holes
+              ``Scheduler.kv_cache_manager`` (scheduler.py) -> ``KVCacheManager.coordinator``
+              (vllm/v1/core/kv_cache_manager.py) -> ``KVCacheCoordinator.single_type_managers[0]``
+              (vllm/v1/core/kv_cache_coordinator.py) -> ``SingleTypeKVCacheManager.req_to_blocks``,
+              ``._null_block``, ``.block_pool`` (vllm/v1/core/single_type_kv_cache_manager.py);
+              ``BlockPool.free_blocks`` (vllm/v1/core/block_pool.py); ``KVCacheBlock.ref_cnt``,
+              ``.is_null`` (vllm/v1/core/kv_cache_utils.py)
+  num_free_blocks, num_total_blocks
+              ``KVCacheManager.block_pool``; ``BlockPool.get_num_free_blocks()``,
+              ``.num_gpu_blocks``, ``.null_block`` (the pool's first block, never a request's)
+  inprocess_scheduler, shutdown_llm (tests and benchmarks, h2o_vllm/engine/observe.py)
+              ``LLM.llm_engine`` (vllm/entrypoints/llm.py) -> ``LLMEngine.engine_core``
+              (vllm/v1/engine/llm_engine.py) -> ``InprocClient.engine_core``, ``.shutdown()``
+              (vllm/v1/engine/core_client.py) -> ``EngineCore.scheduler`` (vllm/v1/engine/core.py)
+
+Worker side: ``H2OCPUWorker(CPUWorker)`` and ``H2OCPUModelRunner(CPUModelRunner)`` in
+h2o_vllm/engine/worker.py
+  overrides   vllm/v1/worker/cpu_worker.py: ``CPUWorker.__init__``, ``init_device``;
+              vllm/v1/worker/gpu_model_runner.py (inherited by ``CPUModelRunner``,
+              vllm/v1/worker/cpu_model_runner.py): ``GPUModelRunner._update_states``
+              (private: where the runner applies a ``SchedulerOutput`` to its batch) and
+              ``sample_tokens`` (public)
+  reads       ``SchedulerOutput.finished_req_ids``, ``preempted_req_ids``,
+              ``scheduled_cached_reqs.resumed_req_ids`` (vllm/v1/core/sched/output.py);
+              ``ModelRunnerOutput``, ``EMPTY_MODEL_RUNNER_OUTPUT`` (vllm/v1/outputs.py)
+  adopt_model_runner_class
+              ``CPUWorker.init_device`` builds ``self.model_runner = CPUModelRunner(...)``
+              (cpu_worker.py); we switch that object's class to our subclass
+  punch_worker_holes
+              ``runner.requests[req_id].block_ids`` (``CachedRequestState``,
+              vllm/v1/worker/gpu_input_batch.py), ``runner.input_batch.req_id_to_index``
+              (``InputBatch``, gpu_input_batch.py), ``input_batch.block_table[0].block_table.np``
+              (``MultiGroupBlockTable.__getitem__`` -> ``BlockTable.block_table``, a
+              ``CpuGpuBuffer``; vllm/v1/worker/block_table.py)
+  batch_req_ids
+              ``InputBatch.req_ids`` (gpu_input_batch.py)
+  attention_metadata_builders
+              ``GPUModelRunner.attn_groups`` (gpu_model_runner.py) -> ``AttentionGroup.metadata_builders``
+              (vllm/v1/worker/utils.py)
+  NULL_BLOCK_ID
+              ``BlockPool.null_block`` is block 0 (vllm/v1/core/block_pool.py)
+
+Attention side: the H2O builder, impl and backend in h2o_vllm/engine/attention.py
+  overrides   vllm/v1/attention/backends/cpu_attn.py: ``CPUAttentionMetadataBuilder.build``,
+              ``CPUAttentionBackendImpl.forward``, ``CPUAttentionBackend.get_impl_cls`` and
+              ``get_builder_cls``
+  reads       ``CommonAttentionMetadata.num_reqs``, ``seq_lens``, ``block_table_tensor``,
+              ``query_start_loc_cpu`` and ``.replace(block_table_tensor=, seq_lens=,
+              max_seq_len=, seq_lens_cpu_upper_bound=)`` (vllm/v1/attention/backend.py)
+  registers   ``register_backend(AttentionBackendEnum.CPU_ATTN, ...)``
+              (vllm/v1/attention/backends/registry.py)
+  attention_builder_key_layout, attention_builder_block_size
+              ``CPUAttentionMetadataBuilder.isa``, ``.dtype``, ``.head_dim``,
+              ``.kv_cache_spec.block_size`` (set in its ``__init__``, cpu_attn.py)
+  attention_impl_scale
+              ``CPUAttentionBackendImpl.scale`` (cpu_attn.py)
+  key_pages   the CPU KV cache layout ``[num_blocks, kv_heads, block_size, 2 * head_size]``
+              split into K and V in ``CPUAttentionBackendImpl.forward`` (cpu_attn.py)
+  detect_key_layout
+              ``ops.cpu_attn_reshape_and_cache`` (vllm/_custom_ops.py)
+
+Request side (API server and ``vllm.LLM`` processes)
+  patches/request_validation.py wraps ``InputProcessor._validate_params`` (private;
+              vllm/v1/engine/input_processor.py) and raises ``VLLMValidationError``
+              (vllm/exceptions.py)
+  patches/request_aliases.py wraps ``CompletionRequest.to_sampling_params``
+              (vllm/entrypoints/openai/completion/protocol.py) and
+              ``ChatCompletionRequest.to_sampling_params``
+              (vllm/entrypoints/openai/chat_completion/protocol.py)
+  patches/process_role.py tells h2o_vllm/plugin.py which process it runs in from the vLLM
+              module that called ``load_general_plugins()`` (vllm/plugins/__init__.py)
+  patches/cli_version.py patches ``importlib.metadata.version("vllm")``, asked by
+              vllm/entrypoints/cli/main.py and ``vllm_version_matches_substr``
+              (vllm/platforms/__init__.py)
 """
 
 from __future__ import annotations
@@ -66,9 +158,48 @@ def num_total_blocks(scheduler) -> int:
     return scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1  # minus the null block
 
 
+def inprocess_scheduler(llm):
+    """The scheduler of a ``vllm.LLM`` whose engine core runs in this process.
+
+    Only with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: otherwise the engine core (and
+    its scheduler) lives in a child process and cannot be read from here.
+    """
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # InprocClient -> EngineCore
+    if core is None:
+        raise RuntimeError(
+            "the engine core runs in another process; start vllm.LLM with VLLM_ENABLE_V1_MULTIPROCESSING=0"
+        )
+    return core.scheduler
+
+
+def shutdown_llm(llm) -> None:
+    """Stop a ``vllm.LLM``'s engine core (and its workers) now, rather than when it is collected."""
+    llm.llm_engine.engine_core.shutdown()
+
+
 # -- worker side -------------------------------------------------------------------
 
 NULL_BLOCK_ID = 0  # BlockPool hands the first block out as the null block, never to a request
+
+
+def adopt_model_runner_class(worker, runner_cls: type) -> None:
+    """Turn the worker's freshly built ``CPUModelRunner`` into a ``runner_cls``, in place.
+
+    Call right after ``CPUWorker.init_device``. ``runner_cls`` must subclass
+    ``CPUModelRunner`` without an ``__init__`` of its own (none would run).
+    """
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    if not issubclass(runner_cls, CPUModelRunner) or runner_cls.__init__ is not CPUModelRunner.__init__:
+        raise TypeError(f"{runner_cls.__name__} must subclass CPUModelRunner and add no __init__")
+    if type(worker.model_runner) is not CPUModelRunner:
+        raise RuntimeError(
+            f"H2O needs vLLM's V1 CPU model runner, got {type(worker.model_runner).__name__} "
+            "(unset VLLM_USE_V2_MODEL_RUNNER)"
+        )
+    # The runner was just constructed and holds no state our subclass lacks:
+    # switching its class adds our overrides without copying vLLM's init_device.
+    worker.model_runner.__class__ = runner_cls
 
 
 def punch_worker_holes(runner, req_id: str, logical_blocks: list[int]) -> None:
@@ -89,9 +220,34 @@ def punch_worker_holes(runner, req_id: str, logical_blocks: list[int]) -> None:
             table[row, i] = NULL_BLOCK_ID
 
 
+def attention_metadata_builders(runner) -> list:
+    """Every attention metadata builder of the runner (per attention group, per micro-batch).
+
+    Empty until vLLM has set up the KV cache (``initialize_metadata_builders``).
+    """
+    return [b for groups in runner.attn_groups for group in groups for b in group.metadata_builders]
+
+
 def batch_req_ids(runner, num_reqs: int | None = None) -> list[str]:
     ids = runner.input_batch.req_ids
     return list(ids if num_reqs is None else ids[:num_reqs])
+
+
+# -- attention side ----------------------------------------------------------------
+
+def attention_builder_block_size(builder) -> int:
+    """Tokens per KV block of a ``CPUAttentionMetadataBuilder``."""
+    return builder.kv_cache_spec.block_size
+
+
+def attention_builder_key_layout(builder) -> str:
+    """How the builder's kernel lays a key page out ('dt' or 'td'; see ``detect_key_layout``)."""
+    return detect_key_layout(builder.isa, builder.dtype, builder.head_dim, attention_builder_block_size(builder))
+
+
+def attention_impl_scale(impl) -> float:
+    """The softmax scale a ``CPUAttentionBackendImpl`` attends with."""
+    return impl.scale
 
 
 def key_pages(kv_cache):

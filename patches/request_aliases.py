@@ -27,7 +27,7 @@ def _wrap(cls) -> None:
         from vllm.exceptions import VLLMValidationError
 
         from h2o_vllm.aliases import split_alias
-        from h2o_vllm.engine.settings import H2OSettingError
+        from h2o_vllm.settings import H2OSettingError
 
         try:
             _, alias_args = split_alias(getattr(self, "model", None))

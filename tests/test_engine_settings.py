@@ -1,28 +1,30 @@
-"""H2O engine settings: defaults, per-request overrides, validation. No engine."""
+"""H2O engine settings: defaults, per-request overrides, validation (h2o_vllm.settings). No engine."""
 
 import math
 
 import pytest
 
-from h2o_vllm.engine.settings import H2OSettingError, H2OSettings, engine_kwargs
+from h2o_vllm import settings
+from h2o_vllm.engine.settings import engine_config, engine_kwargs, server_defaults
 from h2o_vllm.policy import Budget
+from h2o_vllm.settings import H2OSettingError, for_request
 
 
 def test_defaults_round_trip_through_additional_config():
-    settings = H2OSettings(policy="streaming", budget=Budget(tokens=512), n_sink=64, n_recent=128, prompt_window=32,
+    config = engine_config(policy="streaming", budget=Budget(tokens=512), n_sink=64, n_recent=128, prompt_window=32,
                            score_reduce="max")
-    again = H2OSettings.from_additional_config({"h2o": settings.to_config()})
-    assert again == settings
+    again = server_defaults({"h2o": settings.to_dict(config)})
+    assert again == config
 
 
 def test_request_overrides_only_what_it_names():
-    defaults = H2OSettings(budget=Budget(fraction=0.2), n_sink=32)
-    req = defaults.for_request({"h2o_budget": "50%", "h2o_prompt_window": 64, "other_plugin_key": 1})
+    defaults = engine_config(budget=Budget(fraction=0.2), n_sink=32)
+    req = for_request(defaults, {"h2o_budget": "50%", "h2o_prompt_window": 64, "other_plugin_key": 1})
     assert req.budget == Budget(fraction=0.5) and req.prompt_window == 64
     assert req.n_sink == 32 and req.policy == "h2o"
-    assert defaults.for_request(None) is defaults
-    assert defaults.for_request({"h2o_prompt_window": 0}).prompt_window is None
-    assert defaults.for_request({"h2o_score_reduce": "max"}).score_reduce == "max"
+    assert for_request(defaults, None) is defaults
+    assert for_request(defaults, {"h2o_prompt_window": 0}).prompt_window is None
+    assert for_request(defaults, {"h2o_score_reduce": "max"}).score_reduce == "max"
 
 
 @pytest.mark.parametrize(
@@ -43,15 +45,15 @@ def test_request_overrides_only_what_it_names():
 )
 def test_bad_values_name_the_field(extra, param):
     with pytest.raises(H2OSettingError) as info:
-        H2OSettings().for_request(extra)
+        for_request(engine_config(), extra)
     assert info.value.param == param
 
 
 def test_engine_kwargs_force_what_fights_eviction():
-    kwargs = engine_kwargs(H2OSettings(budget=Budget(tokens=256)), additional_config={"x": 1}, max_num_seqs=8)
+    kwargs = engine_kwargs(engine_config(budget=Budget(tokens=256)), additional_config={"x": 1}, max_num_seqs=8)
     assert kwargs["block_size"] == 32 and kwargs["enable_prefix_caching"] is False
     assert kwargs["scheduler_cls"].endswith("H2OScheduler") and kwargs["worker_cls"].endswith("H2OCPUWorker")
-    assert kwargs["additional_config"] == {"x": 1, "h2o": H2OSettings(budget=Budget(tokens=256)).to_config()}
+    assert kwargs["additional_config"] == {"x": 1, "h2o": settings.to_dict(engine_config(budget=Budget(tokens=256)))}
     assert kwargs["max_num_seqs"] == 8
 
 

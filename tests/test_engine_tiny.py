@@ -9,6 +9,7 @@ import os
 import pytest
 
 from h2o_vllm import plugin
+from h2o_vllm.patches import engine_seams
 
 PROMPTS = ["Hello there, how are", "The quick brown fox jumps over the lazy dog and then"]
 NEW_TOKENS = 8
@@ -35,7 +36,7 @@ def engine_run(tiny_model_dir, tmp_path_factory):
             "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
             "trace": [json.loads(line) for line in trace.read_text().splitlines()],
         }
-        llm.llm_engine.engine_core.shutdown()
+        engine_seams.shutdown_llm(llm)
         del llm
         return result
     finally:

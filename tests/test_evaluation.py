@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from h2o_vllm.engine.settings import H2OSettings
+from h2o_vllm.engine.settings import ENGINE_DEFAULTS
+from h2o_vllm.settings import for_request
 from h2o_vllm.evaluation import metrics, report, scenarios
 from h2o_vllm.evaluation.client import Answer, request_body, server_root
 from h2o_vllm.evaluation.configs import EvalConfig, EvalConfigError, eval_configs
@@ -86,8 +87,8 @@ def test_fidelity_and_summary_items(tokenizer, corpus):
 def test_configs_select_policy_per_request():
     configs = eval_configs(["streaming", "h2o", "h2o-window", "h2o-window-max", "h2o-mean"], [0.1, 0.2], window=16)
     assert [c.name for c in configs] == ["full", "streaming_10%", "streaming_20%", "h2o_10%", "h2o_20%",
-                                         "h2o-window_10%", "h2o-window_20%", "h2o-window-max_10%", "h2o-window-max_20%",
-                                         "h2o-mean_10%", "h2o-mean_20%"]
+                                         "h2o_10%_window16", "h2o_20%_window16", "h2o_10%_window16_max",
+                                         "h2o_20%_window16_max", "h2o_10%_mean", "h2o_20%_mean"]
     assert configs[0].xargs() == {"h2o_policy": "none"}
     assert configs[1].xargs() == {"h2o_policy": "streaming", "h2o_budget": 0.1}
     h2o = {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_score_norm": "sum"}
@@ -96,7 +97,7 @@ def test_configs_select_policy_per_request():
     assert configs[8].xargs() == {**h2o, "h2o_prompt_window": 16, "h2o_score_reduce": "max"}
     assert configs[10].xargs() == {**h2o, "h2o_prompt_window": 0, "h2o_score_reduce": "sum", "h2o_score_norm": "mean"}
     for c in configs[3:]:  # the server accepts every field the configurations send
-        H2OSettings().for_request(c.xargs())
+        for_request(ENGINE_DEFAULTS, c.xargs())
     with pytest.raises(EvalConfigError, match="no model-name alias"):
         configs[8].alias("m")
     with pytest.raises(EvalConfigError, match="no model-name alias"):
@@ -106,9 +107,9 @@ def test_configs_select_policy_per_request():
     assert configs[2].request_fields("m", "xargs") == ("m", {"vllm_xargs": {"h2o_policy": "streaming", "h2o_budget": 0.2}})
     with pytest.raises(EvalConfigError, match="alias"):
         configs[6].alias("m")
-    for bad in [dict(policy="lru", budget=0.2), dict(policy="h2o", budget=1.5), dict(policy="h2o", budget=None)]:
+    for bad in [dict(family="lru", budget=0.2), dict(family="h2o", budget=1.5), dict(family="h2o", budget=None)]:
         with pytest.raises(EvalConfigError):
-            EvalConfig(**bad)
+            EvalConfig.of(**bad)
 
 
 def test_server_root_accepts_the_openai_base_url_too():

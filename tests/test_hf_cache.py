@@ -108,8 +108,8 @@ def _assert_matches_a_plain_cache_cut_by_hand(model, cache, ids, tolerance):
 def _kept_per_head(cache, layer_idx: int, row: int) -> list[list[int]]:
     """Logical positions each KV head of batch row ``row`` keeps (one list without per_head)."""
     layer = cache.layers[layer_idx]
-    return [sorted(p for p in layer.positions[row * cache.heads_apart + h].tolist() if p >= 0)
-            for h in range(cache.heads_apart)]
+    return [sorted(p for p in layer.positions[row * cache.rows_per_sequence + h].tolist() if p >= 0)
+            for h in range(cache.rows_per_sequence)]
 
 
 def test_cache_matches_a_plain_cache_with_the_same_slots_removed(tiny_model_dir):
@@ -156,7 +156,7 @@ def test_prompt_is_compressed_right_after_prefill_and_scoring_is_chunked(tiny_mo
     model = _load(tiny_model_dir, "sdpa")
     cfg = PolicyConfig("h2o", Budget(fraction=0.25), n_sink=4, n_recent=8, block_size=4)
     full = H2OCache.for_model(model, cfg, score_chunk=16)
-    windowed = H2OCache.for_model(model, cfg, prompt_window=8, score_chunk=16)
+    windowed = H2OCache.for_model(model, cfg.replace(prompt_window=8), score_chunk=16)
     ids = torch.randint(0, 1000, (1, 200), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         model(input_ids=ids, past_key_values=full, use_cache=True)

@@ -1,10 +1,14 @@
 """The version-pinned seams refuse unknown vLLM releases and fix what they claim to fix."""
 
+import importlib
 import importlib.metadata
+import re
+import types
+from pathlib import Path
 
 import pytest
 
-from h2o_vllm.patches import cli_version, versions
+from h2o_vllm.patches import cli_version, engine_seams, versions
 
 
 def test_installed_vllm_is_a_supported_release():
@@ -32,3 +36,107 @@ def test_vllm_cli_sees_a_version_and_the_cpu_platform(monkeypatch):
     assert importlib.metadata.version("torch") == importlib.metadata.version("torch")  # others untouched
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         importlib.metadata.version("surely-not-installed-h2o")
+
+
+# -- engine seams: the engine reaches vLLM internals only through patches/engine_seams.py --
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Attribute paths into vLLM's internals that only patches/ may spell out.
+INTERNAL_NAMES = [
+    "kv_cache_manager", "req_to_blocks", "single_type_managers", "block_pool", "_null_block", "coordinator",
+    "input_batch", "engine_core.engine_core", "llm_engine.engine_core", "attn_groups", "metadata_builders",
+    "kv_cache_spec", ".isa", ".head_dim", ".scale", "__class__",
+]
+SEAM_USERS = [
+    *(ROOT / "h2o_vllm" / "engine" / f"{n}.py" for n in ("observe", "scheduler", "worker", "attention", "scoring")),
+    *sorted((ROOT / "benchmarks").glob("*.py")),
+]
+
+
+def test_engine_and_benchmarks_reach_vllm_internals_only_through_the_seams():
+    # A name starting with a word character matches as a whole identifier (not inside a seam's own name).
+    pattern = re.compile("|".join(
+        ("" if n.startswith(".") else r"(?<!\w)") + re.escape(n) + r"\b" for n in INTERNAL_NAMES
+    ))
+    found = [
+        f"{path.relative_to(ROOT)}:{i}: {m.group()}"
+        for path in SEAM_USERS
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        for m in pattern.finditer(line)
+    ]
+    assert not found, "use h2o_vllm.patches.engine_seams instead:\n" + "\n".join(found)
+
+
+def test_adopt_model_runner_class_refuses_another_runner():
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    class H2ORunner(CPUModelRunner):
+        pass
+
+    worker = types.SimpleNamespace(model_runner=object())
+    with pytest.raises(RuntimeError, match=r"V1 CPU model runner, got object \(unset VLLM_USE_V2_MODEL_RUNNER\)"):
+        engine_seams.adopt_model_runner_class(worker, H2ORunner)
+    assert type(worker.model_runner) is object
+
+    # Built by vLLM's own class only (a subclass of it is not what the swap was checked against).
+    worker.model_runner = H2ORunner.__new__(H2ORunner)
+    with pytest.raises(RuntimeError, match="got H2ORunner"):
+        engine_seams.adopt_model_runner_class(worker, H2ORunner)
+
+    worker.model_runner = CPUModelRunner.__new__(CPUModelRunner)  # no __init__: nothing to build
+    engine_seams.adopt_model_runner_class(worker, H2ORunner)
+    assert type(worker.model_runner) is H2ORunner
+
+    class WithInit(CPUModelRunner):
+        def __init__(self):  # would never run after the swap
+            pass
+
+    worker.model_runner = CPUModelRunner.__new__(CPUModelRunner)
+    with pytest.raises(TypeError, match="no __init__"):
+        engine_seams.adopt_model_runner_class(worker, WithInit)
+    assert type(worker.model_runner) is CPUModelRunner
+
+
+def test_attention_builder_seams_read_the_builder():
+    import torch
+
+    builder = types.SimpleNamespace(isa="vec", dtype=torch.float32, head_dim=64,
+                                    kv_cache_spec=types.SimpleNamespace(block_size=32))
+    assert engine_seams.attention_builder_block_size(builder) == 32
+    expected = engine_seams.detect_key_layout("vec", torch.float32, 64, 32)
+    assert engine_seams.attention_builder_key_layout(builder) == expected
+
+
+# What each engine subclass overrides in vLLM; engine_seams' docstring names every one.
+OVERRIDES = {
+    ("h2o_vllm.engine.scheduler", "H2OScheduler"):
+        {"__init__", "add_request", "schedule", "update_from_output", "finish_requests", "_free_request_blocks"},
+    ("h2o_vllm.engine.worker", "H2OCPUWorker"): {"__init__", "init_device"},
+    ("h2o_vllm.engine.worker", "H2OCPUModelRunner"): {"_update_states", "sample_tokens"},
+    ("h2o_vllm.engine.attention", "H2OCPUAttentionMetadataBuilder"): {"build"},
+    ("h2o_vllm.engine.attention", "H2OCPUAttentionBackendImpl"): {"forward"},
+    ("h2o_vllm.engine.attention", "H2OCPUAttentionBackend"): {"get_impl_cls", "get_builder_cls"},
+}
+
+
+@pytest.mark.parametrize("module, name", sorted(OVERRIDES))
+def test_engine_subclasses_override_only_the_listed_vllm_methods(module, name):
+    """A renamed vLLM method (our override silently never called) or an unlisted new override fails here."""
+    cls = getattr(importlib.import_module(module), name)
+    (base,) = cls.__bases__
+    assert base.__module__.startswith("vllm."), base
+    own = {k for k, v in vars(cls).items() if callable(v) or isinstance(v, (staticmethod, classmethod))}
+    overridden = {k for k in own if hasattr(base, k)}
+    assert overridden == OVERRIDES[(module, name)]
+    for method in overridden:
+        assert f"{method}``" in engine_seams.__doc__, f"{base.__name__}.{method} is not listed in engine_seams"
+
+
+def test_request_side_seams_still_exist_in_vllm():
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    assert callable(InputProcessor._validate_params)
+    assert callable(CompletionRequest.to_sampling_params) and callable(ChatCompletionRequest.to_sampling_params)

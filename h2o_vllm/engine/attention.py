@@ -18,19 +18,25 @@ from vllm.v1.attention.backends.cpu_attn import (
 from h2o_vllm.engine import scoring
 from h2o_vllm.patches import engine_seams
 
-SCORER_ATTR = "h2o_scorer"
+SCORER_ATTR = "h2o_scorer"  # on the attention metadata: the step's scorer, read by every layer
 
 
 class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    h2o_step: scoring.StepContext | None = None  # set by the H2O model runner before each step
+
+    def begin_step(self, context: scoring.StepContext | None) -> None:
+        self.h2o_step = context
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        step = scoring.current_step()
+        step = self.h2o_step
         cm = common_attn_metadata
-        if step is None or (not step.holey and not step.score_from):
+        if step is None or (not step.with_holes and not step.scores):
             return super().build(common_prefix_len, cm, fast_build)
         num_reqs = cm.num_reqs
+        block_size = engine_seams.attention_builder_block_size(self)
         logical_lens = cm.seq_lens[:num_reqs].numpy().copy()
-        rows = [i for i, r in enumerate(step.req_ids[:num_reqs]) if r in step.holey]
-        compaction = scoring.compact(cm.block_table_tensor, cm.seq_lens, rows, self.kv_cache_spec.block_size)
+        rows = [i for i, r in enumerate(step.req_ids[:num_reqs]) if r in step.with_holes]
+        compaction = scoring.compact(cm.block_table_tensor, cm.seq_lens, rows, block_size)
         if rows:
             cm = cm.replace(
                 block_table_tensor=compaction.block_table,
@@ -39,10 +45,10 @@ class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 seq_lens_cpu_upper_bound=compaction.seq_lens,
             )
         metadata = super().build(common_prefix_len, cm, fast_build)
-        if step.score_from:
-            layout = engine_seams.detect_key_layout(self.isa, self.dtype, self.head_dim, self.kv_cache_spec.block_size)
+        if step.scores:
+            layout = engine_seams.attention_builder_key_layout(self)
             step.scorer = scoring.StepScorer.for_step(
-                step, compaction, cm.query_start_loc_cpu, logical_lens, self.kv_cache_spec.block_size, layout
+                step, compaction, cm.query_start_loc_cpu, logical_lens, block_size, layout
             )
             setattr(metadata, SCORER_ATTR, step.scorer)
         return metadata
@@ -53,7 +59,7 @@ class H2OCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
         scorer = getattr(attn_metadata, SCORER_ATTR, None) if attn_metadata is not None else None
         if scorer is not None:
-            scorer.score_layer(query, engine_seams.key_pages(kv_cache), self.scale)
+            scorer.score_layer(query, engine_seams.key_pages(kv_cache), engine_seams.attention_impl_scale(self))
         return output
 
 

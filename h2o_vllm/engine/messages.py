@@ -16,17 +16,23 @@ PLAN_ATTR = "h2o_plan"  # on SchedulerOutput
 SCORES_ATTR = "h2o_scores"  # on ModelRunnerOutput
 
 
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Which of one request's query rows to score this step, and how to combine heads and layers."""
+
+    first_position: int  # first logical query position whose attention is scored
+    reduce: str  # "sum" or "max" (h2o_vllm.policy.SCORE_REDUCE)
+
+
 @dataclass
 class StepPlan:
     """Scheduler -> worker, once per step."""
 
     # req_id -> logical block indices whose KV was freed this step (now holes).
     evictions: dict[str, list[int]] = field(default_factory=dict)
-    # req_id -> first logical query position whose attention is scored. Requests that
-    # are not listed are not scored at all (policies that need no scores cost nothing).
-    score_from: dict[str, int] = field(default_factory=dict)
-    # Scored requests whose block score is each query's max over heads and layers (else the sum).
-    score_max: set[str] = field(default_factory=set)
+    # Requests whose attention is scored. Requests not listed are not scored at all
+    # (policies that need no scores cost nothing).
+    scores: dict[str, ScoreRequest] = field(default_factory=dict)
 
 
 @dataclass

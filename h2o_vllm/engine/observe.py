@@ -2,7 +2,8 @@
 
 vLLM runs its engine core in a child process by default; here it runs in this
 process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so its scheduler can be read after
-every step: requests running, blocks free, what was evicted.
+every step: requests running, blocks free, what was evicted. What it reads inside
+vLLM it reads through :mod:`h2o_vllm.patches.engine_seams`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable
+
+from h2o_vllm.patches import engine_seams
 
 
 @contextlib.contextmanager
@@ -30,21 +33,23 @@ def inprocess_llm(model: str, **kwargs):
     try:
         yield llm
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        engine_seams.shutdown_llm(llm)
         del llm
 
 
 def scheduler_of(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler
+    """The scheduler of an :func:`inprocess_llm` engine."""
+    return engine_seams.inprocess_scheduler(llm)
 
 
 def num_free_blocks(scheduler) -> int:
-    return scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    return engine_seams.num_free_blocks(scheduler)
 
 
 def resident_blocks(scheduler, req_id: str) -> int:
-    blocks = scheduler.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks.get(req_id, [])
-    return sum(1 for b in blocks if not b.is_null)
+    """Blocks the request holds in the pool (its block list less the holes evictions left)."""
+    blocks = engine_seams.request_blocks(scheduler, req_id)
+    return len(blocks) - engine_seams.count_holes(blocks)
 
 
 @dataclass

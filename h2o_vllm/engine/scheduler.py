@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass, field
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
-from h2o_vllm import metrics
-from h2o_vllm.engine.messages import PLAN_ATTR, SCORES_ATTR, StepPlan
-from h2o_vllm.engine.settings import ENGINE_BLOCK_SIZE, H2OSettings
+from h2o_vllm import metrics, settings
+from h2o_vllm.engine.messages import PLAN_ATTR, SCORES_ATTR, ScoreRequest, StepPlan
+from h2o_vllm.engine.settings import ENGINE_BLOCK_SIZE, server_defaults
 from h2o_vllm.ledger import BlockLedger
 from h2o_vllm.patches import engine_seams
-from h2o_vllm.policy import make_policy
+from h2o_vllm.policy import PolicyConfig, make_policy
 
 logger = logging.getLogger("vllm.h2o_vllm.scheduler")
 
@@ -47,21 +47,24 @@ class EngineCounters:
     requests_by_policy: collections.Counter = field(default_factory=collections.Counter)
 
 
-class RequestH2O:
-    """One request's policy, ledger and counters. Reset when the request is preempted."""
+class RequestEviction:
+    """One request's eviction state: its configuration, policy, block ledger and counters.
 
-    def __init__(self, settings: H2OSettings, block_size: int, num_prompt_tokens: int, max_tokens: int | None):
-        self.settings = settings
-        self.policy = make_policy(settings.policy_config(block_size))
-        self.ledger = BlockLedger(block_size)
-        self.counters = RequestCounters(settings.policy)
-        window = settings.prompt_window
-        self.score_from = max(0, num_prompt_tokens - window) if window else 0
+    Made when the request is first scheduled; dropped when it finishes or is
+    preempted (a preempted request re-prefills from scratch and starts a new one).
+    """
+
+    def __init__(self, config: PolicyConfig, num_prompt_tokens: int, max_tokens: int | None):
+        self.config = config
+        self.policy = make_policy(config)
+        self.ledger = BlockLedger(config.block_size)
+        self.counters = RequestCounters(config.policy)
+        self.score_from = config.first_scored_prompt_row(num_prompt_tokens)
         # A token budget that covers the whole request can never evict: then scoring is wasted work.
-        budget = settings.budget.tokens
+        budget = config.budget.tokens
         longest = None if max_tokens is None else num_prompt_tokens + max_tokens
-        self.can_evict = settings.policy != "none" and not (budget is not None and longest is not None and budget >= longest)
-        self.needs_scores = self.can_evict and settings.needs_scores
+        self.can_evict = config.policy != "none" and not (budget is not None and longest is not None and budget >= longest)
+        self.needs_scores = self.can_evict and config.needs_scores
 
 
 def check_engine_config(vllm_config) -> None:
@@ -99,8 +102,8 @@ class H2OScheduler(Scheduler):
         check_engine_config(vllm_config)
         engine_seams.check_single_full_attention_group(kv_cache_config)
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
-        self.h2o_defaults = H2OSettings.from_additional_config(vllm_config.additional_config)
-        self.h2o_requests: dict[str, RequestH2O] = {}
+        self.h2o_defaults = server_defaults(vllm_config.additional_config)
+        self.h2o_requests: dict[str, RequestEviction] = {}
         self.h2o_totals = EngineCounters()
         self.h2o_metrics = metrics.writer_from_env()
         self._publish(force=True)
@@ -108,20 +111,20 @@ class H2OScheduler(Scheduler):
 
     # -- request life cycle ----------------------------------------------------------
 
-    def request_settings(self, request: Request) -> H2OSettings:
+    def request_config(self, request: Request) -> PolicyConfig:
         extra = request.sampling_params.extra_args if request.sampling_params else None
-        return self.h2o_defaults.for_request(extra)
+        return settings.for_request(self.h2o_defaults, extra)
 
     def add_request(self, request: Request) -> None:
         # Bad settings never get here: patches/request_validation.py refuses them at the door.
-        settings = self.request_settings(request)
+        config = self.request_config(request)
         super().add_request(request)
-        self.h2o_totals.requests_by_policy[settings.policy] += 1
+        self.h2o_totals.requests_by_policy[config.policy] += 1
 
-    def _state(self, request: Request) -> RequestH2O:
+    def _eviction_state(self, request: Request) -> RequestEviction:
         state = self.h2o_requests.get(request.request_id)
         if state is None:
-            state = RequestH2O(self.request_settings(request), self.block_size, request.num_prompt_tokens, request.max_tokens)
+            state = RequestEviction(self.request_config(request), request.num_prompt_tokens, request.max_tokens)
             self.h2o_requests[request.request_id] = state
         return state
 
@@ -137,7 +140,7 @@ class H2OScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         plan = StepPlan()
         for request in self.running:
-            state = self._state(request)
+            state = self._eviction_state(request)
             if not state.can_evict:
                 continue
             # Evict only once every known token but the newest is in the cache:
@@ -154,11 +157,9 @@ class H2OScheduler(Scheduler):
         output = super().schedule(*args, **kwargs)
         for req_id in output.num_scheduled_tokens:
             request = self.requests[req_id]
-            state = self._state(request)
+            state = self._eviction_state(request)
             if state.needs_scores:
-                plan.score_from[req_id] = state.score_from
-                if state.settings.score_reduce == "max":
-                    plan.score_max.add(req_id)
+                plan.scores[req_id] = ScoreRequest(state.score_from, state.config.score_reduce)
             counters = state.counters
             # Every hole is a block this request evicted since it was (re)admitted.
             counters.full_cache_blocks = len(engine_seams.request_blocks(self, req_id))
@@ -200,7 +201,7 @@ class H2OScheduler(Scheduler):
             resident += len(blocks) - engine_seams.count_holes(blocks)
             full += len(blocks)
             state = self.h2o_requests.get(request.request_id)
-            running_by_policy[state.settings.policy if state else self.request_settings(request).policy] += 1
+            running_by_policy[state.config.policy if state else self.request_config(request).policy] += 1
         return {
             "evicted_blocks": self.h2o_totals.evicted_blocks,
             "requests_by_policy": dict(self.h2o_totals.requests_by_policy),

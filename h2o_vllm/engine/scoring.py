@@ -7,19 +7,23 @@ each block, and combine over heads, layers and query rows: summed (the paper), o
 for ``score_reduce="max"`` requests the largest head-and-layer value per query
 row, then summed over rows. One :class:`StepScorer` lives for one step.
 
-The runner describes the step in a :class:`StepContext`; the attention builder
-(one call per step) turns it into compacted metadata and a scorer; every layer's
-attention call feeds the scorer; the runner collects it after sampling.
+The runner describes the step in a :class:`StepContext` that it hands to its
+attention metadata builders; the builder (one call per step) turns it into
+compacted metadata and a :class:`StepScorer`; every layer's attention call feeds
+the scorer; the runner collects it after sampling. How heads, layers and rows
+combine is a :class:`Reduction`: :class:`SumReduction` or :class:`MaxReduction`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from h2o_vllm.engine.messages import BlockScores
+from h2o_vllm.engine.messages import BlockScores, ScoreRequest
 
 # Prompt query rows scored per matmul: bounds the [heads, rows, keys] probabilities.
 SCORE_CHUNK_ROWS = 256
@@ -70,43 +74,110 @@ def row_block_mass(x: torch.Tensor, inverse: torch.Tensor, block_size: int) -> t
     return mass.mul_(inverse[..., None])
 
 
-def softmax_column_sums(logits: torch.Tensor) -> torch.Tensor:
-    """``softmax(logits, -1)`` summed over every row, per batch entry: [..., rows, keys] -> [..., keys].
+class Reduction(ABC):
+    """How heads, layers and query rows combine into one request's block scores (``policy.SCORE_REDUCE``).
 
-    In place: ``logits`` is overwritten (it is scratch).
+    A *total* accumulates over the layers of one step: for a prompt chunk one per
+    request, for the decode batch one row per request. Prompt chunks are scored
+    ``SCORE_CHUNK_ROWS`` rows at a time within a layer (``add_prompt_rows``), decodes
+    all at once (``add_decodes``). ``x`` is always the unnormalised softmax of
+    [batch, rows, keys] and ``inverse`` its reciprocal row sums (see :func:`exp_rows_`).
     """
-    x = logits.view(-1, logits.shape[-2], logits.shape[-1])  # [batch, rows, keys]
-    sums = column_sums(x, exp_rows_(x))
-    return sums.view(*logits.shape[:-2], logits.shape[-1])
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def prompt_total(self, num_rows: int, num_keys: int, block_size: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def prompt_layer(self, total: torch.Tensor, num_keys: int) -> torch.Tensor:
+        """Where one layer's prompt rows accumulate (``total`` itself, or a per-layer buffer of whole pages)."""
+
+    @abstractmethod
+    def add_prompt_rows(self, layer: torch.Tensor, x: torch.Tensor, inverse: torch.Tensor, rows: slice,
+                        block_size: int) -> None:
+        """``x``: [heads, rows, visible keys] for the query rows ``rows`` of the scored ones."""
+
+    def end_prompt_layer(self, total: torch.Tensor, layer: torch.Tensor, block_size: int) -> None:
+        """Fold one layer's buffer into ``total`` (nothing to do when they are the same tensor)."""
+
+    @abstractmethod
+    def decode_total(self, num_requests: int, num_blocks: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def add_decodes(self, total: torch.Tensor, x: torch.Tensor, inverse: torch.Tensor, block_size: int) -> None:
+        """``x``: [requests, heads, keys], one query row per request."""
+
+    @abstractmethod
+    def block_scores(self, total: torch.Tensor) -> torch.Tensor:
+        """One request's total -> float64 score per held block."""
+
+
+class SumReduction(Reduction):
+    """The paper: every head's, layer's and query's softmax mass added up."""
+
+    name = "sum"
+
+    def prompt_total(self, num_rows, num_keys, block_size):
+        return torch.zeros(-(-num_keys // block_size), dtype=torch.float64)
+
+    def prompt_layer(self, total, num_keys):
+        return torch.zeros(num_keys)  # token by token; summed per block once the layer is done
+
+    def add_prompt_rows(self, layer, x, inverse, rows, block_size):
+        layer[: x.shape[-1]] += column_sums(x, inverse).sum(dim=0)
+
+    def end_prompt_layer(self, total, layer, block_size):
+        total += layer.view(-1, block_size).sum(dim=1).double()
+
+    def decode_total(self, num_requests, num_blocks):
+        return torch.zeros(num_requests, num_blocks)
+
+    def add_decodes(self, total, x, inverse, block_size):
+        total += column_sums(x, inverse).view(len(total), -1, block_size).sum(dim=2)
+
+    def block_scores(self, total):
+        return total.double()
+
+
+class MaxReduction(Reduction):
+    """For each query row, the largest mass one head of one layer gives the block; summed over rows."""
+
+    name = "max"
+
+    def prompt_total(self, num_rows, num_keys, block_size):
+        return torch.zeros(num_rows, -(-num_keys // block_size))  # each row's best so far
+
+    def prompt_layer(self, total, num_keys):
+        return total
+
+    def add_prompt_rows(self, layer, x, inverse, rows, block_size):
+        best = row_block_mass(x, inverse, block_size).amax(dim=0)  # [rows, visible blocks]
+        kept = layer[rows, : best.shape[1]]
+        torch.maximum(kept, best, out=kept)
+
+    def decode_total(self, num_requests, num_blocks):
+        return torch.zeros(num_requests, 1, num_blocks)
+
+    def add_decodes(self, total, x, inverse, block_size):
+        best = row_block_mass(x, inverse, block_size).amax(dim=1)  # [requests, blocks]
+        torch.maximum(total[:, 0], best, out=total[:, 0])
+
+    def block_scores(self, total):
+        return total.sum(dim=0).double()
+
+
+REDUCTIONS: dict[str, Reduction] = {r.name: r for r in (SumReduction(), MaxReduction())}
 
 
 @dataclass
 class StepContext:
-    """Set by the model runner after it updated its batch, read by the attention builder."""
+    """What the H2O model runner tells its attention metadata builders about one step."""
 
     req_ids: list[str]  # batch order
-    score_from: dict[str, int]  # req_id -> first logical query position to score
-    holey: set[str]  # requests with holes in their block table
-    scorer: "StepScorer | None" = None
-    score_max: set[str] = field(default_factory=set)  # scored with score_reduce="max" (the others: "sum")
-
-
-_current: StepContext | None = None
-
-
-def begin_step(context: StepContext | None) -> None:
-    global _current
-    _current = context
-
-
-def current_step() -> StepContext | None:
-    return _current
-
-
-def end_step() -> StepContext | None:
-    global _current
-    context, _current = _current, None
-    return context
+    scores: dict[str, ScoreRequest]  # requests to score (see StepPlan.scores)
+    with_holes: set[str]  # requests with holes in their block table
+    scorer: "StepScorer | None" = None  # set by the builder, collected by the runner after sampling
 
 
 @dataclass
@@ -144,18 +215,67 @@ def compact(block_table: torch.Tensor, seq_lens: torch.Tensor, rows: list[int], 
 
 
 @dataclass
-class _Scored:
+class ScoredRequest:
+    """One request's scored query rows this step, the keys they attend, and its running total."""
+
     req_id: str
-    row: int
+    reduction: Reduction
     query_rows: slice  # rows of the step's query tensor that are scored
     query_positions: np.ndarray  # their logical positions
     block_ids: torch.Tensor  # physical blocks the kernel attends, in order
     logical_blocks: np.ndarray  # logical index of each of those blocks
     num_keys: int  # tokens held (compacted length)
     token_positions: np.ndarray  # logical position of each held token
-    mass: torch.Tensor = field(default=None)  # [len(block_ids)] float64, summed over layers
-    # score_reduce="max": [scored rows, len(block_ids)], each row's largest block mass over the heads and layers so far
-    row_max: torch.Tensor | None = None
+    total: torch.Tensor | None = None  # what reduction accumulates over the step's layers
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.query_positions)
+
+    def visibility(self, block_size: int, num_layers: int) -> np.ndarray:
+        """(query, token) pairs that could see each held block, over every layer scored."""
+        seen_by = self.num_rows - np.searchsorted(self.query_positions, self.token_positions, side="left")
+        per_token = np.zeros(len(self.block_ids) * block_size)
+        per_token[: self.num_keys] = seen_by
+        return per_token.reshape(-1, block_size).sum(axis=1) * num_layers
+
+
+@dataclass
+class DecodeGroup:
+    """The decode-batch rows of one reduction, and their running total."""
+
+    reduction: Reduction
+    rows: slice | torch.Tensor  # which rows of the batch (all of them: a slice, which copies nothing)
+    members: list[int]  # indices into StepScorer.decodes
+    total: torch.Tensor
+
+
+@dataclass
+class DecodeBatch:
+    """Every single-row request of the step, scored together: one gather, one matmul, one softmax per layer."""
+
+    query_rows: torch.Tensor  # [R] row of each request's query in the step's query tensor
+    block_ids: torch.Tensor  # [R * width] physical blocks, each request padded to the widest with block 0
+    key_bias: torch.Tensor  # [R, 1, 1, width * block_size]: -inf on the padding keys
+    groups: list[DecodeGroup]
+
+    @classmethod
+    def of(cls, decodes: list[ScoredRequest], block_size: int) -> "DecodeBatch":
+        width = max(len(d.block_ids) for d in decodes)
+        ids = torch.zeros(len(decodes), width, dtype=torch.long)  # padding: the null block, masked out
+        for i, d in enumerate(decodes):
+            ids[i, : len(d.block_ids)] = d.block_ids
+        num_keys = torch.tensor([d.num_keys for d in decodes])
+        hidden = torch.arange(width * block_size)[None, :] >= num_keys[:, None]
+        bias = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))[:, None, None, :]
+        groups = []
+        for reduction in REDUCTIONS.values():
+            members = [i for i, d in enumerate(decodes) if d.reduction is reduction]
+            if not members:
+                continue
+            rows = slice(None) if len(members) == len(decodes) else torch.tensor([d.reduction is reduction for d in decodes])
+            groups.append(DecodeGroup(reduction, rows, members, reduction.decode_total(len(members), width)))
+        return cls(torch.tensor([d.query_rows.start for d in decodes]), ids.view(-1), bias, groups)
 
 
 class StepScorer:
@@ -164,29 +284,25 @@ class StepScorer:
     def __init__(self, block_size: int, key_layout: str):
         self.block_size = block_size
         self.key_layout = key_layout
-        self.requests: list[_Scored] = []  # scored one by one (several query rows: prompt chunks)
-        self.decodes: list[_Scored] = []  # one query row each: scored together in one padded batch
+        self.prompts: list[ScoredRequest] = []  # several query rows (prompt chunks): scored one by one
+        self.decodes: list[ScoredRequest] = []  # one query row each: scored together in one DecodeBatch
+        self.decode_batch: DecodeBatch | None = None
         self.num_layers = 0
-        # (query rows, flat block ids [R * n], -inf bias of padded keys [R, 1, 1, n * bs], summed mass [R, n]
-        #  or None when every row uses max, the rows that use max (bool [R], or all of them: slice) or None,
-        #  their max so far [R, n] or None)
-        self._batch = None
 
     @classmethod
     def for_step(cls, context: StepContext, compaction: Compaction, query_start_loc: torch.Tensor,
                  logical_seq_lens: np.ndarray, block_size: int, key_layout: str) -> "StepScorer | None":
         scorer = cls(block_size, key_layout)
         qsl = query_start_loc.numpy()
-        table = compaction.block_table
         lens = compaction.seq_lens.numpy()
         for row, req_id in enumerate(context.req_ids[: len(logical_seq_lens)]):
-            first = context.score_from.get(req_id)
-            if first is None:
+            ask = context.scores.get(req_id)
+            if ask is None:
                 continue
             q_start, q_end = int(qsl[row]), int(qsl[row + 1])
             seq_len = int(logical_seq_lens[row])
             positions = np.arange(seq_len - (q_end - q_start), seq_len)
-            skip = int(np.searchsorted(positions, first))
+            skip = int(np.searchsorted(positions, ask.first_position))
             if skip >= len(positions):
                 continue
             num_keys = int(lens[row])
@@ -195,36 +311,20 @@ class StepScorer:
             if logical is None:
                 logical = np.arange(num_blocks)
             token_positions = (logical[:, None] * block_size + np.arange(block_size)).reshape(-1)[:num_keys]
-            scored = _Scored(
-                req_id, row, slice(q_start + skip, q_end), positions[skip:],
-                table[row, :num_blocks].long().clone(), logical, num_keys, token_positions,
-                torch.zeros(num_blocks, dtype=torch.float64),
+            scored = ScoredRequest(
+                req_id, REDUCTIONS[ask.reduce], slice(q_start + skip, q_end), positions[skip:],
+                compaction.block_table[row, :num_blocks].long().clone(), logical, num_keys, token_positions,
             )
-            if req_id in context.score_max:
-                scored.row_max = torch.zeros(q_end - (q_start + skip), num_blocks)
-            (scorer.decodes if q_end - (q_start + skip) == 1 else scorer.requests).append(scored)
-        if not scorer.requests and not scorer.decodes:
+            if scored.num_rows == 1:
+                scorer.decodes.append(scored)
+            else:
+                scored.total = scored.reduction.prompt_total(scored.num_rows, num_keys, block_size)
+                scorer.prompts.append(scored)
+        if not scorer.prompts and not scorer.decodes:
             return None
-        scorer._prepare_batch()
+        if scorer.decodes:
+            scorer.decode_batch = DecodeBatch.of(scorer.decodes, block_size)
         return scorer
-
-    def _prepare_batch(self) -> None:
-        if not self.decodes:
-            return
-        width = max(len(d.block_ids) for d in self.decodes)
-        ids = torch.zeros(len(self.decodes), width, dtype=torch.long)  # padding: the null block, masked out
-        for i, d in enumerate(self.decodes):
-            ids[i, : len(d.block_ids)] = d.block_ids
-        num_keys = torch.tensor([d.num_keys for d in self.decodes])
-        hidden = torch.arange(width * self.block_size)[None, :] >= num_keys[:, None]
-        bias = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))[:, None, None, :]  # [R, 1, 1, keys]
-        rows = torch.tensor([d.query_rows.start for d in self.decodes])
-        use_max = torch.tensor([d.row_max is not None for d in self.decodes])
-        reqs = len(self.decodes)
-        all_max, any_max = bool(use_max.all()), bool(use_max.any())
-        self._batch = (rows, ids.view(-1), bias, None if all_max else torch.zeros(reqs, width),
-                       (slice(None) if all_max else use_max) if any_max else None,
-                       torch.zeros(reqs, width) if any_max else None)
 
     def _keys_t(self, pages: torch.Tensor, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
         """float32 K^T of ``block_ids`` (``num_seqs`` equal-length lists, flattened): [seqs, kv_heads, head_dim, keys].
@@ -243,27 +343,22 @@ class StepScorer:
         out = _scratch.get("keys", k.shape).copy_(k)
         return out.view(num_seqs, kv_heads, k.shape[2], n * bs)
 
-    def _score_decodes(self, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
-        """All single-row requests at once: one gather, one matmul, one softmax per layer."""
-        rows, ids, bias, mass, use_max, row_max = self._batch
-        reqs = len(rows)
-        k_t = self._keys_t(key_pages, ids, reqs)  # [R, kv, d, keys]
+    def _score_decodes(self, batch: DecodeBatch, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
+        reqs = len(batch.query_rows)
+        k_t = self._keys_t(key_pages, batch.block_ids, reqs)  # [R, kv, d, keys]
         kv_heads, head_dim = k_t.shape[1], k_t.shape[2]
-        q = query[rows].float().mul_(scale).view(reqs, kv_heads, -1, head_dim)  # [R, kv, g, d]
-        logits = torch.matmul(q, k_t).add_(bias).view(reqs, -1, k_t.shape[-1])  # [R, heads, keys]: heads are the rows
+        q = query[batch.query_rows].float().mul_(scale).view(reqs, kv_heads, -1, head_dim)  # [R, kv, g, d]
+        logits = torch.matmul(q, k_t).add_(batch.key_bias).view(reqs, -1, k_t.shape[-1])  # [R, heads, keys]
         inverse = exp_rows_(logits)
-        if mass is not None:
-            mass += column_sums(logits, inverse).view(reqs, -1, self.block_size).sum(dim=2)
-        if use_max is not None:
-            per_head = row_block_mass(logits[use_max], inverse[use_max], self.block_size)  # [R', heads, n]
-            row_max[use_max] = torch.maximum(row_max[use_max], per_head.amax(dim=1))
+        for group in batch.groups:
+            group.reduction.add_decodes(group.total, logits[group.rows], inverse[group.rows], self.block_size)
 
-    def _score_prompt(self, req: _Scored, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
+    def _score_prompt(self, req: ScoredRequest, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
         """Rows of one request's prompt chunk, SCORE_CHUNK_ROWS at a time, each over the keys it can see."""
         k_t = self._keys_t(key_pages, req.block_ids, 1)[0]  # [kv, d, keys]
         kv_heads, head_dim = k_t.shape[0], k_t.shape[1]
         q_all = query[req.query_rows]
-        mass = torch.zeros(k_t.shape[-1], dtype=torch.float32)
+        layer = req.reduction.prompt_layer(req.total, k_t.shape[-1])
         token_pos = torch.from_numpy(req.token_positions)
         for start in range(0, q_all.shape[0], SCORE_CHUNK_ROWS):
             q_pos = req.query_positions[start : start + SCORE_CHUNK_ROWS]
@@ -279,39 +374,25 @@ class StepScorer:
                 logits[..., first_hidden:visible].masked_fill_(hidden, float("-inf"))
             x = logits.view(-1, len(q_pos), visible)  # [heads, rows, visible]
             inverse = exp_rows_(x)
-            if req.row_max is None:
-                mass[:visible] += column_sums(x, inverse).sum(dim=0)
-            else:
-                best = row_block_mass(x, inverse, self.block_size).amax(dim=0)  # [rows, visible blocks]
-                rows = req.row_max[start : start + len(q_pos), : best.shape[1]]
-                torch.maximum(rows, best, out=rows)
-        if req.row_max is None:
-            req.mass += mass.view(-1, self.block_size).sum(dim=1).double()
+            req.reduction.add_prompt_rows(layer, x, inverse, slice(start, start + len(q_pos)), self.block_size)
+        req.reduction.end_prompt_layer(req.total, layer, self.block_size)
 
     def score_layer(self, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
         """Add one layer's attention mass. ``query``: [tokens, heads, head_dim]; ``key_pages``: see ``_keys_t``."""
         self.num_layers += 1
-        if self._batch is not None:
-            self._score_decodes(query, key_pages, scale)
-        for req in self.requests:
+        if self.decode_batch is not None:
+            self._score_decodes(self.decode_batch, query, key_pages, scale)
+        for req in self.prompts:
             self._score_prompt(req, query, key_pages, scale)
 
     def collect(self) -> dict[str, BlockScores]:
-        if self._batch is not None:
-            batch_mass, batch_max = self._batch[3], self._batch[5]
-            for i, d in enumerate(self.decodes):
-                if d.row_max is not None:
-                    d.row_max[0] = batch_max[i, : len(d.block_ids)]
-                else:
-                    d.mass += batch_mass[i, : len(d.block_ids)].double()
-        out = {}
-        for req in self.requests + self.decodes:
-            if req.row_max is not None:
-                req.mass = req.row_max.sum(dim=0).double()
-            # (query, token) pairs that could see each held token, for every layer scored.
-            seen_by = len(req.query_positions) - np.searchsorted(req.query_positions, req.token_positions, side="left")
-            per_token = np.zeros(len(req.block_ids) * self.block_size)
-            per_token[: req.num_keys] = seen_by
-            visibility = per_token.reshape(-1, self.block_size).sum(axis=1) * self.num_layers
-            out[req.req_id] = BlockScores(req.logical_blocks.astype(np.int64), req.mass.numpy(), visibility)
-        return out
+        """The step's scores, per request: what the scheduler adds to its ledgers."""
+        for group in self.decode_batch.groups if self.decode_batch is not None else ():
+            for i, member in enumerate(group.members):
+                d = self.decodes[member]
+                d.total = group.total[i, ..., : len(d.block_ids)]
+        return {
+            req.req_id: BlockScores(req.logical_blocks.astype(np.int64), req.reduction.block_scores(req.total).numpy(),
+                                    req.visibility(self.block_size, self.num_layers))
+            for req in self.prompts + self.decodes
+        }

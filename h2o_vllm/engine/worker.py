@@ -1,5 +1,5 @@
 """Worker side: apply the scheduler's evictions, describe the step to the attention
-builder, and send the step's scores back with the sampled tokens.
+builders, and send the step's scores back with the sampled tokens.
 
 Enabled with ``--worker-cls h2o_vllm.engine.worker.H2OCPUWorker`` (see
 :func:`h2o_vllm.engine.settings.engine_kwargs`).
@@ -11,42 +11,49 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from h2o_vllm.engine import attention, scoring
+from h2o_vllm.engine import attention
 from h2o_vllm.engine.messages import PLAN_ATTR, SCORES_ATTR
+from h2o_vllm.engine.scoring import StepContext
 from h2o_vllm.patches import engine_seams
 
 
 class H2OCPUModelRunner(CPUModelRunner):
-    """vLLM's CPU runner plus three small steps around its own."""
+    """vLLM's CPU runner plus a step around two of its own (see ``engine_seams.adopt_model_runner_class``)."""
 
-    _h2o_holey: set[str]  # requests whose block table has holes
+    # The class is switched after vLLM built the runner (no __init__ of ours runs), so state is made on first use.
+    _h2o_with_holes: set[str]  # requests whose block table has holes
+    _h2o_context: StepContext | None  # this step's, from _update_states to sample_tokens
 
     def _update_states(self, scheduler_output):
-        holey = self.__dict__.setdefault("_h2o_holey", set())
+        with_holes = self.__dict__.setdefault("_h2o_with_holes", set())
         # Finished, preempted and resumed requests lose their blocks: their holes go too.
-        holey.difference_update(scheduler_output.finished_req_ids)
-        holey.difference_update(scheduler_output.preempted_req_ids or ())
-        holey.difference_update(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
+        with_holes.difference_update(scheduler_output.finished_req_ids)
+        with_holes.difference_update(scheduler_output.preempted_req_ids or ())
+        with_holes.difference_update(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
         result = super()._update_states(scheduler_output)
         plan = getattr(scheduler_output, PLAN_ATTR, None)
-        if plan is None:
-            scoring.begin_step(None)
-            return result
-        for req_id, blocks in plan.evictions.items():
-            engine_seams.punch_worker_holes(self, req_id, blocks)
-            holey.add(req_id)
-        scoring.begin_step(scoring.StepContext(
-            req_ids=engine_seams.batch_req_ids(self), score_from=plan.score_from,
-            score_max=plan.score_max, holey=set(holey),
-        ))
+        context = None
+        if plan is not None:
+            for req_id, blocks in plan.evictions.items():
+                engine_seams.punch_worker_holes(self, req_id, blocks)
+                with_holes.add(req_id)
+            context = StepContext(engine_seams.batch_req_ids(self), plan.scores, set(with_holes))
+        self._h2o_step(context)
         return result
+
+    def _h2o_step(self, context: StepContext | None) -> None:
+        """Tell the attention metadata builders what this step is (None: a step of no H2O interest)."""
+        self._h2o_context = context
+        for builder in engine_seams.attention_metadata_builders(self):
+            builder.begin_step(context)
 
     def sample_tokens(self, grammar_output):
         output = super().sample_tokens(grammar_output)
-        step = scoring.end_step()
-        if step is not None and step.scorer is not None and isinstance(output, ModelRunnerOutput) \
+        context = self.__dict__.get("_h2o_context")
+        self._h2o_step(None)  # warm-up and profiling runs between steps see a plain table
+        if context is not None and context.scorer is not None and isinstance(output, ModelRunnerOutput) \
                 and output is not EMPTY_MODEL_RUNNER_OUTPUT:
-            setattr(output, SCORES_ATTR, step.scorer.collect())
+            setattr(output, SCORES_ATTR, context.scorer.collect())
         return output
 
 
@@ -58,11 +65,4 @@ class H2OCPUWorker(CPUWorker):
 
     def init_device(self):
         super().init_device()
-        if type(self.model_runner) is not CPUModelRunner:
-            raise RuntimeError(
-                f"H2O needs vLLM's V1 CPU model runner, got {type(self.model_runner).__name__} "
-                "(unset VLLM_USE_V2_MODEL_RUNNER)"
-            )
-        # The runner was just constructed and holds no state our subclass lacks:
-        # switching its class adds our three overrides without copying vLLM's init_device.
-        self.model_runner.__class__ = H2OCPUModelRunner
+        engine_seams.adopt_model_runner_class(self, H2OCPUModelRunner)

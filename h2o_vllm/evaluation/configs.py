@@ -1,27 +1,41 @@
 """What each evaluated configuration asks of the server: a policy and a budget per request.
 
-    full            policy none: the full cache, the reference
-    streaming_20%   StreamingLLM at 20% of the sequence
-    h2o_20%         H2O, prompt scored by every query row (the paper)
-    h2o-window_20%  H2O, prompt scored by its last ``window`` rows only (observation window)
-    h2o-window-max_20%  the same, each query's block score the max over heads and layers
-                    (``h2o_score_reduce: max``) instead of their sum
-    h2o-mean_20%    H2O as the paper scores the prompt, each block's score divided by the
-                    number of queries that saw it (``h2o_score_norm: mean``); not run by default
+Configurations are named in the one grammar of :mod:`h2o_vllm.names`; the
+evaluation crosses *families* (names without a budget) with budgets:
 
-Selected per request with ``vllm_xargs`` (any h2o-vllm server), or with the
-``MODEL@policy-budget`` model-name aliases that ``h2o-vllm serve`` lists (for
-clients that can only choose a model name).
+    full                the full cache, the reference
+    streaming           StreamingLLM
+    h2o                 H2O, prompt scored by every query row (the paper)
+    h2o_window8         H2O, prompt scored by its last 8 rows only (observation window)
+    h2o_window8_max     the same, each query's block score the max over heads and layers
+                        (``h2o_score_reduce: max``) instead of their sum
+    h2o_mean            H2O as the paper scores the prompt, each block's score divided by the
+                        number of queries that saw it (``h2o_score_norm: mean``); not run by default
+
+so ``h2o_20%_window8_max`` is the last one at 20% of the sequence. The first
+wave's names (``h2o-window``, ``h2o-window-max``, ``h2o-mean``, with the window
+from ``--window``) are accepted spellings. Selected per request with
+``vllm_xargs`` (any h2o-vllm server), or with the ``MODEL@policy-budget``
+model-name aliases that ``h2o-vllm serve`` lists (for clients that can only
+choose a model name).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-POLICIES = ("streaming", "h2o", "h2o-window", "h2o-window-max", "h2o-mean")
+from h2o_vllm import settings
+from h2o_vllm.names import DEFAULT_WINDOW, NamedConfig, parse_name
+from h2o_vllm.policy import Budget
+
+POLICIES = ("streaming", "h2o", "h2o-window", "h2o-window-max", "h2o-mean")  # the first wave's families
 DEFAULT_POLICIES = POLICIES[:4]
-DEFAULT_WINDOW = 8  # query rows: the needle's question ("What is the pass key? The pass key is")
 SELECT_MODES = ("xargs", "alias")
+# Fields every H2O configuration sends, whatever the server's defaults (a window of 0 = every prompt row).
+SCORING_FIELDS = frozenset({"prompt_window", "score_reduce", "score_norm"})
+
+__all__ = ["DEFAULT_POLICIES", "DEFAULT_WINDOW", "POLICIES", "SELECT_MODES", "EvalConfig", "EvalConfigError",
+           "eval_configs"]
 
 
 class EvalConfigError(ValueError):
@@ -30,43 +44,49 @@ class EvalConfigError(ValueError):
 
 @dataclass(frozen=True)
 class EvalConfig:
-    policy: str  # "full" or one of POLICIES
-    budget: float | None = None  # fraction of the sequence; None for full
-    window: int = DEFAULT_WINDOW  # observation window of the h2o-window policies, in query rows
+    named: NamedConfig
 
-    def __post_init__(self):
-        if self.policy == "full":
-            return
-        if self.policy not in POLICIES:
-            raise EvalConfigError(f"unknown policy {self.policy!r}; choose from full, {', '.join(POLICIES)}")
-        if self.budget is None or not 0.0 < self.budget < 1.0:
-            raise EvalConfigError(f"budget {self.budget!r} must be a fraction between 0 and 1 (0.2 = 20%)")
+    @classmethod
+    def of(cls, family: str, budget: float | None = None, window: int = DEFAULT_WINDOW) -> "EvalConfig":
+        """``family`` (a name without a budget, or ``full``) at ``budget`` (a fraction of the sequence)."""
+        try:
+            named = parse_name(family, window=window)
+        except ValueError as exc:
+            raise EvalConfigError(str(exc)) from None
+        if named.is_full:
+            return cls(named)
+        if named.has_budget:
+            raise EvalConfigError(f"{family!r}: give the policy without a budget, and the budgets with --budgets")
+        if named.per_layer or named.recent_share is not None or "block_size" in named.named:
+            raise EvalConfigError(f"{family!r}: the engine has no per-layer, recent-share or block-size option")
+        if budget is None or not 0.0 < budget < 1.0:
+            raise EvalConfigError(f"budget {budget!r} must be a fraction between 0 and 1 (0.2 = 20%)")
+        return cls(named.with_budget(Budget(fraction=budget)))
+
+    @property
+    def policy(self) -> str:
+        """The family: the row this configuration takes in the tables."""
+        return self.named.family
+
+    @property
+    def budget(self) -> float | None:
+        return None if self.named.is_full else self.named.config.budget.fraction
 
     @property
     def name(self) -> str:
-        return "full" if self.policy == "full" else f"{self.policy}_{self.budget * 100:g}%"
+        return self.named.name
 
     def xargs(self) -> dict:
-        if self.policy == "full":
-            return {"h2o_policy": "none"}
-        if self.policy == "streaming":
-            return {"h2o_policy": "streaming", "h2o_budget": self.budget}
-        # Every H2O field explicit, whatever the server's defaults (a window of 0 = every prompt row).
-        windowed = self.policy.startswith("h2o-window")
-        return {
-            "h2o_policy": "h2o",
-            "h2o_budget": self.budget,
-            "h2o_prompt_window": self.window if windowed else 0,
-            "h2o_score_reduce": "max" if self.policy == "h2o-window-max" else "sum",
-            "h2o_score_norm": "mean" if self.policy == "h2o-mean" else "sum",
-        }
+        config = self.named.config
+        fields = self.named.named | (SCORING_FIELDS if config.needs_scores else frozenset())
+        return settings.to_request_args(config, fields)
 
     def alias(self, model: str) -> str:
-        if self.policy == "full":
+        if self.named.is_full:
             return f"{model}@full"
-        if self.policy not in ("streaming", "h2o"):
-            raise EvalConfigError(f"{self.policy} has no model-name alias; use --select xargs")
-        return f"{model}@{self.policy}-{self.budget:g}"
+        if self.named.named != {"policy", "budget"}:
+            raise EvalConfigError(f"{self.policy} has no model-name alias among the server's defaults; use --select xargs")
+        return f"{model}@{self.named.config.policy}-{self.budget:g}"
 
     def request_fields(self, model: str, select: str) -> tuple[str, dict]:
         """(model name, extra JSON fields) of a request under this configuration."""
@@ -77,6 +97,6 @@ class EvalConfig:
 
 def eval_configs(policies, budgets, window: int = DEFAULT_WINDOW) -> list[EvalConfig]:
     """The full cache first (the other configurations are scored against it), then policy x budget."""
-    configs = [EvalConfig("full")]
-    configs += [EvalConfig(p, float(b), window) for p in policies for b in budgets]
+    configs = [EvalConfig.of("full")]
+    configs += [EvalConfig.of(p, float(b), window) for p in policies for b in budgets]
     return configs

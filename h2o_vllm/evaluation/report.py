@@ -64,13 +64,19 @@ def score(items: list[Item], answers: list[Answer], configs: list[EvalConfig], t
     return results
 
 
+def _grid(configs: list[EvalConfig]) -> tuple[list[float], list[str], dict[tuple[str, float], str]]:
+    """Budgets (columns), policy families (rows) and the configuration name of each cell."""
+    budgets = sorted({c.budget for c in configs if c.budget is not None})
+    policies = list(dict.fromkeys(c.policy for c in configs if c.policy != "full"))
+    return budgets, policies, {(c.policy, c.budget): c.name for c in configs}
+
+
 def _cell(value, fmt: str) -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
 def markdown(results: dict, configs: list[EvalConfig]) -> str:
-    budgets = sorted({c.budget for c in configs if c.budget is not None})
-    policies = list(dict.fromkeys(c.policy for c in configs if c.policy != "full"))
+    budgets, policies, names = _grid(configs)
     head = "| policy | " + " | ".join(f"{b * 100:g}%" for b in budgets) + " |\n|---|" + "---|" * len(budgets) + "\n"
     out = []
     for metric, (title, scenario, fmt) in METRICS.items():
@@ -81,7 +87,7 @@ def markdown(results: dict, configs: list[EvalConfig]) -> str:
         if full is not None and metric.startswith("needle"):
             rows.append("| full cache | " + " | ".join(_cell(full[metric], fmt) for _ in budgets) + " |")
         for policy in policies:
-            cells = [_cell(results.get(EvalConfig(policy, b).name, {}).get(metric), fmt) for b in budgets]
+            cells = [_cell(results.get(names.get((policy, b)), {}).get(metric), fmt) for b in budgets]
             rows.append(f"| {policy} | " + " | ".join(cells) + " |")
         note = {"fidelity": " (the full cache is the reference: all tokens equal, ROUGE-L 1)",
                 "summary": " (the full cache is the reference: ROUGE-L 1)"}.get(scenario, "")
@@ -115,11 +121,10 @@ def plot(results: dict, configs: list[EvalConfig], path: Path) -> Path | None:
     if not metrics:
         return None
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    budgets = sorted({c.budget for c in configs if c.budget is not None})
-    policies = list(dict.fromkeys(c.policy for c in configs if c.policy != "full"))
+    budgets, policies, names = _grid(configs)
     for ax, metric in zip(axes[0], metrics):
         for policy in policies:
-            ys = [results.get(EvalConfig(policy, b).name, {}).get(metric) for b in budgets]
+            ys = [results.get(names.get((policy, b)), {}).get(metric) for b in budgets]
             ax.plot([b * 100 for b in budgets], [float("nan") if y is None else y for y in ys], marker="o", label=policy)
         full = results.get("full", {}).get(metric)
         if full is not None and metric.startswith("needle"):

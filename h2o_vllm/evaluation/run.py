@@ -18,7 +18,14 @@ import time
 from pathlib import Path
 
 from h2o_vllm.evaluation import scenarios
-from h2o_vllm.evaluation.configs import DEFAULT_POLICIES, DEFAULT_WINDOW, POLICIES, SELECT_MODES, EvalConfigError, eval_configs
+from h2o_vllm.evaluation.configs import (
+    DEFAULT_POLICIES,
+    DEFAULT_WINDOW,
+    SELECT_MODES,
+    EvalConfig,
+    EvalConfigError,
+    eval_configs,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for building prompts (default: the default model's)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--scenarios", nargs="+", default=list(scenarios.SCENARIOS), choices=scenarios.SCENARIOS)
-    p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), choices=POLICIES)
+    p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES),
+                   help="policy families, named as in h2o_vllm.names without a budget (h2o, streaming, "
+                        "h2o_window8_max, h2o_mean, ...; also h2o-window, h2o-window-max, h2o-mean)")
     p.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.2, 0.5], help="fractions of the sequence")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="observation window of the h2o-window policies (query rows)")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="observation window of the h2o-window and h2o-window-max families (query rows)")
     p.add_argument("--select", choices=SELECT_MODES, default="xargs",
                    help="choose the policy per request with vllm_xargs, or with MODEL@policy-budget aliases")
     g = p.add_argument_group("needle")
@@ -55,17 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check(args) -> None:
-    for name in ("samples", "fidelity_prompts", "summaries", "concurrency", "window"):
-        if getattr(args, name) < 1:
-            raise EvalConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("fidelity_prompt_tokens", "fidelity_new_tokens", "summary_essay_tokens", "summary_new_tokens"):
+POSITIVE_ARGS = ("samples", "fidelity_prompts", "summaries", "concurrency", "window", "fidelity_prompt_tokens",
+                 "fidelity_new_tokens", "summary_essay_tokens", "summary_new_tokens")
+
+
+def _checked_configs(args) -> list[EvalConfig]:
+    """The configurations the arguments ask for; EvalConfigError before any request if they cannot run."""
+    for name in POSITIVE_ARGS:
         if getattr(args, name) < 1:
             raise EvalConfigError(f"--{name.replace('_', '-')} must be at least 1")
     configs = eval_configs(args.policies, args.budgets, args.window)
     if args.select == "alias":
         for c in configs:
             c.alias("m")  # raises for configurations without an alias
+    return configs
 
 
 def build_items(args, tokenizer) -> list[scenarios.Item]:
@@ -84,14 +96,14 @@ def build_items(args, tokenizer) -> list[scenarios.Item]:
     return items
 
 
-def max_context(items, args) -> int:
+def max_context(items) -> int:
     return max(i.prompt_tokens + i.max_tokens for i in items) + 64  # chat template and tokenizer drift
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _check(args)
+        configs = _checked_configs(args)
     except EvalConfigError as err:
         print(f"h2o-vllm eval: error: {err}", file=sys.stderr)
         return 2
@@ -107,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"h2o-vllm eval: error: {err}", file=sys.stderr)
         return 2
-    configs = eval_configs(args.policies, args.budgets, args.window)
     jobs = [(c, i) for c in configs for i in items]
     print(f"[eval] {len(items)} items x {len(configs)} configurations = {len(jobs)} requests "
           f"({', '.join(c.name for c in configs)})", file=sys.stderr, flush=True)
@@ -117,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         answers = client.run_requests(args.base_url, jobs, model, select=args.select, concurrency=args.concurrency,
                                       timeout=args.request_timeout, api_key=args.api_key)
     else:
-        from h2o_vllm.testing import ServerProcess
+        from h2o_vllm.local_server import ServerProcess
 
-        serve_args = ["--max-model-len", str(max_context(items, args)), *shlex.split(args.serve_args)]
+        serve_args = ["--max-model-len", str(max_context(items)), *shlex.split(args.serve_args)]
         args.out.mkdir(parents=True, exist_ok=True)
         print(f"[eval] starting h2o-vllm serve {' '.join(serve_args)} (log: {args.out / 'server.log'})", file=sys.stderr, flush=True)
         with ServerProcess(serve_args, log_path=args.out / "server.log") as server:

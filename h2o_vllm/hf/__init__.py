@@ -1,6 +1,7 @@
 """H2O for Hugging Face transformers: an evicting ``Cache`` and the seed's enable/disable API."""
 
 from h2o_vllm.hf.api import (
+    disable_eviction,
     disable_h2o_llm,
     disable_streaming_llm,
     enable_h2o_llm,
@@ -12,6 +13,7 @@ from h2o_vllm.hf.cache import H2OCache
 
 __all__ = [
     "H2OCache",
+    "disable_eviction",
     "disable_h2o_llm",
     "disable_streaming_llm",
     "enable_h2o_llm",

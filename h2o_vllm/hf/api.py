@@ -4,7 +4,10 @@
     enable_h2o_llm(model, n_sink=8, recent_window=32, max_capacity=256)
     model.generate(**inputs, max_new_tokens=512)     # H2O: 8 sinks + 216 heavy hitters + 32 recent
     enable_streaming_llm(model, n_sink=8, window_size=256)
-    disable_streaming_llm(model)                     # back to the full cache
+    disable_eviction(model)                          # back to the full cache, whichever policy was on
+
+``disable_h2o_llm`` and ``disable_streaming_llm`` are the seed's names for ``disable_eviction``:
+each restores the full cache whatever policy was enabled.
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ def enable_h2o_llm(
         raise ValueError(
             f"max_capacity ({max_capacity}) must hold n_sink + recent_window ({n_sink} + {recent_window})"
         )
-    config = PolicyConfig("h2o", Budget(tokens=max_capacity), n_sink, recent_window, block_size, score_norm)
-    return enable_policy(model, config, per_layer=per_layer, per_head=per_head, prompt_window=prompt_window,
-                         score_reduce=score_reduce)
+    config = PolicyConfig("h2o", Budget(tokens=max_capacity), n_sink, recent_window, block_size, score_norm,
+                          prompt_window, score_reduce)
+    return enable_policy(model, config, per_layer=per_layer, per_head=per_head)
 
 
 def enable_streaming_llm(model, n_sink: int = 8, window_size: int = 256, *, block_size: int = 1):
@@ -51,11 +54,8 @@ def enable_streaming_llm(model, n_sink: int = 8, window_size: int = 256, *, bloc
     return enable_policy(model, config)
 
 
-def enable_policy(
-    model, config: PolicyConfig, *, per_layer: bool = False, per_head: bool = False, prompt_window: int | None = None,
-    score_reduce: str = "sum",
-):
-    """Any policy of the core. Re-enabling replaces the previous setting."""
+def enable_policy(model, config: PolicyConfig, *, per_layer: bool = False, per_head: bool = False):
+    """Any configuration of the policy core. Re-enabling replaces the previous setting."""
     attention.register()
     state = getattr(model, _STATE, None)
     if state is None:
@@ -64,8 +64,7 @@ def enable_policy(
     model.set_attn_implementation(attention.h2o_name(state["attn_implementation"]))
     if per_head and not per_layer:
         raise ValueError("per_head needs per_layer=True")
-    cache_kwargs = {"per_layer": per_layer, "per_head": per_head, "prompt_window": prompt_window, "score_reduce": score_reduce}
-    state["make_cache"] = lambda: H2OCache.for_model(model, config, **cache_kwargs)
+    state["make_cache"] = lambda: H2OCache.for_model(model, config, per_layer=per_layer, per_head=per_head)
     original_generate = state["generate"]
 
     @functools.wraps(original_generate)
@@ -86,8 +85,8 @@ def make_cache(model) -> H2OCache:
     return state["make_cache"]()
 
 
-def disable_streaming_llm(model):
-    """Back to the unmodified model: full cache, original attention."""
+def disable_eviction(model):
+    """Back to the unmodified model: full cache, original attention (whichever policy was enabled)."""
     state = getattr(model, _STATE, None)
     if state is None:
         return model
@@ -97,4 +96,6 @@ def disable_streaming_llm(model):
     return model
 
 
-disable_h2o_llm = disable_streaming_llm
+# The seed's names: each turns off whatever policy is enabled, not only its own.
+disable_h2o_llm = disable_eviction
+disable_streaming_llm = disable_eviction

@@ -18,7 +18,7 @@ does): the cache then treats (row, KV head) pairs as its rows, each with its
 own ledger and decisions, and hands attention ``[batch, kv_heads, ...]`` views.
 A KV head's score sums the query heads that share it (grouped-query attention).
 
-``score_reduce`` says how heads (and, with shared decisions, layers) are
+The configuration's ``score_reduce`` says how heads (and, with shared decisions, layers) are
 combined: ``"sum"`` adds every head's attention mass (the paper); ``"max"``
 takes, for each query, the largest mass any one head gives a block, then sums
 over queries. With one decision per block for 270 heads, a block that a few
@@ -36,7 +36,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from h2o_vllm.ledger import BlockLedger
-from h2o_vllm.policy import SCORE_REDUCE, PolicyConfig, make_policy
+from h2o_vllm.policy import PolicyConfig, make_policy
 
 # update() and the attention call of the same layer run back to back on one thread;
 # this is how the attention function finds the cache it belongs to.
@@ -134,28 +134,28 @@ class H2OCache(Cache):
         *,
         per_layer: bool = False,
         per_head: bool = False,
-        prompt_window: int | None = None,
-        score_reduce: str = "sum",
         score_chunk: int = 256,
     ):
-        if score_reduce not in SCORE_REDUCE:
-            raise ValueError(f"score_reduce must be one of {', '.join(SCORE_REDUCE)}, got {score_reduce!r}")
         if per_head and not per_layer:
             raise ValueError("per_head needs per_layer=True: a KV head of one layer has nothing to share with another layer's")
         super().__init__(layers=[EvictingLayer() for _ in range(num_layers)])
         # One config for every row, or one per batch row (rows never share decisions anyway).
         self.policy_config = policy_config
         self._row_configs = policy_config if isinstance(policy_config, list) else None
+        configs = self._row_configs or [policy_config]
+        scored = [c for c in configs if c.needs_scores]
+        if len({(c.prompt_window, c.score_reduce) for c in scored}) > 1:
+            raise ValueError("the scored rows of one H2OCache must share prompt_window and score_reduce")
+        # How attention is scored (prompt window, score reduction): the scored rows' common settings.
+        self.scoring: PolicyConfig | None = scored[0] if scored else None
+        self.evicts = any(c.policy != "none" for c in configs)
         self.per_layer = per_layer
         self.per_head = per_head
-        self.heads_apart = 1  # rows per batch row: its number of KV heads with per_head, else 1
-        # None: every prompt query scores (the paper's column sums); W: only the last W prompt queries.
-        self.prompt_window = prompt_window
-        self.score_reduce = score_reduce
+        # A "row" is a batch row, or with per_head a (batch row, KV head) pair: index b * rows_per_sequence + h.
+        self.rows_per_sequence = 1  # the number of KV heads with per_head
         self._row_max: list[torch.Tensor] = []  # score_reduce="max": per row [queries, blocks], max so far this step
         self.score_chunk = score_chunk
         self.padding: torch.Tensor | None = None  # [rows] left-padding tokens per row
-        # A "row" is a batch row, or with per_head a (batch row, KV head) pair: index b * heads_apart + h.
         self.ledgers: list[list[BlockLedger]] = []  # [score group][row]
         self.policies = []  # one per row, made at the first forward when the batch size is known
         self.stats = CacheStats()
@@ -186,12 +186,12 @@ class H2OCache(Cache):
                 "create it with H2OCache.for_model(model, ...) or use enable_h2o_llm(model, ...)"
             )
         if self.per_head:
-            self.heads_apart = key_states.shape[1]
-            key_states, value_states = _rows_per_head(key_states, self.heads_apart), _rows_per_head(value_states, self.heads_apart)
+            self.rows_per_sequence = key_states.shape[1]
+            key_states, value_states = _rows_per_head(key_states, self.rows_per_sequence), _rows_per_head(value_states, self.rows_per_sequence)
         keys, values = self.layers[layer_idx].update(key_states, value_states)
         _ACTIVE.cache = self
         if self.per_head:  # attention wants [batch, kv_heads, slots, dim] back
-            keys, values = _batch_rows(keys, self.heads_apart), _batch_rows(values, self.heads_apart)
+            keys, values = _batch_rows(keys, self.rows_per_sequence), _batch_rows(values, self.rows_per_sequence)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -200,7 +200,7 @@ class H2OCache(Cache):
     def resident_tokens(self) -> torch.Tensor:
         """[batch] KV tokens each batch row holds, averaged over layers (and KV heads with per_head)."""
         counts = torch.stack([(layer.positions >= self.padding[:, None]).sum(dim=1) for layer in self.layers]).double()
-        return counts.mean(dim=0).view(-1, self.heads_apart).mean(dim=1)
+        return counts.mean(dim=0).view(-1, self.rows_per_sequence).mean(dim=1)
 
     # -- called by the attention function -------------------------------------------------
 
@@ -213,13 +213,15 @@ class H2OCache(Cache):
             self._start(attention_mask, query.shape[0], q_len)
         if layer.compacted:
             allowed = self._allowed(layer, first_query, 0, q_len)  # [rows, 1, q, slots]
-            if self.heads_apart > 1:  # each query head sees its KV head's slots
+            if self.rows_per_sequence > 1:  # each query head sees its KV head's slots
                 heads = query.shape[1]
-                allowed = _batch_rows(allowed.expand(-1, heads // self.heads_apart, -1, -1), self.heads_apart)
+                allowed = _batch_rows(allowed.expand(-1, heads // self.rows_per_sequence, -1, -1), self.rows_per_sequence)
             attention_mask = _as_mask(allowed, query.dtype, additive_mask)
         out, weights = base_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        if any(p.config.policy != "none" for p in self.policies):
-            self._score(module, layer, layer_idx, query, key, weights, first_query, scaling)
+        if self.evicts:
+            self._grow_ledgers(layer, layer_idx)
+            if self.scoring is not None:
+                self._score(module, layer, layer_idx, query, key, weights, first_query, scaling)
             last_layer = layer_idx == len(self.layers) - 1
             if self.per_layer:
                 self._evict(layer_idx, [layer])
@@ -231,13 +233,13 @@ class H2OCache(Cache):
 
     def _start(self, attention_mask, batch: int, q_len: int) -> None:
         """First forward: learn each row's left padding and open the ledgers."""
-        self.padding = _left_padding(attention_mask, batch, q_len).repeat_interleave(self.heads_apart)
+        self.padding = _left_padding(attention_mask, batch, q_len).repeat_interleave(self.rows_per_sequence)
         groups = len(self.layers) if self.per_layer else 1
         configs = self._row_configs or [self.policy_config] * batch
         if len(configs) != batch:
             raise ValueError(f"{len(configs)} policy configs for a batch of {batch} rows")
-        configs = [c for c in configs for _ in range(self.heads_apart)]
-        batch *= self.heads_apart
+        configs = [c for c in configs for _ in range(self.rows_per_sequence)]
+        batch *= self.rows_per_sequence
         self.policies = [make_policy(c) for c in configs]
         self.ledgers = [[BlockLedger(c.block_size) for c in configs] for _ in range(groups)]
         self.stats.per_row_evicted = [[] for _ in range(batch)]
@@ -252,20 +254,21 @@ class H2OCache(Cache):
         allowed |= pos[:, None, :] == q_pos[None, :, None]
         return allowed[:, None]
 
+    def _grow_ledgers(self, layer: EvictingLayer, layer_idx: int) -> None:
+        for row, ledger in enumerate(self.ledgers[layer_idx if self.per_layer else 0]):
+            ledger.grow(layer.seen - int(self.padding[row]))
+
     def _score(self, module, layer, layer_idx, query, key, weights, first_query, scaling) -> None:
-        if self.heads_apart > 1:  # one row per KV head, with the query heads that share it
-            query, key = _rows_per_head(query, self.heads_apart), _rows_per_head(key, self.heads_apart)
-            weights = None if weights is None else _rows_per_head(weights, self.heads_apart)
+        if self.rows_per_sequence > 1:  # one row per KV head, with the query heads that share it
+            query, key = _rows_per_head(query, self.rows_per_sequence), _rows_per_head(key, self.rows_per_sequence)
+            weights = None if weights is None else _rows_per_head(weights, self.rows_per_sequence)
         q_len = query.shape[2]
         is_prompt = first_query == 0
-        row_start = max(0, q_len - self.prompt_window) if (is_prompt and self.prompt_window) else 0
+        row_start = self.scoring.first_scored_prompt_row(q_len) if is_prompt else 0
         batch, width = layer.positions.shape
-        group = layer_idx if self.per_layer else 0
-        ledgers = self.ledgers[group]
-        for row, ledger in enumerate(ledgers):
-            ledger.grow(layer.seen - int(self.padding[row]))
+        ledgers = self.ledgers[layer_idx if self.per_layer else 0]
         logical = layer.positions - self.padding[:, None]  # [B, W]; < 0: padding or empty slot
-        use_max = self.score_reduce == "max"
+        use_max = self.scoring.score_reduce == "max"
         if use_max and (self.per_layer or layer_idx == 0):
             self._row_max = [torch.zeros(q_len - row_start, ledger.num_blocks) for ledger in ledgers]
         mass = torch.zeros(batch, width, dtype=torch.float64)
@@ -322,14 +325,14 @@ class H2OCache(Cache):
             layer.keep_only(keep)
 
 
-def _rows_per_head(t: torch.Tensor, heads_apart: int) -> torch.Tensor:
-    """[batch, heads, ...] -> [batch * heads_apart, heads // heads_apart, ...] (row b * heads_apart + h)."""
-    return t.reshape(t.shape[0] * heads_apart, t.shape[1] // heads_apart, *t.shape[2:])
+def _rows_per_head(t: torch.Tensor, rows_per_sequence: int) -> torch.Tensor:
+    """[batch, heads, ...] -> [batch * rows_per_sequence, heads // rows_per_sequence, ...] (row b * rows_per_sequence + h)."""
+    return t.reshape(t.shape[0] * rows_per_sequence, t.shape[1] // rows_per_sequence, *t.shape[2:])
 
 
-def _batch_rows(t: torch.Tensor, heads_apart: int) -> torch.Tensor:
+def _batch_rows(t: torch.Tensor, rows_per_sequence: int) -> torch.Tensor:
     """The inverse of :func:`_rows_per_head`."""
-    return t.reshape(t.shape[0] // heads_apart, t.shape[1] * heads_apart, *t.shape[2:])
+    return t.reshape(t.shape[0] // rows_per_sequence, t.shape[1] * rows_per_sequence, *t.shape[2:])
 
 
 def _left_padding(attention_mask, batch: int, q_len: int) -> torch.Tensor:

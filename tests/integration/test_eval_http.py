@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from h2o_vllm.assets import DEFAULT_SERVED_NAME as MODEL
-from h2o_vllm.testing import ServerProcess
+from h2o_vllm.local_server import ServerProcess
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

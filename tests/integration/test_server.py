@@ -16,7 +16,7 @@ import pytest
 
 from h2o_vllm import plugin
 from h2o_vllm.assets import DEFAULT_SERVED_NAME
-from h2o_vllm.testing import ServerProcess
+from h2o_vllm.local_server import ServerProcess
 
 pytestmark = pytest.mark.integration
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks that drive a real ``h2o-vllm serve`` process.
+"""A local ``h2o-vllm serve`` process on loopback, used by ``h2o-vllm eval``, the load benchmark and the tests.
 
 The server always runs on a loopback address, its start is bounded in time, and
 it is stopped (with its whole process group: API server, engine core, workers)

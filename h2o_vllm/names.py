@@ -1,0 +1,171 @@
+"""One name grammar for a configuration, used by aliases, the evaluation and the benchmarks.
+
+    NAME    := "full" | POLICY ["_" BUDGET] {"_" OPTION}
+    POLICY  := "h2o" | "streaming"
+    BUDGET  := P% | a fraction up to 1 (0.2) | a token count (256)
+    OPTION  := sinkN            N sink tokens
+             | recentN          N recent tokens
+             | rNN              NN% of what the sinks leave goes to the recent window (benchmarks)
+             | windowN          the prompt is scored by its last N query rows (observation window)
+             | mean | max       score_norm="mean", score_reduce="max"
+             | bN               blocks of N tokens
+             | layer | head     transformers only: per-layer, or per-layer-and-KV-head decisions
+
+Examples: ``h2o_20%``, ``h2o_20%_window8_max``, ``streaming_256``, ``h2o_1024_sink32_recent64``.
+A name without a budget (``h2o_window8_max``) is a *family*: the evaluation
+crosses families with budgets. What a name leaves out comes from a base
+configuration (the server's defaults, or a benchmark's).
+
+Older spellings stay accepted: ``h2o-0.2`` and ``streaming-256`` (model-name
+aliases), ``h2o-window``, ``h2o-window-max`` and ``h2o-mean`` (evaluation
+policies, with an ``_P%`` budget after them), ``h2o_S_R_C`` and ``streaming_S_W``
+(sinks, recent and capacity of the perplexity benchmark), ``baseline`` and
+``none`` for ``full``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from h2o_vllm.policy import Budget, PolicyConfig, PolicyConfigError
+
+# Canonical order of the options in a name.
+_OPTIONS = (
+    ("sink", r"sink(\d+)"),
+    ("recent", r"recent(\d+)"),
+    ("recent_share", r"r(\d+)"),
+    ("window", r"window(\d+)"),
+    ("mean", r"mean"),
+    ("max", r"max"),
+    ("block", r"b(\d+)"),
+    ("layer", r"layer"),
+    ("head", r"head"),
+)
+# Evaluation policies of the first wave -> options of this grammar ({w}: the observation window).
+_LEGACY_FAMILIES = {"h2o-window": "window{w}", "h2o-window-max": "window{w}_max", "h2o-mean": "mean"}
+DEFAULT_WINDOW = 8  # query rows: the needle's question ("What is the pass key? The pass key is")
+
+
+class ConfigNameError(ValueError):
+    """A configuration name that does not parse."""
+
+
+@dataclass(frozen=True)
+class NamedConfig:
+    """What a name says: a configuration, which of its fields the name set, and transformers-only options."""
+
+    config: PolicyConfig
+    named: frozenset = field(default_factory=frozenset)  # PolicyConfig attributes the name set
+    per_layer: bool = False
+    per_head: bool = False
+    recent_share: float | None = None  # rNN: share of (budget - sinks) kept recent
+
+    @property
+    def is_full(self) -> bool:
+        return self.config.policy == "none"
+
+    @property
+    def has_budget(self) -> bool:
+        return "budget" in self.named
+
+    def with_budget(self, budget: Budget) -> "NamedConfig":
+        return NamedConfig(self.config.replace(budget=budget), self.named | {"budget"}, self.per_layer, self.per_head,
+                           self.recent_share)
+
+    @property
+    def family(self) -> str:
+        """The name without its budget."""
+        return format_name(self, budget=False)
+
+    @property
+    def name(self) -> str:
+        return format_name(self)
+
+
+def _budget_text(budget: Budget) -> str:
+    return f"{budget.tokens}" if budget.tokens is not None else f"{budget.fraction * 100:g}%"
+
+
+def format_name(named: NamedConfig, budget: bool = True) -> str:
+    """The canonical spelling of ``named``: only what it set, options in a fixed order."""
+    if named.is_full:
+        return "full"
+    c, parts = named.config, [named.config.policy]
+    if budget and named.has_budget:
+        parts.append(_budget_text(c.budget))
+    values = {
+        "sink": c.n_sink if "n_sink" in named.named else None,
+        "recent": c.n_recent if "n_recent" in named.named and named.recent_share is None else None,
+        "recent_share": None if named.recent_share is None else round(named.recent_share * 100),
+        "window": c.prompt_window if "prompt_window" in named.named else None,
+        "mean": ("score_norm" in named.named and c.score_norm == "mean") or None,
+        "max": ("score_reduce" in named.named and c.score_reduce == "max") or None,
+        "block": c.block_size if "block_size" in named.named else None,
+        "layer": (named.per_layer and not named.per_head) or None,
+        "head": named.per_head or None,
+    }
+    for key, pattern in _OPTIONS:
+        value = values[key]
+        if value is None:
+            continue
+        prefix = pattern.split("(")[0]
+        parts.append(prefix if value is True else f"{prefix}{value}")
+    return "_".join(parts)
+
+
+def _legacy(name: str, window: int) -> str:
+    """An older spelling rewritten in this grammar (unchanged if it is not one)."""
+    if name in ("baseline", "none"):
+        return "full"
+    family, _, budget = name.partition("_")
+    if family in _LEGACY_FAMILIES:  # h2o-window-max_20% -> h2o_20%_window8_max
+        return "_".join(p for p in ("h2o", budget, _LEGACY_FAMILIES[family].format(w=window)) if p)
+    if m := re.fullmatch(r"(h2o|streaming)-([^_]+)", name):  # model-name aliases: h2o-0.2
+        return f"{m.group(1)}_{m.group(2)}"
+    if m := re.fullmatch(r"h2o_(\d+)_(\d+)_(\d+)((?:_\w+)?)", name):  # sinks, recent, capacity
+        return f"h2o_{m.group(3)}_sink{m.group(1)}_recent{m.group(2)}{m.group(4)}"
+    if m := re.fullmatch(r"streaming_(\d+)_(\d+)((?:_\w+)?)", name):  # sinks, window
+        sink, recent = int(m.group(1)), int(m.group(2))
+        return f"streaming_{sink + recent}_sink{sink}_recent{recent}{m.group(3)}"
+    return name
+
+
+def parse_name(name: str, base: PolicyConfig | None = None, *, window: int = DEFAULT_WINDOW) -> NamedConfig:
+    """``name`` in this grammar (or an older spelling) over ``base``; ``window`` fills the legacy h2o-window names."""
+    base = base or PolicyConfig()
+    text = _legacy(name.strip(), window)
+    if text == "full":
+        return NamedConfig(base.replace(policy="none"), frozenset({"policy"}))
+    policy, *parts = text.split("_")
+    if policy not in ("h2o", "streaming"):
+        raise ConfigNameError(f"configuration {name!r}: it must start with h2o, streaming or be full")
+    changes: dict = {"policy": policy}
+    found: dict[str, str | None] = {}
+    if parts and re.fullmatch(r"\d+(?:\.\d+)?%?", parts[0]):
+        try:
+            changes["budget"] = Budget.parse(parts.pop(0))
+        except ValueError as exc:
+            raise ConfigNameError(f"configuration {name!r}: {exc}") from None
+    for part in parts:
+        key = next((k for k, pattern in _OPTIONS if re.fullmatch(pattern, part)), None)
+        if key is None or key in found:
+            options = ", ".join(p.replace(r"(\d+)", "N") for _, p in _OPTIONS)
+            raise ConfigNameError(f"configuration {name!r}: unknown or repeated option {part!r}; options: {options}")
+        match = re.fullmatch(dict(_OPTIONS)[key], part)
+        found[key] = match.group(1) if match.groups() else None
+    attrs = {"sink": "n_sink", "recent": "n_recent", "window": "prompt_window", "block": "block_size"}
+    for key, attr in attrs.items():
+        if key in found:
+            changes[attr] = int(found[key])
+    if "mean" in found:
+        changes["score_norm"] = "mean"
+    if "max" in found:
+        changes["score_reduce"] = "max"
+    try:
+        config = base.replace(**changes)
+    except PolicyConfigError as exc:
+        raise ConfigNameError(f"configuration {name!r}: {exc}") from None
+    share = int(found["recent_share"]) / 100 if "recent_share" in found else None
+    return NamedConfig(config, frozenset(changes), per_layer="layer" in found or "head" in found,
+                       per_head="head" in found, recent_share=share)
