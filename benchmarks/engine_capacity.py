@@ -65,8 +65,12 @@ def run_config(name: str, prompts, new_tokens: int, args) -> dict:
 
     model = str(prepare_default_model(log=lambda *_: None).path)
     kwargs = dict(
-        dtype=args.dtype, max_model_len=len(prompts[0]) + new_tokens, seed=0, enforce_eager=not args.compile,
-        num_gpu_blocks_override=args.pool_blocks, kv_cache_memory_bytes=1 << 30,
+        dtype=args.dtype,
+        max_model_len=len(prompts[0]) + new_tokens,
+        seed=0,
+        enforce_eager=not args.compile,
+        num_gpu_blocks_override=args.pool_blocks,
+        kv_cache_memory_bytes=1 << 30,
         max_num_seqs=args.max_num_seqs,
         block_size=BLOCK,  # the same pool in tokens for every configuration (vLLM's CPU default is 128)
     )
@@ -129,8 +133,10 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot(r["running_per_step"], label=f"{r['config']} (max {r['max_running']})")
     ax.set_xlabel("engine step")
     ax.set_ylabel("requests running")
-    ax.set_title(f"{rows[0]['requests']} requests, {rows[0]['prompt_tokens']}-token prompts, "
-                 f"{rows[0]['new_tokens']} new tokens, pool {rows[0]['pool_blocks']} blocks")
+    ax.set_title(
+        f"{rows[0]['requests']} requests, {rows[0]['prompt_tokens']}-token prompts, "
+        f"{rows[0]['new_tokens']} new tokens, pool {rows[0]['pool_blocks']} blocks"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -166,12 +172,18 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for rep in range(repeats):
         for name in configs:
-            print(f"[{args.workload}] {name} (run {rep + 1}/{repeats}): {num} x {length} prompt tokens, "
-                  f"{new} new tokens, pool {args.pool_blocks} blocks ...", flush=True)
+            print(
+                f"[{args.workload}] {name} (run {rep + 1}/{repeats}): {num} x {length} prompt tokens, "
+                f"{new} new tokens, pool {args.pool_blocks} blocks ...",
+                flush=True,
+            )
             result = run_config(name, prompts, new, args)
             runs[name].append(result)
-            print(f"    max running {result['max_running']}, preemptions {result['preemptions']}, "
-                  f"{result['output_tok_s']:.1f} output tok/s in {result['wall_s']:.1f} s", flush=True)
+            print(
+                f"    max running {result['max_running']}, preemptions {result['preemptions']}, "
+                f"{result['output_tok_s']:.1f} output tok/s in {result['wall_s']:.1f} s",
+                flush=True,
+            )
     rows = []
     for name in configs:
         best = max(runs[name], key=lambda r: r["output_tok_s"])  # least disturbed by the shared machine

@@ -33,8 +33,12 @@ import torch
 # StreamingLLM, H2O as the paged engine decides (32-token blocks, one decision for all layers
 # and heads), and H2O as it wins the perplexity benchmark (tokens, per layer and KV head, mean).
 DEFAULT_CONFIGS = [
-    "streaming_20%", "h2o_20%_b32", "h2o_20%_mean_head",
-    "streaming_50%", "h2o_50%_b32", "h2o_50%_mean_head",
+    "streaming_20%",
+    "h2o_20%_b32",
+    "h2o_20%_mean_head",
+    "streaming_50%",
+    "h2o_50%_b32",
+    "h2o_50%_mean_head",
 ]
 
 
@@ -76,12 +80,21 @@ def generate(model, spec: Spec, prompts: torch.Tensor, new_tokens: int) -> torch
 
     from h2o_vllm.hf import H2OCache
 
-    cache = DynamicCache() if spec.policy_config is None else H2OCache.for_model(
-        model, spec.policy_config, per_layer=spec.per_layer, per_head=spec.per_head)
+    cache = (
+        DynamicCache()
+        if spec.policy_config is None
+        else H2OCache.for_model(model, spec.policy_config, per_layer=spec.per_layer, per_head=spec.per_head)
+    )
     with torch.no_grad():
-        out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), past_key_values=cache,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return out[:, prompts.shape[1]:]
+        out = model.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
+    return out[:, prompts.shape[1] :]
 
 
 def main() -> int:
@@ -120,20 +133,36 @@ def main() -> int:
         tokens = timed(spec)
         matched = [matched_prefix(t.tolist(), r.tolist()) for t, r in zip(tokens, reference)]
         rouge = [rouge_l(tokenizer.decode(t), ref) for t, ref in zip(tokens, reference_text)]
-        rows.append({"config": spec.name, "matched_tokens": matched, "rouge_l": rouge,
-                     "mean_matched_tokens": sum(matched) / len(matched), "mean_rouge_l": sum(rouge) / len(rouge)})
-        print(f"  {spec.name}: matched {rows[-1]['mean_matched_tokens']:.1f} tokens, ROUGE-L "
-              f"{rows[-1]['mean_rouge_l']:.3f} (per prompt: {matched})", flush=True)
+        rows.append(
+            {
+                "config": spec.name,
+                "matched_tokens": matched,
+                "rouge_l": rouge,
+                "mean_matched_tokens": sum(matched) / len(matched),
+                "mean_rouge_l": sum(rouge) / len(rouge),
+            }
+        )
+        print(
+            f"  {spec.name}: matched {rows[-1]['mean_matched_tokens']:.1f} tokens, ROUGE-L "
+            f"{rows[-1]['mean_rouge_l']:.3f} (per prompt: {matched})",
+            flush=True,
+        )
     command = "python benchmarks/hf_fidelity.py " + " ".join(sys.argv[1:])
     lines = ["| config | tokens matched (mean) | ROUGE-L (mean) | tokens matched per prompt |", "|---|---|---|---|"]
-    lines += [f"| {r['config']} | {r['mean_matched_tokens']:.1f} | {r['mean_rouge_l']:.3f} | {r['matched_tokens']} |"
-              for r in rows]
-    table = (f"Greedy continuations in transformers (SmolLM2-135M-Instruct, float32, SDPA): {args.prompts} essay "
-             f"excerpts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.sink} sink tokens, "
-             "compared with the full cache's continuation.\n\n" + "\n".join(lines) + f"\n\nProduced by:\n\n    {command}\n")
+    lines += [
+        f"| {r['config']} | {r['mean_matched_tokens']:.1f} | {r['mean_rouge_l']:.3f} | {r['matched_tokens']} |"
+        for r in rows
+    ]
+    table = (
+        f"Greedy continuations in transformers (SmolLM2-135M-Instruct, float32, SDPA): {args.prompts} essay "
+        f"excerpts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.sink} sink tokens, "
+        "compared with the full cache's continuation.\n\n" + "\n".join(lines) + f"\n\nProduced by:\n\n    {command}\n"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"command": command, "settings": {k: str(v) for k, v in vars(args).items()},
-                                                       "rows": rows}, indent=1) + "\n")
+    (args.out / "results.json").write_text(
+        json.dumps({"command": command, "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
+        + "\n"
+    )
     (args.out / "table.md").write_text(table)
     print(table)
     return 0

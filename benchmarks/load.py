@@ -82,7 +82,9 @@ class MetricsMonitor(threading.Thread):
         self.join(timeout=10)
 
 
-def server_args(name: str, pool_blocks: int, max_model_len: int, ideal_seqs: int | None, compile_model: bool) -> list[str]:
+def server_args(
+    name: str, pool_blocks: int, max_model_len: int, ideal_seqs: int | None, compile_model: bool
+) -> list[str]:
     common = ["--max-model-len", str(max_model_len), "--block-size", str(BLOCK)]
     if not compile_model:
         common.append("--enforce-eager")
@@ -92,24 +94,65 @@ def server_args(name: str, pool_blocks: int, max_model_len: int, ideal_seqs: int
         big = 4 * pool_blocks * 8
         return [*common, "--no-h2o", "--num-gpu-blocks-override", str(big), "--max-num-seqs", str(ideal_seqs)]
     policy, _, budget = name.partition("_")
-    return [*common, "--num-gpu-blocks-override", str(pool_blocks + 1),  # +1: vLLM's null block
-            "--h2o-policy", policy, "--h2o-budget", budget, "--h2o-aliases", ""]
+    return [
+        *common,
+        "--num-gpu-blocks-override",
+        str(pool_blocks + 1),  # +1: vLLM's null block
+        "--h2o-policy",
+        policy,
+        "--h2o-budget",
+        budget,
+        "--h2o-aliases",
+        "",
+    ]
 
 
 def bench_command(args, base_url: str, result_dir: Path, filename: str) -> list[str]:
     from h2o_vllm.assets import DEFAULT_SERVED_NAME, prepare_default_model
 
     cmd = [
-        sys.executable, "-m", "h2o_vllm.cli", "vllm", "bench", "serve",
-        "--backend", "vllm", "--base-url", base_url, "--model", DEFAULT_SERVED_NAME,
-        "--tokenizer", str(prepare_default_model(log=lambda *_: None).path),
-        "--num-prompts", str(args.num_prompts), "--request-rate", "inf", "--seed", "0",
-        "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
-        "--save-result", "--result-dir", str(result_dir), "--result-filename", filename,
+        sys.executable,
+        "-m",
+        "h2o_vllm.cli",
+        "vllm",
+        "bench",
+        "serve",
+        "--backend",
+        "vllm",
+        "--base-url",
+        base_url,
+        "--model",
+        DEFAULT_SERVED_NAME,
+        "--tokenizer",
+        str(prepare_default_model(log=lambda *_: None).path),
+        "--num-prompts",
+        str(args.num_prompts),
+        "--request-rate",
+        "inf",
+        "--seed",
+        "0",
+        "--percentile-metrics",
+        "ttft,tpot,itl",
+        "--metric-percentiles",
+        "50,99",
+        "--save-result",
+        "--result-dir",
+        str(result_dir),
+        "--result-filename",
+        filename,
     ]
     if args.workload == "kv":
-        cmd += ["--dataset-name", "random", "--random-input-len", str(args.input_len),
-                "--random-output-len", str(args.output_len), "--random-range-ratio", "0", "--ignore-eos"]
+        cmd += [
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            str(args.input_len),
+            "--random-output-len",
+            str(args.output_len),
+            "--random-range-ratio",
+            "0",
+            "--ignore-eos",
+        ]
     else:
         # EOS ignored here too: each request then generates exactly its recorded answer's
         # length, so every configuration does the same work (with EOS, sampled answers end
@@ -163,8 +206,11 @@ def run_config(name: str, args, ideal_seqs: int | None) -> dict:
     for metric in ("ttft", "tpot", "itl"):
         for p in ("p50", "p99"):
             row[f"{p}_{metric}_ms"] = result.get(f"{p}_{metric}_ms")
-    print(f"    {row['output_tok_s']:.1f} output tok/s, {row['max_running']} running at most, "
-          f"{row['preemptions']} preemptions, p99 TPOT {row['p99_tpot_ms']:.1f} ms ({wall:.0f} s)", flush=True)
+    print(
+        f"    {row['output_tok_s']:.1f} output tok/s, {row['max_running']} running at most, "
+        f"{row['preemptions']} preemptions, p99 TPOT {row['p99_tpot_ms']:.1f} ms ({wall:.0f} s)",
+        flush=True,
+    )
     return row
 
 
@@ -175,8 +221,10 @@ def ideal_pool(args) -> int:
 def table(rows: list[dict]) -> str:
     by = {r["config"]: r for r in rows}
     vanilla, ideal = by.get("vanilla"), by.get("ideal")
-    head = ("| config | output tok/s | x vanilla | of ideal | req/s | max running | x vanilla running | preemptions "
-            "| peak KV blocks | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms | failed |")
+    head = (
+        "| config | output tok/s | x vanilla | of ideal | req/s | max running | x vanilla running | preemptions "
+        "| peak KV blocks | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms | failed |"
+    )
     lines = [head, "|" + "---|" * 13]
     for r in rows:
         xv = f"{r['output_tok_s'] / vanilla['output_tok_s']:.2f}" if vanilla else ""
@@ -200,11 +248,15 @@ def plot(rows: list[dict], args) -> None:
         print("matplotlib is not installed: no plots (scripts/setup.sh installs it)")
         return
     by = {r["config"]: r for r in rows}
-    for key, label, fname in (("output_tok_s", "output tokens/s", "throughput"), ("p99_tpot_ms", "p99 TPOT (ms)", "tpot")):
+    for key, label, fname in (
+        ("output_tok_s", "output tokens/s", "throughput"),
+        ("p99_tpot_ms", "p99 TPOT (ms)", "tpot"),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4))
         for policy in ("h2o", "streaming"):
             points = sorted(
-                (float(n.split("_")[1].rstrip("%")), r[key]) for n, r in by.items()
+                (float(n.split("_")[1].rstrip("%")), r[key])
+                for n, r in by.items()
                 if n.startswith(policy + "_") and n.endswith("%")
             )
             if points:
@@ -225,21 +277,27 @@ def plot(rows: list[dict], args) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workload", choices=["kv", "sharegpt"])
-    parser.add_argument("--configs", nargs="+",
-                        default=["vanilla", "h2o_20%", "ideal", "streaming_20%", "h2o_10%", "h2o_50%"],
-                        help="ideal needs h2o_20%% before it in the list")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["vanilla", "h2o_20%", "ideal", "streaming_20%", "h2o_10%", "h2o_50%"],
+        help="ideal needs h2o_20%% before it in the list",
+    )
     parser.add_argument("--num-prompts", type=int, help="default 16 (kv), 64 (sharegpt)")
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=512)
-    parser.add_argument("--pool-blocks", type=int,
-                        help="KV pool in blocks of 32; default: two full kv requests (96), 400 for sharegpt")
+    parser.add_argument(
+        "--pool-blocks", type=int, help="KV pool in blocks of 32; default: two full kv requests (96), 400 for sharegpt"
+    )
     parser.add_argument("--max-model-len", type=int, help="default: input + output (kv), 2048 (sharegpt)")
     parser.add_argument("--compile", action="store_true", help="let vLLM compile the model (default: --enforce-eager)")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per configuration's benchmark")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "load")
     args = parser.parse_args(argv)
     args.num_prompts = args.num_prompts or (16 if args.workload == "kv" else 64)
-    args.pool_blocks = args.pool_blocks or (2 * (args.input_len + args.output_len) // BLOCK if args.workload == "kv" else 400)
+    args.pool_blocks = args.pool_blocks or (
+        2 * (args.input_len + args.output_len) // BLOCK if args.workload == "kv" else 400
+    )
     args.max_model_len = args.max_model_len or (args.input_len + args.output_len if args.workload == "kv" else 2048)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.workload == "sharegpt":
@@ -255,8 +313,14 @@ def main(argv=None) -> int:
             ideal_seqs = row["max_running"]
         if rows:
             command = "python benchmarks/load.py " + " ".join(argv if argv is not None else sys.argv[1:])
-            meta = {"command": command, "pool_blocks": args.pool_blocks, "num_prompts": args.num_prompts,
-                    "input_len": args.input_len, "output_len": args.output_len, "ideal_max_num_seqs": ideal_seqs}
+            meta = {
+                "command": command,
+                "pool_blocks": args.pool_blocks,
+                "num_prompts": args.num_prompts,
+                "input_len": args.input_len,
+                "output_len": args.output_len,
+                "ideal_max_num_seqs": ideal_seqs,
+            }
             (args.out / f"{args.workload}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
             md = table(rows) + f"\n\nProduced by:\n    {command}\n"
             (args.out / f"{args.workload}.md").write_text(md)

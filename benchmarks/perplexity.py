@@ -46,8 +46,16 @@ import torch
 
 DEFAULT_CONFIGS = [
     "baseline",
-    "streaming_8_256", "h2o_8_32_256", "streaming_8_504", "h2o_8_64_512",
-    "streaming_10%", "h2o_10%", "streaming_20%", "h2o_20%", "streaming_50%", "h2o_50%",
+    "streaming_8_256",
+    "h2o_8_32_256",
+    "streaming_8_504",
+    "h2o_8_64_512",
+    "streaming_10%",
+    "h2o_10%",
+    "streaming_20%",
+    "h2o_20%",
+    "streaming_50%",
+    "h2o_50%",
 ]
 
 
@@ -86,8 +94,14 @@ def parse_config(name: str, max_tokens: int) -> RunSpec:
     if named.recent_share is not None:
         cfg = cfg.replace(n_recent=round(named.recent_share * (tokens - cfg.n_sink)))
     cfg = cfg.replace(budget=Budget(tokens=tokens))
-    return RunSpec(name, cfg, named.per_layer, named.per_head, relative=True,
-                   label=f"{named.config.budget.fraction * 100:g}% of N = {tokens}")
+    return RunSpec(
+        name,
+        cfg,
+        named.per_layer,
+        named.per_head,
+        relative=True,
+        label=f"{named.config.budget.fraction * 100:g}% of N = {tokens}",
+    )
 
 
 def budget_tokens(spec: RunSpec, length: int) -> int:
@@ -129,8 +143,12 @@ def run_pass(model, specs: list[RunSpec], ids: torch.Tensor, log_every: int) -> 
     else:
         row_configs = [spec.policy_config for spec in specs for _ in range(corpora)]
         # Streaming rows decide without scores, so they follow a per-layer or per-head pass unchanged.
-        cache = H2OCache.for_model(model, row_configs, per_layer=any(spec.per_layer for spec in specs),
-                                   per_head=any(spec.per_head for spec in specs))
+        cache = H2OCache.for_model(
+            model,
+            row_configs,
+            per_layer=any(spec.per_layer for spec in specs),
+            per_head=any(spec.per_head for spec in specs),
+        )
     nll = torch.zeros(batch_ids.shape[0], n - 1, dtype=torch.float64)
     peak_tokens = torch.zeros(batch_ids.shape[0], dtype=torch.float64)
     start = time.perf_counter()
@@ -141,7 +159,9 @@ def run_pass(model, specs: list[RunSpec], ids: torch.Tensor, log_every: int) -> 
             peak_tokens = torch.maximum(peak_tokens, resident_tokens(cache))
             if (t + 1) % log_every == 0 or t == n - 2:
                 rate = batch_ids.shape[0] * (t + 1) / (time.perf_counter() - start)
-                ppl = " ".join(f"{spec.name}={math.exp(nll[k * corpora, : t + 1].mean()):.2f}" for k, spec in enumerate(specs))
+                ppl = " ".join(
+                    f"{spec.name}={math.exp(nll[k * corpora, : t + 1].mean()):.2f}" for k, spec in enumerate(specs)
+                )
                 print(f"  {t + 1}/{n - 1} tokens ({rate:.1f} tok/s over {batch_ids.shape[0]} rows): {ppl}", flush=True)
     return {"nll": nll, "peak_kv_bytes": peak_tokens * kv_bytes_per_token(model)}
 
@@ -152,8 +172,11 @@ def time_alone(model, spec: RunSpec, ids: torch.Tensor) -> float:
 
     from h2o_vllm.hf import H2OCache
 
-    cache = DynamicCache() if spec.policy_config is None else H2OCache.for_model(
-        model, spec.policy_config, per_layer=spec.per_layer, per_head=spec.per_head)
+    cache = (
+        DynamicCache()
+        if spec.policy_config is None
+        else H2OCache.for_model(model, spec.policy_config, per_layer=spec.per_layer, per_head=spec.per_head)
+    )
     start = time.perf_counter()
     with torch.no_grad():
         for t in range(ids.shape[1]):
@@ -168,14 +191,19 @@ def pass_groups(specs: list[RunSpec], max_tokens: int, one_pass: bool = False) -
     H2O rows only share a pass with H2O rows of the same per_layer, per_head and score_reduce settings.
     """
     groups: dict[tuple, list[RunSpec]] = {}
-    layered = {(s.per_layer, s.per_head, s.score_reduce) for s in specs
-               if s.policy_config is not None and s.policy_config.policy == "h2o"}
+    layered = {
+        (s.per_layer, s.per_head, s.score_reduce)
+        for s in specs
+        if s.policy_config is not None and s.policy_config.policy == "h2o"
+    }
     for spec in specs:
         if spec.policy_config is None:
             key = ("baseline",)
         elif one_pass:
             if len(layered) > 1:
-                raise SystemExit("--one-pass needs all H2O configurations to share _layer, _head and _max (all or none)")
+                raise SystemExit(
+                    "--one-pass needs all H2O configurations to share _layer, _head and _max (all or none)"
+                )
             key = ("all",)
         else:
             key = (spec.per_layer, spec.per_head, spec.score_reduce, budget_tokens(spec, max_tokens).bit_length())
@@ -197,7 +225,9 @@ def write_table(entries: list[dict], out: Path) -> str:
     lengths = sorted({e["length"] for e in entries})
     configs = list(dict.fromkeys(e["config"] for e in entries))
     by_key = {(e["config"], e["corpus"], e["length"]): e for e in entries}
-    header = ["config"] + [f"{c} {n}" for c in corpora for n in lengths] + ["budget (tokens)", "tok/s alone", "peak KV MiB"]
+    header = (
+        ["config"] + [f"{c} {n}" for c in corpora for n in lengths] + ["budget (tokens)", "tok/s alone", "peak KV MiB"]
+    )
     timed = {}
     for e in entries:  # the timing of a configuration comes from whichever run measured it
         if e["tokens_per_s"] == e["tokens_per_s"] and e["config"] not in timed:
@@ -216,8 +246,12 @@ def write_table(entries: list[dict], out: Path) -> str:
         row += ["; ".join(budgets), f"{speed['tokens_per_s']:.1f}" if speed else "", f"{peak / 2**20:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     timing = "/".join(sorted({str(e["timing_tokens"]) for e in timed.values()})) or "?"
-    commands = "\n".join(f"    {c}" for c in dict.fromkeys(
-        [e["command"] for e in entries] + [e["timing_command"] for e in entries if "timing_command" in e]))
+    commands = "\n".join(
+        f"    {c}"
+        for c in dict.fromkeys(
+            [e["command"] for e in entries] + [e["timing_command"] for e in entries if "timing_command" in e]
+        )
+    )
     text = (
         "Streaming perplexity (lower is better) of SmolLM2-135M-Instruct in float32, token by token: each token\n"
         "is scored under the cache its policy had left after the previous one. Columns: corpus and number of\n"
@@ -240,13 +274,23 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=None, help="default: the prepared default model")
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--timing-tokens", type=int, default=1024,
-                        help="tokens/s is measured per configuration alone over this many essay tokens (0: skip)")
+    parser.add_argument(
+        "--timing-tokens",
+        type=int,
+        default=1024,
+        help="tokens/s is measured per configuration alone over this many essay tokens (0: skip)",
+    )
     parser.add_argument("--log-every", type=int, default=256)
-    parser.add_argument("--timing-only", action="store_true",
-                        help="only re-measure tok/s of the given configurations in existing results")
-    parser.add_argument("--one-pass", action="store_true",
-                        help="run every non-baseline configuration in one batched pass (faster, more memory)")
+    parser.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="only re-measure tok/s of the given configurations in existing results",
+    )
+    parser.add_argument(
+        "--one-pass",
+        action="store_true",
+        help="run every non-baseline configuration in one batched pass (faster, more memory)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/perplexity"))
     args = parser.parse_args()
 
@@ -272,14 +316,18 @@ def main() -> int:
     command = "python benchmarks/perplexity.py " + " ".join(sys.argv[1:])
 
     def load_model():
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=args.attn).eval()
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation=args.attn
+        ).eval()
 
     timing_ids = ids[:1, : args.timing_tokens]
     if args.timing_only:  # re-measure speed only, e.g. after a run that shared the machine
         entries = load_results(results_path)
         for spec in specs:
             speed = time_alone(load_model(), spec, timing_ids)
-            print(f"  {spec.name}: {speed:.1f} tok/s alone over the first {args.timing_tokens} essay tokens", flush=True)
+            print(
+                f"  {spec.name}: {speed:.1f} tok/s alone over the first {args.timing_tokens} essay tokens", flush=True
+            )
             for e in entries:
                 if e["config"] == spec.name:
                     e.update(tokens_per_s=speed, timing_tokens=args.timing_tokens, timing_command=command)
@@ -293,22 +341,34 @@ def main() -> int:
         entries = load_results(results_path)
         for k, spec in enumerate(group):
             speed = time_alone(load_model(), spec, timing_ids) if args.timing_tokens else float("nan")
-            print(f"  {spec.name}: {speed:.1f} tok/s alone over the first {args.timing_tokens} essay tokens", flush=True)
+            print(
+                f"  {spec.name}: {speed:.1f} tok/s alone over the first {args.timing_tokens} essay tokens", flush=True
+            )
             lengths = [args.max_tokens] if spec.relative else report_at
-            entries = [e for e in entries if not (e["config"] == spec.name and e["corpus"] in args.corpora
-                                                  and e["length"] in lengths)]
+            entries = [
+                e
+                for e in entries
+                if not (e["config"] == spec.name and e["corpus"] in args.corpora and e["length"] in lengths)
+            ]
             for c, corpus in enumerate(args.corpora):
                 row = k * len(args.corpora) + c
                 for n in lengths:
-                    entries.append({
-                        "config": spec.name, "corpus": corpus, "length": n,
-                        "ppl": math.exp(run["nll"][row, : n - 1].mean().item()),
-                        "budget_tokens_at_max": budget_tokens(spec, args.max_tokens), "budget": spec.label,
-                        "max_tokens": args.max_tokens,
-                        "tokens_per_s": speed, "timing_tokens": args.timing_tokens,
-                        "peak_kv_bytes": float(run["peak_kv_bytes"][row]),
-                        "attn": args.attn, "command": command,
-                    })
+                    entries.append(
+                        {
+                            "config": spec.name,
+                            "corpus": corpus,
+                            "length": n,
+                            "ppl": math.exp(run["nll"][row, : n - 1].mean().item()),
+                            "budget_tokens_at_max": budget_tokens(spec, args.max_tokens),
+                            "budget": spec.label,
+                            "max_tokens": args.max_tokens,
+                            "tokens_per_s": speed,
+                            "timing_tokens": args.timing_tokens,
+                            "peak_kv_bytes": float(run["peak_kv_bytes"][row]),
+                            "attn": args.attn,
+                            "command": command,
+                        }
+                    )
         save_results(results_path, entries)
         print(write_table(entries, args.out), flush=True)
     return 0

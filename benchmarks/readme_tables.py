@@ -25,11 +25,19 @@ ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = {
     "perplexity-table": ["results/perplexity/table.md"],
     "hf-fidelity-table": ["results/hf-fidelity/table.md"],
-    "load-table": ["results/load/kv-intro.md", "results/load/kv.md", "results/load/sharegpt-intro.md",
-                   "results/load/sharegpt.md"],
+    "load-table": [
+        "results/load/kv-intro.md",
+        "results/load/kv.md",
+        "results/load/sharegpt-intro.md",
+        "results/load/sharegpt.md",
+    ],
     "eval-table": ["results/eval/eval-intro.md", "results/eval/eval.md"],
-    "engine-table": ["results/engine/capacity-intro.md", "results/engine/capacity.md",
-                     "results/engine/overhead-intro.md", "results/engine/overhead.md"],
+    "engine-table": [
+        "results/engine/capacity-intro.md",
+        "results/engine/capacity.md",
+        "results/engine/overhead-intro.md",
+        "results/engine/overhead.md",
+    ],
 }
 # section -> the page (relative to the repository root) that holds its markers
 PAGES = {
@@ -69,9 +77,10 @@ def main() -> int:
             if not pattern.search(text):
                 raise SystemExit(f"{page} has no <!-- {name} --> section")
             files = SECTIONS[name]
-            body = "\n".join(rebase_links((ROOT / f).read_text().rstrip() + "\n", f, page)
-                             for f in files if (ROOT / f).exists())
-            text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+            body = "\n".join(
+                rebase_links((ROOT / f).read_text().rstrip() + "\n", f, page) for f in files if (ROOT / f).exists()
+            )
+            text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
         path.write_text(text)
         print(f"updated {path}")
     return 0

@@ -24,7 +24,9 @@ def alias_settings(suffix: str) -> dict:
     except ValueError as exc:
         raise H2OSettingError("model", f"alias {suffix!r}: {exc}") from None
     if named.per_layer or named.recent_share is not None or "block_size" in named.named:
-        raise H2OSettingError("model", f"alias {suffix!r}: the engine has no per-layer, recent-share or block-size option")
+        raise H2OSettingError(
+            "model", f"alias {suffix!r}: the engine has no per-layer, recent-share or block-size option"
+        )
     return settings.to_request_args(named.config, named.named)
 
 

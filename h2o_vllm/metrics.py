@@ -71,7 +71,9 @@ class H2OCollector:
         for policy, n in sorted(snap.get("requests_by_policy", {}).items()):
             requests.add_metric([policy], n)
         yield requests
-        running = GaugeMetricFamily(PREFIX + "running_requests", "Requests running now, by eviction policy", labels=["policy"])
+        running = GaugeMetricFamily(
+            PREFIX + "running_requests", "Requests running now, by eviction policy", labels=["policy"]
+        )
         for policy, n in sorted(snap.get("running_by_policy", {}).items()):
             running.add_metric([policy], n)
         yield running

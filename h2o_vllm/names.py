@@ -69,9 +69,14 @@ class NamedConfig:
     def has_budget(self) -> bool:
         return "budget" in self.named
 
-    def with_budget(self, budget: Budget) -> "NamedConfig":
-        return NamedConfig(self.config.replace(budget=budget), self.named | {"budget"}, self.per_layer, self.per_head,
-                           self.recent_share)
+    def with_budget(self, budget: Budget) -> NamedConfig:
+        return NamedConfig(
+            self.config.replace(budget=budget),
+            self.named | {"budget"},
+            self.per_layer,
+            self.per_head,
+            self.recent_share,
+        )
 
     @property
     def family(self) -> str:
@@ -167,5 +172,10 @@ def parse_name(name: str, base: PolicyConfig | None = None, *, window: int = DEF
     except PolicyConfigError as exc:
         raise ConfigNameError(f"configuration {name!r}: {exc}") from None
     share = int(found["recent_share"]) / 100 if "recent_share" in found else None
-    return NamedConfig(config, frozenset(changes), per_layer="layer" in found or "head" in found,
-                       per_head="head" in found, recent_share=share)
+    return NamedConfig(
+        config,
+        frozenset(changes),
+        per_layer="layer" in found or "head" in found,
+        per_head="head" in found,
+        recent_share=share,
+    )

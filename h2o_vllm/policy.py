@@ -34,7 +34,6 @@ from typing import ClassVar
 
 import numpy as np
 
-
 # How a block's accumulated score is normalised before ranking: "sum" (the paper) or "mean":
 # divided by how many queries could see it (as kvpress and OpenVINO do), so age is no advantage.
 SCORE_NORMS = ("sum", "mean")
@@ -61,13 +60,15 @@ class Budget:
     def __post_init__(self):
         if (self.tokens is None) == (self.fraction is None):
             raise ValueError("Budget needs exactly one of tokens or fraction")
-        if self.tokens is not None and (isinstance(self.tokens, bool) or int(self.tokens) != self.tokens or self.tokens < 1):
+        if self.tokens is not None and (
+            isinstance(self.tokens, bool) or int(self.tokens) != self.tokens or self.tokens < 1
+        ):
             raise ValueError(f"budget tokens must be a positive integer, got {self.tokens!r}")
         if self.fraction is not None and not (0.0 < self.fraction <= 1.0):  # also rejects NaN
             raise ValueError(f"budget fraction must be in (0, 1], got {self.fraction!r}")
 
     @classmethod
-    def parse(cls, value: "Budget | int | float | str") -> "Budget":
+    def parse(cls, value: Budget | int | float | str) -> Budget:
         """``256`` or ``"256"`` -> 256 tokens; ``0.2``, ``"0.2"`` or ``"20%"`` -> 20% of the sequence.
 
         A float up to 1.0 is a fraction (``1.0`` = the whole sequence); integers are tokens.
@@ -122,12 +123,20 @@ class PolicyConfig:
 
     def __post_init__(self):
         if self.policy not in POLICIES:
-            raise PolicyConfigError("policy", f"unknown policy {self.policy!r}; choose one of {', '.join(sorted(POLICIES))}")
+            raise PolicyConfigError(
+                "policy", f"unknown policy {self.policy!r}; choose one of {', '.join(sorted(POLICIES))}"
+            )
         if not isinstance(self.budget, Budget):
             raise PolicyConfigError("budget", f"budget must be a Budget, got {self.budget!r}")
-        for name, value, minimum in (("n_sink", self.n_sink, 0), ("n_recent", self.n_recent, 0),
-                                     ("block_size", self.block_size, 1), ("prompt_window", self.prompt_window, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum):
+        for name, value, minimum in (
+            ("n_sink", self.n_sink, 0),
+            ("n_recent", self.n_recent, 0),
+            ("block_size", self.block_size, 1),
+            ("prompt_window", self.prompt_window, 1),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
+            ):
                 raise PolicyConfigError(name, f"must be an integer >= {minimum}, got {value!r}")
         if self.score_norm not in SCORE_NORMS:
             raise PolicyConfigError("score_norm", f"must be 'sum' or 'mean', got {self.score_norm!r}")
@@ -135,7 +144,7 @@ class PolicyConfig:
             choices = ", ".join(repr(r) for r in SCORE_REDUCE)
             raise PolicyConfigError("score_reduce", f"must be one of {choices}, got {self.score_reduce!r}")
 
-    def replace(self, **changes) -> "PolicyConfig":
+    def replace(self, **changes) -> PolicyConfig:
         """A copy with ``changes`` applied (and checked)."""
         return dataclasses.replace(self, **changes)
 
@@ -166,7 +175,7 @@ class SequenceView:
     visibility: np.ndarray | None = None  # number of (query, token) pairs that could attend each block
 
     @classmethod
-    def fresh(cls, num_tokens: int, block_size: int, scores=None, visibility=None) -> "SequenceView":
+    def fresh(cls, num_tokens: int, block_size: int, scores=None, visibility=None) -> SequenceView:
         n = -(-num_tokens // block_size)
         return cls(
             num_tokens,

@@ -130,18 +130,24 @@ def h2o_engine_args(rest: list[str], served_names: list[str], env=os.environ) ->
 
     block_size = take_option(rest, "--block-size")
     if block_size is not None and int(block_size) != ENGINE_BLOCK_SIZE:
-        raise ServeArgumentError(f"H2O needs --block-size {ENGINE_BLOCK_SIZE} (got {block_size}); or serve with --no-h2o")
+        raise ServeArgumentError(
+            f"H2O needs --block-size {ENGINE_BLOCK_SIZE} (got {block_size}); or serve with --no-h2o"
+        )
     if take_option(rest, "--enable-prefix-caching", takes_value=False):
         raise ServeArgumentError("H2O cannot run with prefix caching (see the README); or serve with --no-h2o")
     take_option(rest, "--no-enable-prefix-caching", takes_value=False)
     user_additional = take_option(rest, "--additional-config")
     kwargs = engine_kwargs(config, additional_config=json.loads(user_additional) if user_additional else None)
     flags = [
-        "--scheduler-cls", kwargs["scheduler_cls"],
-        "--worker-cls", kwargs["worker_cls"],
-        "--block-size", str(kwargs["block_size"]),
+        "--scheduler-cls",
+        kwargs["scheduler_cls"],
+        "--worker-cls",
+        kwargs["worker_cls"],
+        "--block-size",
+        str(kwargs["block_size"]),
         "--no-enable-prefix-caching",
-        "--additional-config", json.dumps(kwargs["additional_config"]),
+        "--additional-config",
+        json.dumps(kwargs["additional_config"]),
     ]
     return flags, alias_list
 
@@ -200,11 +206,7 @@ def build_serve_argv(user_args: Sequence[str], *, cpu: bool, log=print, env=os.e
         defaults += ["--host", DEFAULT_HOST]
     if not has_flag(rest, "--port"):
         defaults += ["--port", DEFAULT_PORT]
-    if (
-        cpu
-        and not any(has_flag(rest, f) for f in _MEMORY_FLAGS)
-        and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    ):
+    if cpu and not any(has_flag(rest, f) for f in _MEMORY_FLAGS) and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         defaults += ["--kv-cache-memory-bytes", DEFAULT_CPU_KV_CACHE]
     return ["serve", model, *defaults, *rest]
 

@@ -93,7 +93,9 @@ class Field:
 
 FIELDS = (
     Field("policy", "policy", _text, "h2o, streaming or none (the full cache)"),
-    Field("budget", "budget", Budget.parse, "KV kept per sequence: tokens (1024) or a fraction (0.2, 20%)", _budget_value),
+    Field(
+        "budget", "budget", Budget.parse, "KV kept per sequence: tokens (1024) or a fraction (0.2, 20%)", _budget_value
+    ),
     Field("sink", "n_sink", _integer, "sink tokens kept at the start"),
     Field("recent", "n_recent", _optional_integer, "recent tokens kept; default: half of what the budget leaves"),
     Field("prompt_window", "prompt_window", _window, "score the prompt with its last W query rows; 0 or unset: all"),

@@ -109,6 +109,7 @@ require_supported_vllm()
 
 # -- scheduler side -----------------------------------------------------------------
 
+
 def _full_attention_manager(scheduler) -> Any:
     # One KV cache group (checked at start-up), managed by a FullAttentionManager.
     return scheduler.kv_cache_manager.coordinator.single_type_managers[0]
@@ -144,7 +145,9 @@ def free_as_holes(scheduler, req_id: str, logical_blocks: list[int]) -> None:
     for i in logical_blocks:
         block = blocks[i]
         if block.is_null or block.ref_cnt != 1:
-            raise RuntimeError(f"block {i} of request {req_id} cannot be evicted (null={block.is_null}, ref_cnt={block.ref_cnt})")
+            raise RuntimeError(
+                f"block {i} of request {req_id} cannot be evicted (null={block.is_null}, ref_cnt={block.ref_cnt})"
+            )
         blocks[i] = manager._null_block
         freed.append(block)
     manager.block_pool.free_blocks(freed)
@@ -235,6 +238,7 @@ def batch_req_ids(runner, num_reqs: int | None = None) -> list[str]:
 
 # -- attention side ----------------------------------------------------------------
 
+
 def attention_builder_block_size(builder) -> int:
     """Tokens per KV block of a ``CPUAttentionMetadataBuilder``."""
     return builder.kv_cache_spec.block_size
@@ -261,7 +265,7 @@ def key_pages(kv_cache):
     return kv_cache.view(num_blocks, kv_heads, 2, block_size * two_head_dim // 2)[:, :, 0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def detect_key_layout(isa: str, dtype, head_dim: int, block_size: int = 32) -> str:
     """How ``cpu_attn_reshape_and_cache`` lays one key page out for ``isa``: 'dt' or 'td'.
 
@@ -284,4 +288,6 @@ def detect_key_layout(isa: str, dtype, head_dim: int, block_size: int = 32) -> s
         return "dt"
     if torch.equal(page.reshape(kv_heads, block_size, head_dim), expected):
         return "td"
-    raise RuntimeError(f"H2O cannot read CPU attention key pages for isa={isa!r} dtype={dtype}; unsupported kernel layout")
+    raise RuntimeError(
+        f"H2O cannot read CPU attention key pages for isa={isa!r} dtype={dtype}; unsupported kernel layout"
+    )

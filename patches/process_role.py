@@ -20,7 +20,6 @@ _CALLER_ROLES = {
 }
 
 
-
 def _frame_module(frame) -> str:
     """Dotted module name of a frame, also for vLLM files run as ``__main__`` subprocesses."""
     module = frame.f_globals.get("__name__", "")

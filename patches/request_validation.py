@@ -40,7 +40,8 @@ def validate_h2o_args(vllm_config, params) -> None:
         raise VLLMValidationError(
             f"h2o_budget: {config.budget.tokens} tokens is above the longest sequence this server allows "
             f"(max_model_len {max_len}); use at most {max_len}, or a fraction such as 0.2",
-            parameter="h2o_budget", value=extra["h2o_budget"],
+            parameter="h2o_budget",
+            value=extra["h2o_budget"],
         )
 
 

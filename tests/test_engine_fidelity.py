@@ -64,9 +64,12 @@ def run_reference(model, prompts, prompt_window=None, score_reduce="sum"):
 
 @pytest.fixture(scope="module")
 def reference(hf_model, prompts):
-    return (run_reference(hf_model, prompts) + run_reference(hf_model, prompts[:1], prompt_window=WINDOW)
-            + run_reference(hf_model, prompts[2:3], score_reduce="max")
-            + run_reference(hf_model, prompts[1:2], prompt_window=WINDOW, score_reduce="max"))
+    return (
+        run_reference(hf_model, prompts)
+        + run_reference(hf_model, prompts[:1], prompt_window=WINDOW)
+        + run_reference(hf_model, prompts[2:3], score_reduce="max")
+        + run_reference(hf_model, prompts[1:2], prompt_window=WINDOW, score_reduce="max")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +78,30 @@ def engine(default_model_dir, prompts):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    with inprocess_llm(str(default_model_dir), dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
-                       kv_cache_memory_bytes=512 * 2**20, max_num_batched_tokens=PREFILL_CHUNK,
-                       **engine_kwargs(SETTINGS)) as llm:
+    with inprocess_llm(
+        str(default_model_dir),
+        dtype="float32",
+        max_model_len=2048,
+        enforce_eager=True,
+        seed=0,
+        kv_cache_memory_bytes=512 * 2**20,
+        max_num_batched_tokens=PREFILL_CHUNK,
+        **engine_kwargs(SETTINGS),
+    ) as llm:
         observer = StepObserver(scheduler_of(llm))
         params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-        windowed = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
-                                  extra_args={"h2o_prompt_window": WINDOW})
-        maxed = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
-                               extra_args={"h2o_score_reduce": "max"})
-        windowed_max = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
-                                      extra_args={"h2o_prompt_window": WINDOW, "h2o_score_reduce": "max"})
+        windowed = SamplingParams(
+            temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, extra_args={"h2o_prompt_window": WINDOW}
+        )
+        maxed = SamplingParams(
+            temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, extra_args={"h2o_score_reduce": "max"}
+        )
+        windowed_max = SamplingParams(
+            temperature=0.0,
+            max_tokens=NEW_TOKENS,
+            ignore_eos=True,
+            extra_args={"h2o_prompt_window": WINDOW, "h2o_score_reduce": "max"},
+        )
         outputs = llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts + prompts[:1] + prompts[2:3] + prompts[1:2]],
             [params] * len(prompts) + [windowed, maxed, windowed_max],
@@ -97,7 +113,11 @@ def engine(default_model_dir, prompts):
     return [{"tokens": list(o.outputs[0].token_ids), "evicted": by_client_id[o.request_id]} for o in outputs]
 
 
-RUNS = [f"prompt{i}" for i in range(NUM_PROMPTS)] + [f"prompt0-window{WINDOW}", "prompt2-max", f"prompt1-window{WINDOW}-max"]
+RUNS = [f"prompt{i}" for i in range(NUM_PROMPTS)] + [
+    f"prompt0-window{WINDOW}",
+    "prompt2-max",
+    f"prompt1-window{WINDOW}-max",
+]
 
 
 @pytest.mark.parametrize("index", range(len(RUNS)), ids=RUNS)

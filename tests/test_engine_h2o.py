@@ -52,8 +52,9 @@ def test_large_budget_gives_vanilla_tokens(tiny_model_dir, dtype):
     with inprocess_llm(str(tiny_model_dir), dtype=dtype, kv_cache_memory_bytes=64 * 2**20, **COMMON) as llm:
         vanilla = generate(llm, prompts, EQ_NEW)
     settings = engine_config(budget=Budget(tokens=budget))
-    with inprocess_llm(str(tiny_model_dir), dtype=dtype, kv_cache_memory_bytes=64 * 2**20,
-                       **COMMON, **engine_kwargs(settings)) as llm:
+    with inprocess_llm(
+        str(tiny_model_dir), dtype=dtype, kv_cache_memory_bytes=64 * 2**20, **COMMON, **engine_kwargs(settings)
+    ) as llm:
         observer = StepObserver(scheduler_of(llm))
         h2o = generate(llm, prompts, EQ_NEW)
         assert observer.log.max_running >= 8  # all of them ran concurrently
@@ -63,12 +64,19 @@ def test_large_budget_gives_vanilla_tokens(tiny_model_dir, dtype):
 
 # -- eviction: memory bound, pool returns, per-request overrides, preemption, abort -------
 
+
 @pytest.fixture(scope="module")
 def small_pool_engine(tiny_model_dir):
     """An H2O engine (25% budget by default) with a pool of 96 blocks."""
     settings = engine_config(budget=Budget(fraction=0.25), n_sink=BLOCK)
-    with inprocess_llm(str(tiny_model_dir), dtype="float32", num_gpu_blocks_override=96,
-                       kv_cache_memory_bytes=64 * 2**20, **COMMON, **engine_kwargs(settings)) as llm:
+    with inprocess_llm(
+        str(tiny_model_dir),
+        dtype="float32",
+        num_gpu_blocks_override=96,
+        kv_cache_memory_bytes=64 * 2**20,
+        **COMMON,
+        **engine_kwargs(settings),
+    ) as llm:
         yield llm
 
 
@@ -141,8 +149,9 @@ def test_abort_frees_everything(small_pool_engine):
     scheduler = scheduler_of(small_pool_engine)
     start = num_free_blocks(scheduler)
     ids = [
-        engine.add_request(f"abort-{i}", {"prompt_token_ids": p},
-                           SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+        engine.add_request(
+            f"abort-{i}", {"prompt_token_ids": p}, SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+        )
         for i, p in enumerate(random_prompts([500, 700], seed=3))
     ]
     for _ in range(60):
@@ -175,6 +184,8 @@ def _params(max_tokens, extra):
 
 def test_refuses_settings_that_fight_eviction(tiny_model_dir):
     kwargs = engine_kwargs(engine_config(), block_size=64)
-    with pytest.raises(Exception, match="block size 64"):
-        with inprocess_llm(str(tiny_model_dir), dtype="float32", kv_cache_memory_bytes=64 * 2**20, **COMMON, **kwargs):
-            pass
+    with (
+        pytest.raises(Exception, match="block size 64"),
+        inprocess_llm(str(tiny_model_dir), dtype="float32", kv_cache_memory_bytes=64 * 2**20, **COMMON, **kwargs),
+    ):
+        pass

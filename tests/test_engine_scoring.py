@@ -88,5 +88,7 @@ def test_step_scores_equal_brute_force_softmax(dtype, score_max):
     assert got["B"].blocks.tolist() == [0, 1]
     np.testing.assert_allclose(got["B"].mass, brute("B", slice(31, 41), range(30, 40), [0, 1]), rtol=1e-4)
     # Visibility: B's 10 scored rows (positions 30..39) each see tokens 0..pos; 2 layers.
-    expected_b = 2 * np.array([sum(t <= p for p in range(30, 40) for t in range(b * BS, min(40, (b + 1) * BS))) for b in (0, 1)])
+    expected_b = 2 * np.array(
+        [sum(t <= p for p in range(30, 40) for t in range(b * BS, min(40, (b + 1) * BS))) for b in (0, 1)]
+    )
     np.testing.assert_array_equal(got["B"].visibility, expected_b)

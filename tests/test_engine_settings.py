@@ -11,8 +11,9 @@ from h2o_vllm.settings import H2OSettingError, for_request
 
 
 def test_defaults_round_trip_through_additional_config():
-    config = engine_config(policy="streaming", budget=Budget(tokens=512), n_sink=64, n_recent=128, prompt_window=32,
-                           score_reduce="max")
+    config = engine_config(
+        policy="streaming", budget=Budget(tokens=512), n_sink=64, n_recent=128, prompt_window=32, score_reduce="max"
+    )
     again = server_defaults({"h2o": settings.to_dict(config)})
     assert again == config
 

@@ -62,4 +62,4 @@ def test_greedy_tokens_match_transformers(engine_run, tiny_model_dir):
     for prompt_ids, vllm_tokens in zip(engine_run["prompt_ids"], engine_run["token_ids"]):
         ids = torch.tensor([prompt_ids])
         hf = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
-        assert vllm_tokens == hf[0, len(prompt_ids):].tolist()
+        assert vllm_tokens == hf[0, len(prompt_ids) :].tolist()

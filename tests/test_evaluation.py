@@ -5,11 +5,11 @@ import json
 import pytest
 
 from h2o_vllm.engine.settings import ENGINE_DEFAULTS
-from h2o_vllm.settings import for_request
 from h2o_vllm.evaluation import metrics, report, scenarios
 from h2o_vllm.evaluation.client import Answer, request_body, server_root
 from h2o_vllm.evaluation.configs import EvalConfig, EvalConfigError, eval_configs
 from h2o_vllm.evaluation.run import main as eval_main
+from h2o_vllm.settings import for_request
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,7 @@ def test_rouge_l_by_hand():
 
 def test_rouge_l_equals_google_rouge_score():
     from rouge_score import rouge_scorer  # comes with lm-eval, in the test extra
+
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     pairs = [
         ("Startups grow fast; most of them die.", "Most startups die, and the rest grow fast!"),
@@ -86,9 +87,19 @@ def test_fidelity_and_summary_items(tokenizer, corpus):
 
 def test_configs_select_policy_per_request():
     configs = eval_configs(["streaming", "h2o", "h2o-window", "h2o-window-max", "h2o-mean"], [0.1, 0.2], window=16)
-    assert [c.name for c in configs] == ["full", "streaming_10%", "streaming_20%", "h2o_10%", "h2o_20%",
-                                         "h2o_10%_window16", "h2o_20%_window16", "h2o_10%_window16_max",
-                                         "h2o_20%_window16_max", "h2o_10%_mean", "h2o_20%_mean"]
+    assert [c.name for c in configs] == [
+        "full",
+        "streaming_10%",
+        "streaming_20%",
+        "h2o_10%",
+        "h2o_20%",
+        "h2o_10%_window16",
+        "h2o_20%_window16",
+        "h2o_10%_window16_max",
+        "h2o_20%_window16_max",
+        "h2o_10%_mean",
+        "h2o_20%_mean",
+    ]
     assert configs[0].xargs() == {"h2o_policy": "none"}
     assert configs[1].xargs() == {"h2o_policy": "streaming", "h2o_budget": 0.1}
     h2o = {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_score_norm": "sum"}
@@ -104,7 +115,10 @@ def test_configs_select_policy_per_request():
         configs[10].alias("m")
     assert configs[4].request_fields("m", "alias") == ("m@h2o-0.2", {})
     assert configs[0].request_fields("m", "alias") == ("m@full", {})
-    assert configs[2].request_fields("m", "xargs") == ("m", {"vllm_xargs": {"h2o_policy": "streaming", "h2o_budget": 0.2}})
+    assert configs[2].request_fields("m", "xargs") == (
+        "m",
+        {"vllm_xargs": {"h2o_policy": "streaming", "h2o_budget": 0.2}},
+    )
     with pytest.raises(EvalConfigError, match="alias"):
         configs[6].alias("m")
     for bad in [dict(family="lru", budget=0.2), dict(family="h2o", budget=1.5), dict(family="h2o", budget=None)]:
@@ -135,17 +149,23 @@ def test_scores_and_tables(tokenizer, tmp_path):
     ]
     configs = eval_configs(["h2o"], [0.2])
     answers = [
-        Answer("full", "needle", "n0", " 11111."), Answer("full", "needle", "n1", " 22222"),
-        Answer("full", "fidelity", "p0", " the cat sat on the mat"), Answer("full", "summary", "s0", "a b c d"),
-        Answer("h2o_20%", "needle", "n0", " 11111"), Answer("h2o_20%", "needle", "n1", None, "HTTP 500: boom"),
-        Answer("h2o_20%", "fidelity", "p0", " the cat sat on a mat"), Answer("h2o_20%", "summary", "s0", "a b x y"),
+        Answer("full", "needle", "n0", " 11111."),
+        Answer("full", "needle", "n1", " 22222"),
+        Answer("full", "fidelity", "p0", " the cat sat on the mat"),
+        Answer("full", "summary", "s0", "a b c d"),
+        Answer("h2o_20%", "needle", "n0", " 11111"),
+        Answer("h2o_20%", "needle", "n1", None, "HTTP 500: boom"),
+        Answer("h2o_20%", "fidelity", "p0", " the cat sat on a mat"),
+        Answer("h2o_20%", "summary", "s0", "a b x y"),
     ]
     results = report.score(items, answers, configs, tokenizer)
     full, h2o = results["full"], results["h2o_20%"]
     assert full["needle_accuracy"] == 100.0 and h2o["needle_accuracy"] == 50.0
     assert h2o["needle_accuracy_by_length"] == {"1K": 100.0, "2K": 0.0} and h2o["failed"] == 1
     assert full["fidelity_rouge_l"] == 1.0 and h2o["fidelity_rouge_l"] == pytest.approx(5 / 6)
-    same = metrics.matched_prefix(tokenizer(" the cat sat on the mat")["input_ids"], tokenizer(" the cat sat on a mat")["input_ids"])
+    same = metrics.matched_prefix(
+        tokenizer(" the cat sat on the mat")["input_ids"], tokenizer(" the cat sat on a mat")["input_ids"]
+    )
     assert h2o["fidelity_matched_tokens"] == same == 4
     assert h2o["summary_rouge_l"] == pytest.approx(0.5)
     md = report.markdown(results, configs)
@@ -157,11 +177,14 @@ def test_scores_and_tables(tokenizer, tmp_path):
     assert paths["png"].stat().st_size > 1000
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--budgets", "1.5"], "budget"),
-    (["--samples", "0"], "--samples"),
-    (["--select", "alias"], "alias"),  # h2o-window is in the default policies and has no alias
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budgets", "1.5"], "budget"),
+        (["--samples", "0"], "--samples"),
+        (["--select", "alias"], "alias"),  # h2o-window is in the default policies and has no alias
+    ],
+)
 def test_bad_arguments_stop_before_any_request(argv, message, capsys):
     assert eval_main(argv + ["--base-url", "http://127.0.0.1:9"]) == 2
     assert message in capsys.readouterr().err
@@ -181,8 +204,24 @@ def test_lm_eval_task_data_is_the_needle_scenario(tokenizer):
 
 
 def test_unreachable_server_fails_every_request_and_says_so(tmp_path, capsys):
-    argv = ["--base-url", "http://127.0.0.1:9", "--scenarios", "needle", "--lengths", "512", "--depths", "0.5",
-            "--samples", "1", "--policies", "h2o", "--budgets", "0.2", "--out", str(tmp_path)]
+    argv = [
+        "--base-url",
+        "http://127.0.0.1:9",
+        "--scenarios",
+        "needle",
+        "--lengths",
+        "512",
+        "--depths",
+        "0.5",
+        "--samples",
+        "1",
+        "--policies",
+        "h2o",
+        "--budgets",
+        "0.2",
+        "--out",
+        str(tmp_path),
+    ]
     assert eval_main(argv) == 1
     results = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert results["full"]["failed"] == 1 and results["h2o_20%"]["failed"] == 1

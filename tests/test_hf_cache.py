@@ -67,7 +67,7 @@ def test_eviction_frees_memory_and_holds_the_budget(tiny_model_dir, impl, block_
     assert cache.stats.evicted_blocks > 0
     for row in range(2):
         kept = sorted(cache.layers[0].positions[row].tolist())
-        assert kept[: block_size] == list(range(block_size))  # sinks stay
+        assert kept[:block_size] == list(range(block_size))  # sinks stay
         assert kept[-2 * block_size :] == list(range(60 - 2 * block_size, 60))  # the recent window stays
 
 
@@ -108,8 +108,10 @@ def _assert_matches_a_plain_cache_cut_by_hand(model, cache, ids, tolerance):
 def _kept_per_head(cache, layer_idx: int, row: int) -> list[list[int]]:
     """Logical positions each KV head of batch row ``row`` keeps (one list without per_head)."""
     layer = cache.layers[layer_idx]
-    return [sorted(p for p in layer.positions[row * cache.rows_per_sequence + h].tolist() if p >= 0)
-            for h in range(cache.rows_per_sequence)]
+    return [
+        sorted(p for p in layer.positions[row * cache.rows_per_sequence + h].tolist() if p >= 0)
+        for h in range(cache.rows_per_sequence)
+    ]
 
 
 def test_cache_matches_a_plain_cache_with_the_same_slots_removed(tiny_model_dir):
@@ -226,8 +228,11 @@ def _gqa_model(impl: str, seed: int = 0):
     from h2o_vllm.tiny_model import TINY_CONFIG
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=1000, **{**TINY_CONFIG, "hidden_size": 128, "num_attention_heads": 4,
-                                            "num_key_value_heads": 2}, attn_implementation=impl)
+    config = LlamaConfig(
+        vocab_size=1000,
+        **{**TINY_CONFIG, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2},
+        attn_implementation=impl,
+    )
     return LlamaForCausalLM(config).float().eval()
 
 
@@ -240,7 +245,9 @@ def test_per_head_cache_matches_a_plain_cache_cut_head_by_head(impl):
     ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(7))
     _assert_matches_a_plain_cache_cut_by_hand(model, cache, ids, tolerance=1e-4)
     kept = [_kept_per_head(cache, layer_idx, 0) for layer_idx in range(2)]
-    assert all(len(head) == 12 and head[:2] == [0, 1] and head[-4:] == [36, 37, 38, 39] for heads in kept for head in heads)
+    assert all(
+        len(head) == 12 and head[:2] == [0, 1] and head[-4:] == [36, 37, 38, 39] for heads in kept for head in heads
+    )
     assert any(heads[0] != heads[1] for heads in kept)  # the heads chose differently
     assert cache.resident_tokens().tolist() == [12.0]
 
@@ -251,21 +258,26 @@ def test_per_head_scores_are_each_kv_heads_attention_mass():
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         attentions = model(input_ids=ids, output_attentions=True).attentions  # [batch, 4 heads, q, k] per layer
-    cache = H2OCache.for_model(model, PolicyConfig("h2o", Budget(tokens=64), n_sink=1, n_recent=1),
-                               per_layer=True, per_head=True)
+    cache = H2OCache.for_model(
+        model, PolicyConfig("h2o", Budget(tokens=64), n_sink=1, n_recent=1), per_layer=True, per_head=True
+    )
     with torch.no_grad():
         model(input_ids=ids, past_key_values=cache, use_cache=True)
     for layer_idx, probs in enumerate(attentions):
         per_kv_head = probs.view(2, 2, 2, 24, 24).sum(dim=(2, 3))  # [batch, kv head, key]
         for row in range(2):
             for h in range(2):
-                np.testing.assert_allclose(cache.ledgers[layer_idx][row * 2 + h].scores, per_kv_head[row, h].numpy(),
-                                           rtol=1e-4, atol=1e-6)
+                np.testing.assert_allclose(
+                    cache.ledgers[layer_idx][row * 2 + h].scores, per_kv_head[row, h].numpy(), rtol=1e-4, atol=1e-6
+                )
 
 
 def test_per_head_rows_of_a_batch_decide_as_they_would_alone():
     model = _gqa_model("sdpa")
-    configs = [PolicyConfig("h2o", Budget(tokens=10), n_sink=2, n_recent=3), PolicyConfig("h2o", Budget(tokens=14), n_sink=1, n_recent=6)]
+    configs = [
+        PolicyConfig("h2o", Budget(tokens=10), n_sink=2, n_recent=3),
+        PolicyConfig("h2o", Budget(tokens=14), n_sink=1, n_recent=6),
+    ]
     ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(9))
     batched = H2OCache.for_model(model, configs, per_layer=True, per_head=True)
     batched_logits = _run_tokens(model, batched, ids)

@@ -86,8 +86,12 @@ def test_needs_scores_is_the_policys_kind():
 def test_aliases_take_any_name_of_the_grammar():
     assert aliases.split_alias("m@h2o-0.2") == ("m", {"h2o_policy": "h2o", "h2o_budget": 0.2})
     base, args = aliases.split_alias("m@h2o_20%_window8_max")
-    assert base == "m" and args == {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_prompt_window": 8,
-                                    "h2o_score_reduce": "max"}
+    assert base == "m" and args == {
+        "h2o_policy": "h2o",
+        "h2o_budget": 0.2,
+        "h2o_prompt_window": 8,
+        "h2o_score_reduce": "max",
+    }
     assert settings.for_request(ENGINE_DEFAULTS, args).prompt_window == 8
     with pytest.raises(settings.H2OSettingError, match="per-layer"):
         aliases.split_alias("m@h2o_20%_layer")

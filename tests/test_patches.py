@@ -44,9 +44,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Attribute paths into vLLM's internals that only patches/ may spell out.
 INTERNAL_NAMES = [
-    "kv_cache_manager", "req_to_blocks", "single_type_managers", "block_pool", "_null_block", "coordinator",
-    "input_batch", "engine_core.engine_core", "llm_engine.engine_core", "attn_groups", "metadata_builders",
-    "kv_cache_spec", ".isa", ".head_dim", ".scale", "__class__",
+    "kv_cache_manager",
+    "req_to_blocks",
+    "single_type_managers",
+    "block_pool",
+    "_null_block",
+    "coordinator",
+    "input_batch",
+    "engine_core.engine_core",
+    "llm_engine.engine_core",
+    "attn_groups",
+    "metadata_builders",
+    "kv_cache_spec",
+    ".isa",
+    ".head_dim",
+    ".scale",
+    "__class__",
 ]
 SEAM_USERS = [
     *(ROOT / "h2o_vllm" / "engine" / f"{n}.py" for n in ("observe", "scheduler", "worker", "attention", "scoring")),
@@ -56,9 +69,9 @@ SEAM_USERS = [
 
 def test_engine_and_benchmarks_reach_vllm_internals_only_through_the_seams():
     # A name starting with a word character matches as a whole identifier (not inside a seam's own name).
-    pattern = re.compile("|".join(
-        ("" if n.startswith(".") else r"(?<!\w)") + re.escape(n) + r"\b" for n in INTERNAL_NAMES
-    ))
+    pattern = re.compile(
+        "|".join(("" if n.startswith(".") else r"(?<!\w)") + re.escape(n) + r"\b" for n in INTERNAL_NAMES)
+    )
     found = [
         f"{path.relative_to(ROOT)}:{i}: {m.group()}"
         for path in SEAM_USERS
@@ -101,8 +114,9 @@ def test_adopt_model_runner_class_refuses_another_runner():
 def test_attention_builder_seams_read_the_builder():
     import torch
 
-    builder = types.SimpleNamespace(isa="vec", dtype=torch.float32, head_dim=64,
-                                    kv_cache_spec=types.SimpleNamespace(block_size=32))
+    builder = types.SimpleNamespace(
+        isa="vec", dtype=torch.float32, head_dim=64, kv_cache_spec=types.SimpleNamespace(block_size=32)
+    )
     assert engine_seams.attention_builder_block_size(builder) == 32
     expected = engine_seams.detect_key_layout("vec", torch.float32, 64, 32)
     assert engine_seams.attention_builder_key_layout(builder) == expected
@@ -110,8 +124,14 @@ def test_attention_builder_seams_read_the_builder():
 
 # What each engine subclass overrides in vLLM; engine_seams' docstring names every one.
 OVERRIDES = {
-    ("h2o_vllm.engine.scheduler", "H2OScheduler"):
-        {"__init__", "add_request", "schedule", "update_from_output", "finish_requests", "_free_request_blocks"},
+    ("h2o_vllm.engine.scheduler", "H2OScheduler"): {
+        "__init__",
+        "add_request",
+        "schedule",
+        "update_from_output",
+        "finish_requests",
+        "_free_request_blocks",
+    },
     ("h2o_vllm.engine.worker", "H2OCPUWorker"): {"__init__", "init_device"},
     ("h2o_vllm.engine.worker", "H2OCPUModelRunner"): {"_update_states", "sample_tokens"},
     ("h2o_vllm.engine.attention", "H2OCPUAttentionMetadataBuilder"): {"build"},

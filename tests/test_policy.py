@@ -122,8 +122,15 @@ def test_mean_normalisation_ranks_by_attention_per_query():
 
 @pytest.mark.parametrize(
     "value, expected",
-    [(256, Budget(tokens=256)), ("256", Budget(tokens=256)), (0.2, Budget(fraction=0.2)),
-     ("20%", Budget(fraction=0.2)), (1.0, Budget(fraction=1.0)), (1, Budget(tokens=1)), ("0.5", Budget(fraction=0.5))],
+    [
+        (256, Budget(tokens=256)),
+        ("256", Budget(tokens=256)),
+        (0.2, Budget(fraction=0.2)),
+        ("20%", Budget(fraction=0.2)),
+        (1.0, Budget(fraction=1.0)),
+        (1, Budget(tokens=1)),
+        ("0.5", Budget(fraction=0.5)),
+    ],
 )
 def test_budget_parsing(value, expected):
     assert Budget.parse(value) == expected

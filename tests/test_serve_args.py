@@ -45,12 +45,20 @@ def test_defaults_serve_the_default_model_with_h2o_on_loopback(no_model_build):
 
 
 def test_user_arguments_win_and_pass_through(no_model_build):
-    user = ["--port=9001", "--host", "0.0.0.0", "--max_model_len", "2048",
-            "--gpu-memory-utilization", "0.3", "--enforce-eager"]
+    user = [
+        "--port=9001",
+        "--host",
+        "0.0.0.0",
+        "--max_model_len",
+        "2048",
+        "--gpu-memory-utilization",
+        "0.3",
+        "--enforce-eager",
+    ]
     argv = build(user + ["--served-model-name", "mine", "--no-h2o"])
     assert argv == ["serve", str(no_model_build), "--served-model-name", "mine", *user]
     argv = build(user + ["--served-model-name", "mine"])
-    assert argv[-len(user):] == user and "mine@h2o-0.5" in flag_values(argv, "--served-model-name")
+    assert argv[-len(user) :] == user and "mine@h2o-0.5" in flag_values(argv, "--served-model-name")
 
 
 def test_named_model_is_served_as_given(no_model_build):
@@ -70,11 +78,20 @@ def test_legacy_cpu_kv_env_is_respected(no_model_build, monkeypatch):
 def test_h2o_options_and_their_environment_variables(no_model_build):
     import json
 
-    argv = build(["--h2o-policy", "streaming", "--h2o-budget=20%", "--h2o-sink", "64", "--h2o-aliases", "h2o-256,full"],
-                 env={"H2O_VLLM_PROMPT_WINDOW": "32", "H2O_VLLM_POLICY": "h2o", "H2O_VLLM_SCORE_REDUCE": "max"})
+    argv = build(
+        ["--h2o-policy", "streaming", "--h2o-budget=20%", "--h2o-sink", "64", "--h2o-aliases", "h2o-256,full"],
+        env={"H2O_VLLM_PROMPT_WINDOW": "32", "H2O_VLLM_POLICY": "h2o", "H2O_VLLM_SCORE_REDUCE": "max"},
+    )
     h2o = json.loads(flag_values(argv, "--additional-config")[0])["h2o"]
-    assert h2o == {"policy": "streaming", "budget": 0.2, "sink": 64, "recent": None, "prompt_window": 32,
-                   "score_norm": "sum", "score_reduce": "max"}
+    assert h2o == {
+        "policy": "streaming",
+        "budget": 0.2,
+        "sink": 64,
+        "recent": None,
+        "prompt_window": 32,
+        "score_norm": "sum",
+        "score_reduce": "max",
+    }
     assert flag_values(argv, "--served-model-name") == ["smollm2-135m", "smollm2-135m@h2o-256", "smollm2-135m@full"]
     assert not any(a.startswith("--h2o") for a in argv)
     argv = build([], env={"H2O_VLLM_DISABLE": "1"})

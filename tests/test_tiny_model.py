@@ -3,8 +3,6 @@
 import hashlib
 import json
 
-import pytest
-
 from h2o_vllm.tiny_model import build_tiny_llama
 
 

@@ -55,8 +55,12 @@ class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
 
 class H2OCPUAttentionBackendImpl(CPUAttentionBackendImpl):
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
-        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+    def forward(
+        self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None
+    ):
+        output = super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+        )
         scorer = getattr(attn_metadata, SCORER_ATTR, None) if attn_metadata is not None else None
         if scorer is not None:
             scorer.score_layer(query, engine_seams.key_pages(kv_cache), engine_seams.attention_impl_scale(self))

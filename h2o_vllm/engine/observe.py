@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from h2o_vllm.patches import engine_seams
 
@@ -82,7 +82,7 @@ class StepObserver:
         log.free_blocks.append(num_free_blocks(self.scheduler))
         log.preemptions += len(output.preempted_req_ids or ())
         plan = getattr(output, "h2o_plan", None)
-        for req_id, blocks in (plan.evictions.items() if plan else ()):
+        for req_id, blocks in plan.evictions.items() if plan else ():
             log.evictions.setdefault(req_id, []).extend(blocks)
         for check in self.checks:
             check(self.scheduler, output, before)

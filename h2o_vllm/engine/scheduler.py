@@ -63,7 +63,9 @@ class RequestEviction:
         # A token budget that covers the whole request can never evict: then scoring is wasted work.
         budget = config.budget.tokens
         longest = None if max_tokens is None else num_prompt_tokens + max_tokens
-        self.can_evict = config.policy != "none" and not (budget is not None and longest is not None and budget >= longest)
+        self.can_evict = config.policy != "none" and not (
+            budget is not None and longest is not None and budget >= longest
+        )
         self.needs_scores = self.can_evict and config.needs_scores
 
 
@@ -93,7 +95,8 @@ def check_engine_config(vllm_config) -> None:
         "H2O engine settings: block size %d (CPU attention needs a multiple of 32; smaller blocks evict "
         "finer); prefix caching off (a block shared by two requests frees nothing when one evicts it, and "
         "KV written after an eviction must never be reused by another request); async scheduling off "
-        "(evictions apply before the next step is scheduled)", block_size,
+        "(evictions apply before the next step is scheduled)",
+        block_size,
     )
 
 

@@ -94,11 +94,12 @@ class Reduction(ABC):
         """Where one layer's prompt rows accumulate (``total`` itself, or a per-layer buffer of whole pages)."""
 
     @abstractmethod
-    def add_prompt_rows(self, layer: torch.Tensor, x: torch.Tensor, inverse: torch.Tensor, rows: slice,
-                        block_size: int) -> None:
+    def add_prompt_rows(
+        self, layer: torch.Tensor, x: torch.Tensor, inverse: torch.Tensor, rows: slice, block_size: int
+    ) -> None:
         """``x``: [heads, rows, visible keys] for the query rows ``rows`` of the scored ones."""
 
-    def end_prompt_layer(self, total: torch.Tensor, layer: torch.Tensor, block_size: int) -> None:
+    def end_prompt_layer(self, total: torch.Tensor, layer: torch.Tensor, block_size: int) -> None:  # noqa: B027
         """Fold one layer's buffer into ``total`` (nothing to do when they are the same tensor)."""
 
     @abstractmethod
@@ -177,7 +178,7 @@ class StepContext:
     req_ids: list[str]  # batch order
     scores: dict[str, ScoreRequest]  # requests to score (see StepPlan.scores)
     with_holes: set[str]  # requests with holes in their block table
-    scorer: "StepScorer | None" = None  # set by the builder, collected by the runner after sampling
+    scorer: StepScorer | None = None  # set by the builder, collected by the runner after sampling
 
 
 @dataclass
@@ -260,7 +261,7 @@ class DecodeBatch:
     groups: list[DecodeGroup]
 
     @classmethod
-    def of(cls, decodes: list[ScoredRequest], block_size: int) -> "DecodeBatch":
+    def of(cls, decodes: list[ScoredRequest], block_size: int) -> DecodeBatch:
         width = max(len(d.block_ids) for d in decodes)
         ids = torch.zeros(len(decodes), width, dtype=torch.long)  # padding: the null block, masked out
         for i, d in enumerate(decodes):
@@ -273,7 +274,11 @@ class DecodeBatch:
             members = [i for i, d in enumerate(decodes) if d.reduction is reduction]
             if not members:
                 continue
-            rows = slice(None) if len(members) == len(decodes) else torch.tensor([d.reduction is reduction for d in decodes])
+            rows = (
+                slice(None)
+                if len(members) == len(decodes)
+                else torch.tensor([d.reduction is reduction for d in decodes])
+            )
             groups.append(DecodeGroup(reduction, rows, members, reduction.decode_total(len(members), width)))
         return cls(torch.tensor([d.query_rows.start for d in decodes]), ids.view(-1), bias, groups)
 
@@ -290,8 +295,15 @@ class StepScorer:
         self.num_layers = 0
 
     @classmethod
-    def for_step(cls, context: StepContext, compaction: Compaction, query_start_loc: torch.Tensor,
-                 logical_seq_lens: np.ndarray, block_size: int, key_layout: str) -> "StepScorer | None":
+    def for_step(
+        cls,
+        context: StepContext,
+        compaction: Compaction,
+        query_start_loc: torch.Tensor,
+        logical_seq_lens: np.ndarray,
+        block_size: int,
+        key_layout: str,
+    ) -> StepScorer | None:
         scorer = cls(block_size, key_layout)
         qsl = query_start_loc.numpy()
         lens = compaction.seq_lens.numpy()
@@ -312,8 +324,14 @@ class StepScorer:
                 logical = np.arange(num_blocks)
             token_positions = (logical[:, None] * block_size + np.arange(block_size)).reshape(-1)[:num_keys]
             scored = ScoredRequest(
-                req_id, REDUCTIONS[ask.reduce], slice(q_start + skip, q_end), positions[skip:],
-                compaction.block_table[row, :num_blocks].long().clone(), logical, num_keys, token_positions,
+                req_id,
+                REDUCTIONS[ask.reduce],
+                slice(q_start + skip, q_end),
+                positions[skip:],
+                compaction.block_table[row, :num_blocks].long().clone(),
+                logical,
+                num_keys,
+                token_positions,
             )
             if scored.num_rows == 1:
                 scorer.decodes.append(scored)
@@ -333,7 +351,9 @@ class StepScorer:
         index_select copies whole pages (a fast memcpy), one copy puts keys in order and
         converts them to float32 (scores are computed in float32 whatever the model's dtype).
         """
-        k = torch.index_select(pages, 0, block_ids, out=_scratch.get("pages", (len(block_ids), *pages.shape[1:]), pages.dtype))
+        k = torch.index_select(
+            pages, 0, block_ids, out=_scratch.get("pages", (len(block_ids), *pages.shape[1:]), pages.dtype)
+        )
         n = len(block_ids) // num_seqs
         kv_heads, bs = k.shape[1], self.block_size
         if self.key_layout == "dt":  # page = [head_dim, block_size]
@@ -392,7 +412,10 @@ class StepScorer:
                 d = self.decodes[member]
                 d.total = group.total[i, ..., : len(d.block_ids)]
         return {
-            req.req_id: BlockScores(req.logical_blocks.astype(np.int64), req.reduction.block_scores(req.total).numpy(),
-                                    req.visibility(self.block_size, self.num_layers))
+            req.req_id: BlockScores(
+                req.logical_blocks.astype(np.int64),
+                req.reduction.block_scores(req.total).numpy(),
+                req.visibility(self.block_size, self.num_layers),
+            )
             for req in self.prompts + self.decodes
         }

@@ -51,8 +51,12 @@ class H2OCPUModelRunner(CPUModelRunner):
         output = super().sample_tokens(grammar_output)
         context = self.__dict__.get("_h2o_context")
         self._h2o_step(None)  # warm-up and profiling runs between steps see a plain table
-        if context is not None and context.scorer is not None and isinstance(output, ModelRunnerOutput) \
-                and output is not EMPTY_MODEL_RUNNER_OUTPUT:
+        if (
+            context is not None
+            and context.scorer is not None
+            and isinstance(output, ModelRunnerOutput)
+            and output is not EMPTY_MODEL_RUNNER_OUTPUT
+        ):
             setattr(output, SCORES_ATTR, context.scorer.collect())
         return output
 

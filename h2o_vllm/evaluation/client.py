@@ -60,9 +60,12 @@ class Progress:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
-            print(f"[eval] {self.done}/{self.total} requests, {self.failed} failed, "
-                  f"{now - self.start:.0f} s elapsed, ~{left:.0f} s left (last: {answer.config} {answer.scenario} {answer.key})",
-                  file=self.stream, flush=True)
+            print(
+                f"[eval] {self.done}/{self.total} requests, {self.failed} failed, "
+                f"{now - self.start:.0f} s elapsed, ~{left:.0f} s left (last: {answer.config} {answer.scenario} {answer.key})",
+                file=self.stream,
+                flush=True,
+            )
 
 
 def server_root(base_url: str) -> str:
@@ -71,7 +74,9 @@ def server_root(base_url: str) -> str:
     return root[: -len("/v1")] if root.endswith("/v1") else root
 
 
-async def _one(session, base_url, config: EvalConfig, item: Item, model: str, select: str, api_key: str | None) -> Answer:
+async def _one(
+    session, base_url, config: EvalConfig, item: Item, model: str, select: str, api_key: str | None
+) -> Answer:
     name, extra = config.request_fields(model, select)
     path, body = request_body(item, name, extra)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -80,19 +85,35 @@ async def _one(session, base_url, config: EvalConfig, item: Item, model: str, se
         async with session.post(server_root(base_url) + path, json=body, headers=headers) as resp:
             payload = await resp.text()
             if resp.status != 200:
-                return Answer(config.name, item.scenario, item.key, None, f"HTTP {resp.status}: {payload[:300]}",
-                              seconds=time.monotonic() - t0)
+                return Answer(
+                    config.name,
+                    item.scenario,
+                    item.key,
+                    None,
+                    f"HTTP {resp.status}: {payload[:300]}",
+                    seconds=time.monotonic() - t0,
+                )
             reply = json.loads(payload)
-            return Answer(config.name, item.scenario, item.key, _text(path, reply), None,
-                          reply.get("usage", {}).get("completion_tokens", 0), time.monotonic() - t0)
-    except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as exc:
-        return Answer(config.name, item.scenario, item.key, None, f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - t0)
+            return Answer(
+                config.name,
+                item.scenario,
+                item.key,
+                _text(path, reply),
+                None,
+                reply.get("usage", {}).get("completion_tokens", 0),
+                time.monotonic() - t0,
+            )
+    except (TimeoutError, aiohttp.ClientError, KeyError, ValueError) as exc:
+        return Answer(
+            config.name, item.scenario, item.key, None, f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - t0
+        )
 
 
 async def _run(base_url, jobs, model, select, concurrency, timeout, api_key, progress) -> list[Answer]:
     limit = asyncio.Semaphore(concurrency)
     client_timeout = aiohttp.ClientTimeout(total=timeout)
     async with aiohttp.ClientSession(timeout=client_timeout) as session:
+
         async def guarded(config, item):
             async with limit:
                 answer = await _one(session, base_url, config, item, model, select, api_key)
@@ -102,8 +123,16 @@ async def _run(base_url, jobs, model, select, concurrency, timeout, api_key, pro
         return await asyncio.gather(*(guarded(c, i) for c, i in jobs))
 
 
-def run_requests(base_url: str, jobs: list[tuple[EvalConfig, Item]], model: str, *, select: str = "xargs",
-                 concurrency: int = 8, timeout: float = 1800.0, api_key: str | None = None) -> list[Answer]:
+def run_requests(
+    base_url: str,
+    jobs: list[tuple[EvalConfig, Item]],
+    model: str,
+    *,
+    select: str = "xargs",
+    concurrency: int = 8,
+    timeout: float = 1800.0,
+    api_key: str | None = None,
+) -> list[Answer]:
     """Answers in the order of ``jobs``. ``timeout`` bounds each request (seconds)."""
     progress = Progress(len(jobs))
     return asyncio.run(_run(base_url, jobs, model, select, concurrency, timeout, api_key, progress))

@@ -34,8 +34,15 @@ SELECT_MODES = ("xargs", "alias")
 # Fields every H2O configuration sends, whatever the server's defaults (a window of 0 = every prompt row).
 SCORING_FIELDS = frozenset({"prompt_window", "score_reduce", "score_norm"})
 
-__all__ = ["DEFAULT_POLICIES", "DEFAULT_WINDOW", "POLICIES", "SELECT_MODES", "EvalConfig", "EvalConfigError",
-           "eval_configs"]
+__all__ = [
+    "DEFAULT_POLICIES",
+    "DEFAULT_WINDOW",
+    "POLICIES",
+    "SELECT_MODES",
+    "EvalConfig",
+    "EvalConfigError",
+    "eval_configs",
+]
 
 
 class EvalConfigError(ValueError):
@@ -47,7 +54,7 @@ class EvalConfig:
     named: NamedConfig
 
     @classmethod
-    def of(cls, family: str, budget: float | None = None, window: int = DEFAULT_WINDOW) -> "EvalConfig":
+    def of(cls, family: str, budget: float | None = None, window: int = DEFAULT_WINDOW) -> EvalConfig:
         """``family`` (a name without a budget, or ``full``) at ``budget`` (a fraction of the sequence)."""
         try:
             named = parse_name(family, window=window)
@@ -85,7 +92,9 @@ class EvalConfig:
         if self.named.is_full:
             return f"{model}@full"
         if self.named.named != {"policy", "budget"}:
-            raise EvalConfigError(f"{self.policy} has no model-name alias among the server's defaults; use --select xargs")
+            raise EvalConfigError(
+                f"{self.policy} has no model-name alias among the server's defaults; use --select xargs"
+            )
         return f"{model}@{self.named.config.policy}-{self.budget:g}"
 
     def request_fields(self, model: str, select: str) -> tuple[str, dict]:

@@ -14,7 +14,11 @@ from h2o_vllm.evaluation.scenarios import Item
 # metric -> (title, scenario, format)
 METRICS = {
     "needle_accuracy": ("needle: pass key found (%)", "needle", "{:.1f}"),
-    "fidelity_matched_tokens": ("fidelity: tokens equal to the full cache before the first divergence (mean)", "fidelity", "{:.1f}"),
+    "fidelity_matched_tokens": (
+        "fidelity: tokens equal to the full cache before the first divergence (mean)",
+        "fidelity",
+        "{:.1f}",
+    ),
     "fidelity_rouge_l": ("fidelity: ROUGE-L F1 against the full-cache continuation", "fidelity", "{:.3f}"),
     "summary_rouge_l": ("summary: ROUGE-L F1 against the full-cache summary", "summary", "{:.3f}"),
 }
@@ -53,7 +57,9 @@ def score(items: list[Item], answers: list[Answer], configs: list[EvalConfig], t
             else:
                 summary_rouge.append(rouge_l(text, ref.text))
         results[config.name] = {
-            "policy": config.policy, "budget": config.budget, "failed": failed,
+            "policy": config.policy,
+            "budget": config.budget,
+            "failed": failed,
             "needle_accuracy": _mean(found),
             "needle_accuracy_by_length": {k: _mean(v) for k, v in by_length.items()},
             "fidelity_matched_tokens": _mean(tokens_matched),
@@ -89,15 +95,26 @@ def markdown(results: dict, configs: list[EvalConfig]) -> str:
         for policy in policies:
             cells = [_cell(results.get(names.get((policy, b)), {}).get(metric), fmt) for b in budgets]
             rows.append(f"| {policy} | " + " | ".join(cells) + " |")
-        note = {"fidelity": " (the full cache is the reference: all tokens equal, ROUGE-L 1)",
-                "summary": " (the full cache is the reference: ROUGE-L 1)"}.get(scenario, "")
+        note = {
+            "fidelity": " (the full cache is the reference: all tokens equal, ROUGE-L 1)",
+            "summary": " (the full cache is the reference: ROUGE-L 1)",
+        }.get(scenario, "")
         out.append(f"**{title}**{note}\n\n{head}" + "\n".join(rows) + "\n")
     lengths = sorted({k for r in results.values() for k in r["needle_accuracy_by_length"]}, key=_length_key)
     if lengths:
-        rows = [f"| {name} | " + " | ".join(_cell(r["needle_accuracy_by_length"].get(k), "{:.0f}") for k in lengths) + " |"
-                for name, r in results.items()]
-        out.append("**needle by context length (% found)**\n\n| configuration | " + " | ".join(lengths) + " |\n|---|"
-                   + "---|" * len(lengths) + "\n" + "\n".join(rows) + "\n")
+        rows = [
+            f"| {name} | " + " | ".join(_cell(r["needle_accuracy_by_length"].get(k), "{:.0f}") for k in lengths) + " |"
+            for name, r in results.items()
+        ]
+        out.append(
+            "**needle by context length (% found)**\n\n| configuration | "
+            + " | ".join(lengths)
+            + " |\n|---|"
+            + "---|" * len(lengths)
+            + "\n"
+            + "\n".join(rows)
+            + "\n"
+        )
     failed = {name: r["failed"] for name, r in results.items() if r["failed"]}
     if failed:
         out.append("Failed requests (scored as misses): " + ", ".join(f"{k} {v}" for k, v in failed.items()) + "\n")
@@ -125,7 +142,9 @@ def plot(results: dict, configs: list[EvalConfig], path: Path) -> Path | None:
     for ax, metric in zip(axes[0], metrics):
         for policy in policies:
             ys = [results.get(names.get((policy, b)), {}).get(metric) for b in budgets]
-            ax.plot([b * 100 for b in budgets], [float("nan") if y is None else y for y in ys], marker="o", label=policy)
+            ax.plot(
+                [b * 100 for b in budgets], [float("nan") if y is None else y for y in ys], marker="o", label=policy
+            )
         full = results.get("full", {}).get(metric)
         if full is not None and metric.startswith("needle"):
             ax.axhline(full, linestyle="--", color="gray", label="full cache")
@@ -139,8 +158,15 @@ def plot(results: dict, configs: list[EvalConfig], path: Path) -> Path | None:
     return path
 
 
-def save(out_dir: Path, command: str, settings: dict, items: list[Item], answers: list[Answer], results: dict,
-         configs: list[EvalConfig]) -> dict[str, Path]:
+def save(
+    out_dir: Path,
+    command: str,
+    settings: dict,
+    items: list[Item],
+    answers: list[Answer],
+    results: dict,
+    configs: list[EvalConfig],
+) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "eval.json", "md": out_dir / "eval.md", "answers": out_dir / "answers.jsonl"}
     paths["json"].write_text(json.dumps({"command": command, "settings": settings, "results": results}, indent=1))

@@ -29,27 +29,52 @@ from h2o_vllm.evaluation.configs import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="h2o-vllm eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-url", help="server root, e.g. http://127.0.0.1:8000 (default: start h2o-vllm serve on loopback)")
+    p = argparse.ArgumentParser(
+        prog="h2o-vllm eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--base-url", help="server root, e.g. http://127.0.0.1:8000 (default: start h2o-vllm serve on loopback)"
+    )
     p.add_argument("--model", default=None, help="served model name (default: the default model's, smollm2-135m)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder for building prompts (default: the default model's)")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder for building prompts (default: the default model's)"
+    )
     p.add_argument("--api-key", default=None)
     p.add_argument("--scenarios", nargs="+", default=list(scenarios.SCENARIOS), choices=scenarios.SCENARIOS)
-    p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES),
-                   help="policy families, named as in h2o_vllm.names without a budget (h2o, streaming, "
-                        "h2o_window8_max, h2o_mean, ...; also h2o-window, h2o-window-max, h2o-mean)")
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(DEFAULT_POLICIES),
+        help="policy families, named as in h2o_vllm.names without a budget (h2o, streaming, "
+        "h2o_window8_max, h2o_mean, ...; also h2o-window, h2o-window-max, h2o-mean)",
+    )
     p.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.2, 0.5], help="fractions of the sequence")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="observation window of the h2o-window and h2o-window-max families (query rows)")
-    p.add_argument("--select", choices=SELECT_MODES, default="xargs",
-                   help="choose the policy per request with vllm_xargs, or with MODEL@policy-budget aliases")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=DEFAULT_WINDOW,
+        help="observation window of the h2o-window and h2o-window-max families (query rows)",
+    )
+    p.add_argument(
+        "--select",
+        choices=SELECT_MODES,
+        default="xargs",
+        help="choose the policy per request with vllm_xargs, or with MODEL@policy-budget aliases",
+    )
     g = p.add_argument_group("needle")
     g.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096], help="context lengths in tokens")
-    g.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9], help="where the key sits (fraction of the text)")
+    g.add_argument(
+        "--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9], help="where the key sits (fraction of the text)"
+    )
     g.add_argument("--samples", type=int, default=2, help="pass keys per length and depth")
     g = p.add_argument_group("fidelity")
     g.add_argument("--fidelity-prompts", type=int, default=3)
-    g.add_argument("--fidelity-prompt-tokens", type=int, default=1024,
-                   help="long enough that 10%% of the sequence leaves room for heavy hitters besides sink and recent blocks")
+    g.add_argument(
+        "--fidelity-prompt-tokens",
+        type=int,
+        default=1024,
+        help="long enough that 10%% of the sequence leaves room for heavy hitters besides sink and recent blocks",
+    )
     g.add_argument("--fidelity-new-tokens", type=int, default=512)
     g = p.add_argument_group("summary")
     g.add_argument("--summaries", type=int, default=3)
@@ -59,13 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     g.add_argument("--request-timeout", type=float, default=1800.0, help="seconds per request")
     g.add_argument("--out", type=Path, default=Path("results/eval"))
-    g.add_argument("--serve-args", default="--enforce-eager",
-                   help="extra h2o-vllm serve arguments when this command starts the server")
+    g.add_argument(
+        "--serve-args",
+        default="--enforce-eager",
+        help="extra h2o-vllm serve arguments when this command starts the server",
+    )
     return p
 
 
-POSITIVE_ARGS = ("samples", "fidelity_prompts", "summaries", "concurrency", "window", "fidelity_prompt_tokens",
-                 "fidelity_new_tokens", "summary_essay_tokens", "summary_new_tokens")
+POSITIVE_ARGS = (
+    "samples",
+    "fidelity_prompts",
+    "summaries",
+    "concurrency",
+    "window",
+    "fidelity_prompt_tokens",
+    "fidelity_new_tokens",
+    "summary_essay_tokens",
+    "summary_new_tokens",
+)
 
 
 def _checked_configs(args) -> list[EvalConfig]:
@@ -88,11 +125,14 @@ def build_items(args, tokenizer) -> list[scenarios.Item]:
     if "needle" in args.scenarios:
         items += scenarios.needle_items(tokenizer, corpus, args.lengths, args.depths, args.samples)
     if "fidelity" in args.scenarios:
-        items += scenarios.fidelity_items(tokenizer, corpus, args.fidelity_prompts, args.fidelity_prompt_tokens,
-                                          args.fidelity_new_tokens)
+        items += scenarios.fidelity_items(
+            tokenizer, corpus, args.fidelity_prompts, args.fidelity_prompt_tokens, args.fidelity_new_tokens
+        )
     if "summary" in args.scenarios:
         essays = [(f.stem, f.read_text(encoding="utf-8", errors="replace")) for f in sorted(essays_dir().glob("*.txt"))]
-        items += scenarios.summary_items(tokenizer, essays, args.summaries, args.summary_essay_tokens, args.summary_new_tokens)
+        items += scenarios.summary_items(
+            tokenizer, essays, args.summaries, args.summary_essay_tokens, args.summary_new_tokens
+        )
     return items
 
 
@@ -120,22 +160,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"h2o-vllm eval: error: {err}", file=sys.stderr)
         return 2
     jobs = [(c, i) for c in configs for i in items]
-    print(f"[eval] {len(items)} items x {len(configs)} configurations = {len(jobs)} requests "
-          f"({', '.join(c.name for c in configs)})", file=sys.stderr, flush=True)
+    print(
+        f"[eval] {len(items)} items x {len(configs)} configurations = {len(jobs)} requests "
+        f"({', '.join(c.name for c in configs)})",
+        file=sys.stderr,
+        flush=True,
+    )
     command = "h2o-vllm eval " + shlex.join(sys.argv[2:] if argv is None else argv)
     t0 = time.monotonic()
     if args.base_url:
-        answers = client.run_requests(args.base_url, jobs, model, select=args.select, concurrency=args.concurrency,
-                                      timeout=args.request_timeout, api_key=args.api_key)
+        answers = client.run_requests(
+            args.base_url,
+            jobs,
+            model,
+            select=args.select,
+            concurrency=args.concurrency,
+            timeout=args.request_timeout,
+            api_key=args.api_key,
+        )
     else:
         from h2o_vllm.local_server import ServerProcess
 
         serve_args = ["--max-model-len", str(max_context(items)), *shlex.split(args.serve_args)]
         args.out.mkdir(parents=True, exist_ok=True)
-        print(f"[eval] starting h2o-vllm serve {' '.join(serve_args)} (log: {args.out / 'server.log'})", file=sys.stderr, flush=True)
+        print(
+            f"[eval] starting h2o-vllm serve {' '.join(serve_args)} (log: {args.out / 'server.log'})",
+            file=sys.stderr,
+            flush=True,
+        )
         with ServerProcess(serve_args, log_path=args.out / "server.log") as server:
-            answers = client.run_requests(server.base_url, jobs, model, select=args.select, concurrency=args.concurrency,
-                                          timeout=args.request_timeout, api_key=args.api_key)
+            answers = client.run_requests(
+                server.base_url,
+                jobs,
+                model,
+                select=args.select,
+                concurrency=args.concurrency,
+                timeout=args.request_timeout,
+                api_key=args.api_key,
+            )
     results = report.score(items, answers, configs, tokenizer)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "api_key"}
     settings["wall_s"] = round(time.monotonic() - t0, 1)

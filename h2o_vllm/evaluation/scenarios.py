@@ -57,7 +57,9 @@ def needle_items(tokenizer, corpus: str, lengths, depths, samples: int, seed: in
     for length in lengths:
         haystack = length - fixed
         if haystack < 16 or haystack > len(corpus_ids):
-            raise ValueError(f"needle context length {length} does not fit between {fixed + 16} and {len(corpus_ids)} tokens")
+            raise ValueError(
+                f"needle context length {length} does not fit between {fixed + 16} and {len(corpus_ids)} tokens"
+            )
         for depth in depths:
             if not 0.0 <= depth <= 1.0:
                 raise ValueError(f"needle depth {depth} is not a fraction between 0 and 1")
@@ -67,14 +69,24 @@ def needle_items(tokenizer, corpus: str, lengths, depths, samples: int, seed: in
                 start = rng.randrange(0, len(corpus_ids) - haystack + 1)
                 cut = start + int(round(depth * haystack))
                 prompt = (
-                    NEEDLE_INTRO + _decode(tokenizer, corpus_ids[start:cut]) + NEEDLE.format(key=passkey)
-                    + _decode(tokenizer, corpus_ids[cut : start + haystack]) + NEEDLE_QUESTION
+                    NEEDLE_INTRO
+                    + _decode(tokenizer, corpus_ids[start:cut])
+                    + NEEDLE.format(key=passkey)
+                    + _decode(tokenizer, corpus_ids[cut : start + haystack])
+                    + NEEDLE_QUESTION
                 )
-                items.append(Item(
-                    "needle", f"{length}/d{int(depth * 100)}/s{s}", max_tokens=8, prompt=prompt,
-                    answer=passkey, group=_length_label(length), prompt_tokens=len(tokenizer(prompt)["input_ids"]),
-                    meta={"length": length, "depth": depth},
-                ))
+                items.append(
+                    Item(
+                        "needle",
+                        f"{length}/d{int(depth * 100)}/s{s}",
+                        max_tokens=8,
+                        prompt=prompt,
+                        answer=passkey,
+                        group=_length_label(length),
+                        prompt_tokens=len(tokenizer(prompt)["input_ids"]),
+                        meta={"length": length, "depth": depth},
+                    )
+                )
     return items
 
 
@@ -85,12 +97,22 @@ def fidelity_items(tokenizer, corpus: str, prompts: int, prompt_tokens: int, new
     items = []
     for i in range(prompts):
         text = _decode(tokenizer, corpus_ids[i * stride : i * stride + prompt_tokens])
-        items.append(Item("fidelity", f"p{i}", max_tokens=new_tokens, prompt=text, ignore_eos=True,
-                          prompt_tokens=len(tokenizer(text)["input_ids"])))
+        items.append(
+            Item(
+                "fidelity",
+                f"p{i}",
+                max_tokens=new_tokens,
+                prompt=text,
+                ignore_eos=True,
+                prompt_tokens=len(tokenizer(text)["input_ids"]),
+            )
+        )
     return items
 
 
-def summary_items(tokenizer, essays: list[tuple[str, str]], count: int, essay_tokens: int, new_tokens: int) -> list[Item]:
+def summary_items(
+    tokenizer, essays: list[tuple[str, str]], count: int, essay_tokens: int, new_tokens: int
+) -> list[Item]:
     """The first ``count`` essays (by name) of at least ``essay_tokens`` tokens, cut to that length."""
     items = []
     for name, text in essays:
@@ -98,8 +120,15 @@ def summary_items(tokenizer, essays: list[tuple[str, str]], count: int, essay_to
         if len(ids) < essay_tokens:
             continue
         content = SUMMARY_INSTRUCTION + _decode(tokenizer, ids[:essay_tokens])
-        items.append(Item("summary", name, max_tokens=new_tokens, messages=[{"role": "user", "content": content}],
-                          prompt_tokens=len(tokenizer(content)["input_ids"])))
+        items.append(
+            Item(
+                "summary",
+                name,
+                max_tokens=new_tokens,
+                messages=[{"role": "user", "content": content}],
+                prompt_tokens=len(tokenizer(content)["input_ids"]),
+            )
+        )
         if len(items) == count:
             return items
     raise ValueError(f"only {len(items)} essays have {essay_tokens} tokens or more; asked for {count}")

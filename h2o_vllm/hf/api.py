@@ -40,11 +40,10 @@ def enable_h2o_llm(
     ``per_layer=True, per_head=True`` decides per layer and KV head, as the paper's code does;
     the default, one decision for all layers and heads, is what the paged vLLM engine can do."""
     if max_capacity < n_sink + recent_window:
-        raise ValueError(
-            f"max_capacity ({max_capacity}) must hold n_sink + recent_window ({n_sink} + {recent_window})"
-        )
-    config = PolicyConfig("h2o", Budget(tokens=max_capacity), n_sink, recent_window, block_size, score_norm,
-                          prompt_window, score_reduce)
+        raise ValueError(f"max_capacity ({max_capacity}) must hold n_sink + recent_window ({n_sink} + {recent_window})")
+    config = PolicyConfig(
+        "h2o", Budget(tokens=max_capacity), n_sink, recent_window, block_size, score_norm, prompt_window, score_reduce
+    )
     return enable_policy(model, config, per_layer=per_layer, per_head=per_head)
 
 

@@ -43,7 +43,7 @@ from h2o_vllm.policy import PolicyConfig, make_policy
 _ACTIVE = threading.local()
 
 
-def take_active_cache() -> "H2OCache | None":
+def take_active_cache() -> H2OCache | None:
     cache = getattr(_ACTIVE, "cache", None)
     _ACTIVE.cache = None
     return cache
@@ -137,7 +137,9 @@ class H2OCache(Cache):
         score_chunk: int = 256,
     ):
         if per_head and not per_layer:
-            raise ValueError("per_head needs per_layer=True: a KV head of one layer has nothing to share with another layer's")
+            raise ValueError(
+                "per_head needs per_layer=True: a KV head of one layer has nothing to share with another layer's"
+            )
         super().__init__(layers=[EvictingLayer() for _ in range(num_layers)])
         # One config for every row, or one per batch row (rows never share decisions anyway).
         self.policy_config = policy_config
@@ -161,7 +163,7 @@ class H2OCache(Cache):
         self.stats = CacheStats()
 
     @classmethod
-    def for_model(cls, model, policy_config: PolicyConfig, **kwargs) -> "H2OCache":
+    def for_model(cls, model, policy_config: PolicyConfig, **kwargs) -> H2OCache:
         """A cache for ``model``, whose attention is switched to the h2o_ wrapper if it is not yet.
 
         The wrapper runs the model's own eager or SDPA attention, unchanged when no
@@ -187,7 +189,10 @@ class H2OCache(Cache):
             )
         if self.per_head:
             self.rows_per_sequence = key_states.shape[1]
-            key_states, value_states = _rows_per_head(key_states, self.rows_per_sequence), _rows_per_head(value_states, self.rows_per_sequence)
+            key_states, value_states = (
+                _rows_per_head(key_states, self.rows_per_sequence),
+                _rows_per_head(value_states, self.rows_per_sequence),
+            )
         keys, values = self.layers[layer_idx].update(key_states, value_states)
         _ACTIVE.cache = self
         if self.per_head:  # attention wants [batch, kv_heads, slots, dim] back
@@ -204,7 +209,9 @@ class H2OCache(Cache):
 
     # -- called by the attention function -------------------------------------------------
 
-    def attend(self, module, base_attention, query, key, value, attention_mask, scaling, dropout, additive_mask, **kwargs):
+    def attend(
+        self, module, base_attention, query, key, value, attention_mask, scaling, dropout, additive_mask, **kwargs
+    ):
         layer_idx = module.layer_idx
         layer = self.layers[layer_idx]
         q_len = query.shape[2]
@@ -215,9 +222,13 @@ class H2OCache(Cache):
             allowed = self._allowed(layer, first_query, 0, q_len)  # [rows, 1, q, slots]
             if self.rows_per_sequence > 1:  # each query head sees its KV head's slots
                 heads = query.shape[1]
-                allowed = _batch_rows(allowed.expand(-1, heads // self.rows_per_sequence, -1, -1), self.rows_per_sequence)
+                allowed = _batch_rows(
+                    allowed.expand(-1, heads // self.rows_per_sequence, -1, -1), self.rows_per_sequence
+                )
             attention_mask = _as_mask(allowed, query.dtype, additive_mask)
-        out, weights = base_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        out, weights = base_attention(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
         if self.evicts:
             self._grow_ledgers(layer, layer_idx)
             if self.scoring is not None:

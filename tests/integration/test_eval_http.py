@@ -57,10 +57,33 @@ def run_eval(server, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def test_eval_runs_every_scenario_under_each_policy(server, tmp_path):
     before = h2o_counts(server)
-    proc = run_eval(server, tmp_path, "--lengths", "512", "1024", "--depths", "0.5", "--samples", "1",
-                    "--fidelity-prompts", "2", "--fidelity-prompt-tokens", "256", "--fidelity-new-tokens", "64",
-                    "--summaries", "1", "--summary-essay-tokens", "512", "--summary-new-tokens", "32",
-                    "--budgets", "0.2", "--concurrency", "4")
+    proc = run_eval(
+        server,
+        tmp_path,
+        "--lengths",
+        "512",
+        "1024",
+        "--depths",
+        "0.5",
+        "--samples",
+        "1",
+        "--fidelity-prompts",
+        "2",
+        "--fidelity-prompt-tokens",
+        "256",
+        "--fidelity-new-tokens",
+        "64",
+        "--summaries",
+        "1",
+        "--summary-essay-tokens",
+        "512",
+        "--summary-new-tokens",
+        "32",
+        "--budgets",
+        "0.2",
+        "--concurrency",
+        "4",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[eval] 25/25 requests, 0 failed" in proc.stderr  # progress lines
     results = json.loads((tmp_path / "eval.json").read_text())["results"]
@@ -74,14 +97,38 @@ def test_eval_runs_every_scenario_under_each_policy(server, tmp_path):
     assert changed.get("none") == 5 and changed.get("streaming") == 5 and changed.get("h2o") == 15, changed
     assert changed.get("evicted", 0) > 0
     table = (tmp_path / "eval.md").read_text()
-    assert "| h2o-window |" in table and "| h2o-window-max |" in table and "Produced by:" in table and (tmp_path / "eval.png").exists()
+    assert (
+        "| h2o-window |" in table
+        and "| h2o-window-max |" in table
+        and "Produced by:" in table
+        and (tmp_path / "eval.png").exists()
+    )
     assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 25
 
 
 def test_eval_selects_policies_through_model_aliases(server, tmp_path):
     before = h2o_counts(server)
-    proc = run_eval(server, tmp_path, "--select", "alias", "--scenarios", "needle", "--lengths", "512",
-                    "--depths", "0.3", "0.7", "--samples", "1", "--policies", "streaming", "h2o", "--budgets", "0.1", "0.5")
+    proc = run_eval(
+        server,
+        tmp_path,
+        "--select",
+        "alias",
+        "--scenarios",
+        "needle",
+        "--lengths",
+        "512",
+        "--depths",
+        "0.3",
+        "0.7",
+        "--samples",
+        "1",
+        "--policies",
+        "streaming",
+        "h2o",
+        "--budgets",
+        "0.1",
+        "0.5",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert set(results) == {"full", "streaming_10%", "streaming_50%", "h2o_10%", "h2o_50%"}
@@ -93,12 +140,33 @@ def test_eval_selects_policies_through_model_aliases(server, tmp_path):
 def test_lm_evaluation_harness_local_completions_through_an_alias(server, default_model_dir, tmp_path):
     docs = (ROOT / "serving/lm_eval/h2o_passkey.jsonl").read_text().splitlines()
     before = h2o_counts(server)
-    model_args = (f"model={MODEL}@h2o-0.2,base_url={server.base_url}/v1/completions,tokenizer_backend=None,"
-                  "tokenized_requests=False,num_concurrent=4,max_retries=1")
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
-           "--include_path", "serving/lm_eval", "--tasks", "h2o_passkey", "--output_path", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    model_args = (
+        f"model={MODEL}@h2o-0.2,base_url={server.base_url}/v1/completions,tokenizer_backend=None,"
+        "tokenized_requests=False,num_concurrent=4,max_retries=1"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "local-completions",
+        "--model_args",
+        model_args,
+        "--include_path",
+        "serving/lm_eval",
+        "--tasks",
+        "h2o_passkey",
+        "--output_path",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result_file = next(tmp_path.rglob("results_*.json"))
     result = json.loads(result_file.read_text())
@@ -114,7 +182,9 @@ def test_helm_deployments_name_served_aliases_and_their_request_shape_works(serv
     HELM's VLLMChatClient's (crfm-helm 0.5.16, OpenAIClient chat path) runs under that alias's policy."""
     import yaml
 
-    deployments = yaml.safe_load((ROOT / "serving/helm/prod_env/model_deployments.yaml").read_text())["model_deployments"]
+    deployments = yaml.safe_load((ROOT / "serving/helm/prod_env/model_deployments.yaml").read_text())[
+        "model_deployments"
+    ]
     metadata = yaml.safe_load((ROOT / "serving/helm/prod_env/model_metadata.yaml").read_text())["models"]
     assert {d["model_name"] for d in deployments} == {m["name"] for m in metadata}
     served = {m["id"] for m in httpx.get(server.base_url + "/v1/models", timeout=30).json()["data"]}
@@ -125,8 +195,17 @@ def test_helm_deployments_name_served_aliases_and_their_request_shape_works(serv
         name = spec["args"]["vllm_model_name"]
         assert name in served, name
         before = h2o_counts(server)
-        body = {"model": name, "messages": [{"role": "user", "content": "Name a colour."}], "temperature": 0.0,
-                "top_p": 1, "n": 1, "stop": None, "max_tokens": 8, "presence_penalty": 0, "frequency_penalty": 0}
+        body = {
+            "model": name,
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "temperature": 0.0,
+            "top_p": 1,
+            "n": 1,
+            "stop": None,
+            "max_tokens": 8,
+            "presence_penalty": 0,
+            "frequency_penalty": 0,
+        }
         reply = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=120)
         assert reply.status_code == 200, reply.text
         policy = expected_policy[name.split("@")[1].split("-")[0]]

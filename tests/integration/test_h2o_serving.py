@@ -5,9 +5,7 @@ One server for the module, with a KV pool small enough that eviction matters
 (``--num-gpu-blocks-override``) and no compile (``--enforce-eager``) to start fast.
 """
 
-import json
 import random
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,8 +23,15 @@ POOL_BLOCKS = 1200
 @pytest.fixture(scope="module")
 def server(default_model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("h2o-server")
-    args = ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--num-gpu-blocks-override", str(POOL_BLOCKS),
-            "--h2o-budget", "0.5"]
+    args = [
+        "--enforce-eager",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--num-gpu-blocks-override",
+        str(POOL_BLOCKS),
+        "--h2o-budget",
+        "0.5",
+    ]
     with ServerProcess(args, log_path=logs / "server.log") as proc:
         yield proc
 
@@ -104,8 +109,15 @@ def test_resident_blocks_stay_below_a_full_cache_while_running(client, essay_wor
 
 
 def test_client_disconnect_mid_stream_frees_its_blocks(client, essay_words):
-    body = {"model": MODEL, "prompt": " ".join(essay_words[:800]), "max_tokens": 3000, "temperature": 0,
-            "ignore_eos": True, "stream": True, "vllm_xargs": {"h2o_budget": 0.3}}
+    body = {
+        "model": MODEL,
+        "prompt": " ".join(essay_words[:800]),
+        "max_tokens": 3000,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "vllm_xargs": {"h2o_budget": 0.3},
+    }
     with client.stream("POST", "/v1/completions", json=body) as resp:
         assert resp.status_code == 200
         for i, _ in enumerate(resp.iter_lines()):
@@ -174,6 +186,8 @@ def test_bad_input_gets_a_4xx_and_the_server_stays_healthy(client, body, param):
 
 
 def test_malformed_json_gets_a_4xx(client):
-    resp = client.post("/v1/completions", content=b'{"model": "smollm2-135m", "prompt": ', headers={"Content-Type": "application/json"})
+    resp = client.post(
+        "/v1/completions", content=b'{"model": "smollm2-135m", "prompt": ', headers={"Content-Type": "application/json"}
+    )
     assert 400 <= resp.status_code < 500
     assert client.get("/health").status_code == 200

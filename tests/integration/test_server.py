@@ -5,7 +5,6 @@ One server for the whole module. It is started exactly as users start it
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -43,7 +42,11 @@ def test_health_and_models(client):
     models = [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert models[0] == DEFAULT_SERVED_NAME
     # Aliases that select a policy and budget, for clients that cannot send vllm_xargs.
-    assert {f"{DEFAULT_SERVED_NAME}@h2o-0.2", f"{DEFAULT_SERVED_NAME}@streaming-0.2", f"{DEFAULT_SERVED_NAME}@full"} <= set(models)
+    assert {
+        f"{DEFAULT_SERVED_NAME}@h2o-0.2",
+        f"{DEFAULT_SERVED_NAME}@streaming-0.2",
+        f"{DEFAULT_SERVED_NAME}@full",
+    } <= set(models)
 
 
 def test_completion_is_generated_by_smollm2(client):
@@ -69,14 +72,19 @@ def test_chat_completion_uses_the_chat_template(client):
 
 
 def test_streaming_completion(client):
-    body = {"model": DEFAULT_SERVED_NAME, "prompt": "Once upon a time", "max_tokens": 12,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": DEFAULT_SERVED_NAME,
+        "prompt": "Once upon a time",
+        "max_tokens": 12,
+        "temperature": 0,
+        "stream": True,
+    }
     chunks = []
     with client.stream("POST", "/v1/completions", json=body) as resp:
         assert resp.status_code == 200
         for line in resp.iter_lines():
             if line.startswith("data: "):
-                chunks.append(line[len("data: "):])
+                chunks.append(line[len("data: ") :])
     assert chunks[-1] == "[DONE]"
     texts = [json.loads(c)["choices"][0]["text"] for c in chunks[:-1] if json.loads(c)["choices"]]
     assert len(texts) >= 2 and "".join(texts).strip()
@@ -101,7 +109,9 @@ def readme_blocks(language: str, starts_with: str) -> list[str]:
 @pytest.mark.parametrize("index", range(len(readme_blocks("python", "from openai import OpenAI"))))
 def test_readme_python_examples_work(server, index):
     """Every README example that talks to the server through the openai client, run as written."""
-    code = readme_blocks("python", "from openai import OpenAI")[index].replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
+    code = readme_blocks("python", "from openai import OpenAI")[index].replace(
+        "127.0.0.1:8000", f"127.0.0.1:{server.port}"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip()
@@ -109,7 +119,9 @@ def test_readme_python_examples_work(server, index):
 
 @pytest.mark.parametrize("index", range(len(readme_blocks("bash", "curl "))))
 def test_readme_curl_examples_work(server, index):
-    command = readme_blocks("bash", "curl ")[index].replace("\\\n", " ").replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
+    command = (
+        readme_blocks("bash", "curl ")[index].replace("\\\n", " ").replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
+    )
     out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip()
