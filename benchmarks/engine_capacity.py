@@ -42,18 +42,13 @@ def workload_prompts(num: int, length: int) -> list[list[int]]:
 
 
 def engine_config(name: str):
-    """(engine kwargs, label) for a configuration name: vanilla, none, h2o_20%, streaming_20%, h2o_tokens_N."""
-    from h2o_vllm.engine import engine_config as h2o_config
-    from h2o_vllm.engine import engine_kwargs
-    from h2o_vllm.policy import Budget
+    """Engine kwargs for ``vanilla`` (vLLM as is) or a configuration name (h2o_vllm.names: none, h2o_20%, h2o_4096)."""
+    from h2o_vllm.engine import ENGINE_DEFAULTS, engine_kwargs
+    from h2o_vllm.names import parse_name
 
     if name == "vanilla":
         return {}
-    if name == "none":
-        return engine_kwargs(h2o_config(policy="none"))
-    policy, _, budget = name.partition("_")
-    budget = budget.replace("tokens_", "")
-    return engine_kwargs(h2o_config(policy=policy, budget=Budget.parse(budget), n_sink=BLOCK))
+    return engine_kwargs(parse_name(name, ENGINE_DEFAULTS).config)
 
 
 def run_config(name: str, prompts, new_tokens: int, args) -> dict:

@@ -93,15 +93,16 @@ def server_args(
     if name == "ideal":
         big = 4 * pool_blocks * 8
         return [*common, "--no-h2o", "--num-gpu-blocks-override", str(big), "--max-num-seqs", str(ideal_seqs)]
-    policy, _, budget = name.partition("_")
+    from h2o_vllm import settings
+    from h2o_vllm.engine.settings import ENGINE_DEFAULTS
+    from h2o_vllm.names import parse_name
+
+    named = parse_name(name, ENGINE_DEFAULTS)
     return [
         *common,
         "--num-gpu-blocks-override",
         str(pool_blocks + 1),  # +1: vLLM's null block
-        "--h2o-policy",
-        policy,
-        "--h2o-budget",
-        budget,
+        *settings.to_server_args(named.config, named.named),
         "--h2o-aliases",
         "",
     ]

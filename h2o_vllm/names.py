@@ -17,7 +17,7 @@ crosses families with budgets. What a name leaves out comes from a base
 configuration (the server's defaults, or a benchmark's).
 
 Older spellings stay accepted: ``h2o-0.2`` and ``streaming-256`` (model-name
-aliases), ``h2o-window``, ``h2o-window-max`` and ``h2o-mean`` (evaluation
+aliases), ``h2o_tokens_4096`` (engine capacity benchmark), ``h2o-window``, ``h2o-window-max`` and ``h2o-mean`` (evaluation
 policies, with an ``_P%`` budget after them), ``h2o_S_R_C`` and ``streaming_S_W``
 (sinks, recent and capacity of the perplexity benchmark), ``baseline`` and
 ``none`` for ``full``.
@@ -127,6 +127,8 @@ def _legacy(name: str, window: int) -> str:
     if family in _LEGACY_FAMILIES:  # h2o-window-max_20% -> h2o_20%_window8_max
         return "_".join(p for p in ("h2o", budget, _LEGACY_FAMILIES[family].format(w=window)) if p)
     if m := re.fullmatch(r"(h2o|streaming)-([^_]+)", name):  # model-name aliases: h2o-0.2
+        return f"{m.group(1)}_{m.group(2)}"
+    if m := re.fullmatch(r"(h2o|streaming)_tokens_(\d+)", name):  # the engine capacity benchmark: h2o_tokens_4096
         return f"{m.group(1)}_{m.group(2)}"
     if m := re.fullmatch(r"h2o_(\d+)_(\d+)_(\d+)((?:_\w+)?)", name):  # sinks, recent, capacity
         return f"h2o_{m.group(3)}_sink{m.group(1)}_recent{m.group(2)}{m.group(4)}"

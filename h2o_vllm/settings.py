@@ -140,6 +140,16 @@ def to_dict(config: PolicyConfig) -> dict[str, Any]:
     return {f.name: f.dump(getattr(config, f.attr)) for f in FIELDS}
 
 
+def to_server_args(config: PolicyConfig, attrs) -> list[str]:
+    """The ``h2o-vllm serve`` options that set ``attrs`` of ``config`` (``--h2o-budget 0.2`` ...)."""
+    args = []
+    for f in FIELDS:
+        value = f.dump(getattr(config, f.attr))
+        if f.attr in attrs and value is not None:
+            args += [f.flag, str(value)]
+    return args
+
+
 def to_request_args(config: PolicyConfig, attrs) -> dict[str, Any]:
     """The ``vllm_xargs`` that set ``attrs`` of ``config`` on a request (a window of None is sent as 0)."""
     out = {}

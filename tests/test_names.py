@@ -95,3 +95,16 @@ def test_aliases_take_any_name_of_the_grammar():
     assert settings.for_request(ENGINE_DEFAULTS, args).prompt_window == 8
     with pytest.raises(settings.H2OSettingError, match="per-layer"):
         aliases.split_alias("m@h2o_20%_layer")
+
+
+def test_a_name_becomes_server_options_that_serve_reads_back(monkeypatch):
+    import json
+
+    from h2o_vllm import serve
+
+    named = names.parse_name("h2o_20%_window8_max", ENGINE_DEFAULTS)
+    args = settings.to_server_args(named.config, named.named)
+    assert args[:4] == ["--h2o-policy", "h2o", "--h2o-budget", "0.2"]
+    flags, _ = serve.h2o_engine_args(list(args), ["m"], env={})
+    section = json.loads(flags[flags.index("--additional-config") + 1])["h2o"]
+    assert settings.apply(ENGINE_DEFAULTS, section) == named.config
