@@ -87,7 +87,7 @@ def test_eval_runs_every_scenario_under_each_policy(server, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[eval] 25/25 requests, 0 failed" in proc.stderr  # progress lines
     results = json.loads((tmp_path / "eval.json").read_text())["results"]
-    assert list(results) == ["full", "streaming_20%", "h2o_20%", "h2o-window_20%", "h2o-window-max_20%"]
+    assert list(results) == ["full", "streaming_20%", "h2o_20%", "h2o_20%_window8", "h2o_20%_window8_max"]
     for name, r in results.items():
         assert r["failed"] == 0 and r["samples"] == {"needle": 2, "fidelity": 2, "summary": 1}, name
         assert 0.0 <= r["fidelity_rouge_l"] <= 1.0 and 0 <= r["fidelity_matched_tokens"] <= 64
@@ -98,8 +98,8 @@ def test_eval_runs_every_scenario_under_each_policy(server, tmp_path):
     assert changed.get("evicted", 0) > 0
     table = (tmp_path / "eval.md").read_text()
     assert (
-        "| h2o-window |" in table
-        and "| h2o-window-max |" in table
+        "| h2o_window8 |" in table
+        and "| h2o_window8_max |" in table
         and "Produced by:" in table
         and (tmp_path / "eval.png").exists()
     )
