@@ -8,6 +8,7 @@
              | rNN              NN% of what the sinks leave goes to the recent window (benchmarks)
              | windowN          the prompt is scored by its last N query rows (observation window)
              | mean | max       score_norm="mean", score_reduce="max"
+             | chunked          prefill="chunked": compressed after every prefill chunk
              | bN               blocks of N tokens
              | layer | head     transformers only: per-layer, or per-layer-and-KV-head decisions
 
@@ -38,6 +39,7 @@ _OPTIONS = (
     ("window", r"window(\d+)"),
     ("mean", r"mean"),
     ("max", r"max"),
+    ("chunked", r"chunked"),
     ("block", r"b(\d+)"),
     ("layer", r"layer"),
     ("head", r"head"),
@@ -106,6 +108,7 @@ def format_name(named: NamedConfig, budget: bool = True) -> str:
         "window": c.prompt_window if "prompt_window" in named.named else None,
         "mean": ("score_norm" in named.named and c.score_norm == "mean") or None,
         "max": ("score_reduce" in named.named and c.score_reduce == "max") or None,
+        "chunked": ("prefill" in named.named and c.prefill == "chunked") or None,
         "block": c.block_size if "block_size" in named.named else None,
         "layer": (named.per_layer and not named.per_head) or None,
         "head": named.per_head or None,
@@ -169,6 +172,8 @@ def parse_name(name: str, base: PolicyConfig | None = None, *, window: int = DEF
         changes["score_norm"] = "mean"
     if "max" in found:
         changes["score_reduce"] = "max"
+    if "chunked" in found:
+        changes["prefill"] = "chunked"
     try:
         config = base.replace(**changes)
     except PolicyConfigError as exc:

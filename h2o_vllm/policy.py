@@ -40,14 +40,18 @@ SCORE_NORMS = ("sum", "mean")
 # How engines combine heads and layers into one block score (the policy only sees the result):
 # "sum" as in the paper, or "max": each query's largest mass from one head of one layer.
 SCORE_REDUCE = ("sum", "max")
+# When a prompt is compressed: "whole" once it is all in the cache (the paper), "chunked" after
+# every prefill chunk, so its KV stays near the budget from its first tokens.
+PREFILL_MODES = ("whole", "chunked")
 
 
 class PolicyConfigError(ValueError):
     """A configuration value that is out of range; ``field`` names the :class:`PolicyConfig` attribute."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(message)
+        super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,7 @@ class PolicyConfig:
     score_norm: str = "sum"  # one of SCORE_NORMS
     prompt_window: int | None = None  # None: every prompt query row scores (the paper); W: only the last W
     score_reduce: str = "sum"  # one of SCORE_REDUCE
+    prefill: str = "whole"  # one of PREFILL_MODES
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -143,6 +148,9 @@ class PolicyConfig:
         if self.score_reduce not in SCORE_REDUCE:
             choices = ", ".join(repr(r) for r in SCORE_REDUCE)
             raise PolicyConfigError("score_reduce", f"must be one of {choices}, got {self.score_reduce!r}")
+        if self.prefill not in PREFILL_MODES:
+            choices = ", ".join(repr(m) for m in PREFILL_MODES)
+            raise PolicyConfigError("prefill", f"must be one of {choices}, got {self.prefill!r}")
 
     def replace(self, **changes) -> PolicyConfig:
         """A copy with ``changes`` applied (and checked)."""
@@ -158,11 +166,29 @@ class PolicyConfig:
             return self.n_recent
         return max(0, self.budget.tokens_for(num_tokens) - self.n_sink) // 2
 
-    def first_scored_prompt_row(self, num_prompt_tokens: int) -> int:
-        """The first prompt position whose attention is scored: 0, or the start of the observation window."""
+    def first_scored_position(self, chunk_start: int, chunk_end: int, num_prompt_tokens: int) -> int:
+        """The first of the query positions ``[chunk_start, chunk_end)`` computed together whose attention is scored.
+
+        Without a prompt window every row scores. With a window of W rows, the prompt
+        scores only its last W rows ("whole"), or the last W rows of each prefill chunk
+        ("chunked", so that the cost of a prompt grows linearly with its length); rows
+        after the prompt (decoding) always score. ``chunk_end`` is returned when none does.
+        """
         if self.prompt_window is None:
-            return 0
-        return max(0, num_prompt_tokens - self.prompt_window)
+            return chunk_start
+        if self.prefill == "chunked":
+            return max(chunk_start, chunk_end - self.prompt_window)
+        return max(chunk_start, min(chunk_end, num_prompt_tokens - self.prompt_window))
+
+    def evicts_after(self, num_computed_tokens: int, num_tokens: int) -> bool:
+        """Whether a sequence with ``num_computed_tokens`` of its ``num_tokens`` in the cache is compressed now.
+
+        "whole": once every known token but the newest is in the cache (a prompt is
+        compressed once it is all prefilled); "chunked": after every prefill chunk too.
+        """
+        if self.prefill == "chunked":
+            return num_computed_tokens > 0
+        return num_computed_tokens >= num_tokens - 1
 
 
 @dataclass

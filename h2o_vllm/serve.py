@@ -16,7 +16,7 @@ user left out:
 - model-name aliases that select a policy and budget (``smollm2-135m@h2o-0.2``).
 
 H2O options: one ``--h2o-NAME`` per field of :data:`h2o_vllm.settings.FIELDS`
-(policy, budget, sink, recent, prompt-window, score-norm, score-reduce), each also
+(policy, budget, sink, recent, prompt-window, score-norm, score-reduce, prefill), each also
 read from ``H2O_VLLM_NAME`` (for containers); the server's budget defaults to
 1024 tokens. Besides them:
 

@@ -16,7 +16,8 @@ Server-wide defaults travel to every vLLM process inside
 ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP)::
 
     {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_sink": 32, "h2o_recent": 64,
-     "h2o_prompt_window": 32, "h2o_score_norm": "sum", "h2o_score_reduce": "max"}
+     "h2o_prompt_window": 32, "h2o_score_norm": "sum", "h2o_score_reduce": "max",
+     "h2o_prefill": "chunked"}
 
 Parsing is strict: a bad value raises :class:`H2OSettingError` naming the field
 as the caller spelled it, so the server can answer 400 with ``param`` set.
@@ -101,6 +102,7 @@ FIELDS = (
     Field("prompt_window", "prompt_window", _window, "score the prompt with its last W query rows; 0 or unset: all"),
     Field("score_norm", "score_norm", _text, "sum (the paper) or mean (divided by how many queries saw a block)"),
     Field("score_reduce", "score_reduce", _text, "sum (the paper) or max (each query's largest head-and-layer mass)"),
+    Field("prefill", "prefill", _text, "whole (compress a prompt once it is prefilled) or chunked (after each chunk)"),
 )
 _BY_ATTR = {f.attr: f for f in FIELDS}
 
@@ -125,7 +127,7 @@ def apply(config: PolicyConfig, values: Mapping[str, Any], prefix: str = "") -> 
     try:
         return config.replace(**changes)
     except PolicyConfigError as exc:
-        raise H2OSettingError(prefix + _BY_ATTR[exc.field].name, str(exc)) from None
+        raise H2OSettingError(prefix + _BY_ATTR[exc.field].name, exc.message) from None
 
 
 def for_request(defaults: PolicyConfig, extra_args: Mapping[str, Any] | None) -> PolicyConfig:

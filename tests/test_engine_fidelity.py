@@ -4,7 +4,9 @@ Budget 256 tokens (25% of a 1024-token prompt), 128 new tokens, block size 32,
 scores shared across layers, float32. The reference is ``H2OCache`` (issue #3),
 which shares only the policy core with the engine: its scores come from
 transformers' attention, the engine's from paged KV. Variants: an observation
-window (per-request ``h2o_prompt_window``) and ``h2o_score_reduce="max"``.
+window (per-request ``h2o_prompt_window``), ``h2o_score_reduce="max"``, and
+``h2o_prefill="chunked"`` (compressed after each prefill chunk; the reference is fed the
+engine's chunks).
 """
 
 import pytest
@@ -43,38 +45,58 @@ def hf_model(default_model_dir):
     return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32, attn_implementation="sdpa")
 
 
-def run_reference(model, prompts, prompt_window=None, score_reduce="sum"):
-    """Greedy tokens, top-2 logit gaps and evicted blocks from the HF reference, per prompt."""
-    from h2o_vllm.hf import H2OCache
-
-    runs = []
-    for prompt in prompts:
-        cache = H2OCache.for_model(model, SETTINGS.replace(prompt_window=prompt_window, score_reduce=score_reduce))
-        x, tokens, gaps = torch.tensor([prompt]), [], []
-        with torch.no_grad():
-            for _ in range(NEW_TOKENS):
-                logits = model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1]
-                top2 = torch.topk(logits, 2).values
-                gaps.append(float(top2[0] - top2[1]))
-                tokens.append(int(logits.argmax()))
-                x = torch.tensor([[tokens[-1]]])
-        runs.append({"tokens": tokens, "gaps": gaps, "evicted": cache.stats.per_row_evicted[0]})
-    return runs
+# name -> (prompt index, per-request settings). With prefill "chunked" the prompt is compressed
+# after each of the engine's prefill chunks, and the reference is fed the same chunks.
+RUN_ARGS = {
+    **{f"prompt{i}": (i, {}) for i in range(NUM_PROMPTS)},
+    f"prompt0-window{WINDOW}": (0, {"h2o_prompt_window": WINDOW}),
+    "prompt2-max": (2, {"h2o_score_reduce": "max"}),
+    f"prompt1-window{WINDOW}-max": (1, {"h2o_prompt_window": WINDOW, "h2o_score_reduce": "max"}),
+    "prompt0-chunked": (0, {"h2o_prefill": "chunked"}),
+    f"prompt1-chunked-window{WINDOW}-max": (
+        1,
+        {"h2o_prefill": "chunked", "h2o_prompt_window": WINDOW, "h2o_score_reduce": "max"},
+    ),
+}
+RUNS = list(RUN_ARGS)
+CHUNKED = [name for name in RUNS if "chunked" in name]
 
 
-@pytest.fixture(scope="module")
-def reference(hf_model, prompts):
-    return (
-        run_reference(hf_model, prompts)
-        + run_reference(hf_model, prompts[:1], prompt_window=WINDOW)
-        + run_reference(hf_model, prompts[2:3], score_reduce="max")
-        + run_reference(hf_model, prompts[1:2], prompt_window=WINDOW, score_reduce="max")
-    )
+def run_reference(model, prompt, extra_args, chunks=None):
+    """Greedy tokens, top-2 logit gaps and evicted blocks from the HF reference for one run.
+
+    ``chunks``: the sizes the prompt is fed in (the engine's prefill chunks); whole by default.
+    """
+    from h2o_vllm import settings
+    from h2o_vllm.hf import H2OCache, prefill
+
+    cache = H2OCache.for_model(model, settings.for_request(SETTINGS, extra_args))
+    ids, tokens, gaps, evicted_in_prefill = torch.tensor([prompt]), [], [], 0
+    with torch.no_grad():
+        start = 0
+        for size in chunks or [len(prompt)]:
+            logits = prefill(model, cache, ids[:, start : start + size])[0]
+            start += size
+            if start < len(prompt):
+                evicted_in_prefill = cache.stats.evicted_blocks
+        while True:
+            top2 = torch.topk(logits, 2).values
+            gaps.append(float(top2[0] - top2[1]))
+            tokens.append(int(logits.argmax()))
+            if len(tokens) == NEW_TOKENS:  # the engine computes no KV for the last token either
+                break
+            logits = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1]
+    return {
+        "tokens": tokens,
+        "gaps": gaps,
+        "evicted": cache.stats.per_row_evicted[0],
+        "evicted_in_prefill": evicted_in_prefill,
+    }
 
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir, prompts):
-    """The same runs in the engine; the windowed and max ones are per-request overrides."""
+    """Every run in one engine, concurrently; the variants are per-request overrides."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -89,35 +111,33 @@ def engine(default_model_dir, prompts):
         **engine_kwargs(SETTINGS),
     ) as llm:
         observer = StepObserver(scheduler_of(llm))
-        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-        windowed = SamplingParams(
-            temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, extra_args={"h2o_prompt_window": WINDOW}
-        )
-        maxed = SamplingParams(
-            temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, extra_args={"h2o_score_reduce": "max"}
-        )
-        windowed_max = SamplingParams(
-            temperature=0.0,
-            max_tokens=NEW_TOKENS,
-            ignore_eos=True,
-            extra_args={"h2o_prompt_window": WINDOW, "h2o_score_reduce": "max"},
-        )
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, extra_args=args or None)
+            for _, args in RUN_ARGS.values()
+        ]
         outputs = llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts + prompts[:1] + prompts[2:3] + prompts[1:2]],
-            [params] * len(prompts) + [windowed, maxed, windowed_max],
-            use_tqdm=False,
+            [TokensPrompt(prompt_token_ids=prompts[i]) for i, _ in RUN_ARGS.values()], params, use_tqdm=False
         )
-        chunks = observer.log.steps
-    by_client_id = {rid.split("-")[0]: blocks for rid, blocks in observer.log.evictions.items()}
-    assert chunks > NEW_TOKENS + 2  # the prompts really were prefilled in several chunks
-    return [{"tokens": list(o.outputs[0].token_ids), "evicted": by_client_id[o.request_id]} for o in outputs]
+    log = observer.log
+    assert log.steps > NEW_TOKENS + 2  # the prompts really were prefilled in several chunks
+    # The engine core's request ids carry a suffix after the client's ("0-1a2b...").
+    evictions = {rid.split("-")[0]: blocks for rid, blocks in log.evictions.items()}
+    schedules = {rid.split("-")[0]: steps for rid, steps in log.scheduled.items()}
+    runs = []
+    for o in outputs:
+        scheduled, chunks = schedules[o.request_id], []
+        while sum(chunks) < PROMPT_TOKENS:  # the prompt's chunks, then one token per step
+            chunks.append(scheduled[len(chunks)])
+        runs.append({"tokens": list(o.outputs[0].token_ids), "evicted": evictions[o.request_id], "chunks": chunks})
+    return runs
 
 
-RUNS = [f"prompt{i}" for i in range(NUM_PROMPTS)] + [
-    f"prompt0-window{WINDOW}",
-    "prompt2-max",
-    f"prompt1-window{WINDOW}-max",
-]
+@pytest.fixture(scope="module")
+def reference(hf_model, prompts, engine):
+    return [
+        run_reference(hf_model, prompts[i], args, engine[k]["chunks"] if "chunked" in name else None)
+        for k, (name, (i, args)) in enumerate(RUN_ARGS.items())
+    ]
 
 
 @pytest.mark.parametrize("index", range(len(RUNS)), ids=RUNS)
@@ -131,6 +151,14 @@ def test_engine_evicts_the_reference_blocks(reference, engine, index):
 def test_observation_window_and_max_change_the_choice(reference):
     assert reference[RUNS.index(f"prompt0-window{WINDOW}")]["evicted"] != reference[0]["evicted"]
     assert reference[RUNS.index("prompt2-max")]["evicted"] != reference[2]["evicted"]
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+def test_chunked_prefill_evicts_before_the_prompt_is_whole(reference, engine, name):
+    index = RUNS.index(name)
+    assert len(engine[index]["chunks"]) >= 3  # 1024 prompt tokens in chunks of at most 384
+    assert reference[index]["evicted_in_prefill"] > 0
+    assert reference[index]["evicted"] != reference[RUNS.index(f"prompt{RUN_ARGS[name][0]}")]["evicted"]
 
 
 @pytest.mark.parametrize("index", range(len(RUNS)), ids=RUNS)

@@ -62,6 +62,25 @@ def test_large_budget_gives_vanilla_tokens(tiny_model_dir, dtype):
     assert h2o == vanilla
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_prefill_with_a_budget_of_the_whole_sequence_gives_vanilla_tokens(tiny_model_dir, dtype):
+    """Prefill "chunked" scores every chunk and asks the policy after each; with room for everything
+    (a budget of the whole sequence, a recent window longer than any) nothing goes and nothing changes."""
+    prompts = random_prompts(EQ_LENGTHS)
+    common = dict(dtype=dtype, kv_cache_memory_bytes=64 * 2**20, max_num_batched_tokens=128, **COMMON)
+    with inprocess_llm(str(tiny_model_dir), **common) as llm:
+        vanilla = generate(llm, prompts, EQ_NEW)
+    config = engine_config(budget=Budget(fraction=1.0), n_recent=4096, prefill="chunked")
+    with inprocess_llm(str(tiny_model_dir), **common, **engine_kwargs(config)) as llm:
+        observer = StepObserver(scheduler_of(llm))
+        h2o = generate(llm, prompts, EQ_NEW)
+        first_chunk = {int(rid.split("-")[0]): steps[0] for rid, steps in observer.log.scheduled.items()}
+        split = [i for i, n in first_chunk.items() if n < EQ_LENGTHS[i]]  # prompts prefilled in several chunks
+        assert len(split) >= 5 and observer.log.max_running >= 8
+        assert not observer.log.evictions
+    assert h2o == vanilla
+
+
 # -- eviction: memory bound, pool returns, per-request overrides, preemption, abort -------
 
 

@@ -41,6 +41,7 @@ def test_request_overrides_only_what_it_names():
         ({"h2o_prompt_window": True}, "h2o_prompt_window"),
         ({"h2o_score_norm": "max"}, "h2o_score_norm"),
         ({"h2o_score_reduce": "mean"}, "h2o_score_reduce"),
+        ({"h2o_prefill": "lazy"}, "h2o_prefill"),
         ({"h2o_budgett": 0.2}, "h2o_budgett"),
     ],
 )

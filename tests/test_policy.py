@@ -151,3 +151,22 @@ def test_budget_rounds_down_to_whole_blocks():
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="unknown policy"):
         PolicyConfig(policy="lru")
+
+
+def test_which_query_rows_score_whole_and_chunked():
+    """A prompt of 100 tokens computed in chunks [0, 40), [40, 80), [80, 100), then decoded."""
+    every = PolicyConfig("h2o")
+    whole = PolicyConfig("h2o", prompt_window=8)
+    chunked = PolicyConfig("h2o", prompt_window=8, prefill="chunked")
+    chunks = [(0, 40), (40, 80), (80, 100), (100, 101)]
+    assert [every.first_scored_position(s, e, 100) for s, e in chunks] == [0, 40, 80, 100]
+    assert [whole.first_scored_position(s, e, 100) for s, e in chunks] == [40, 80, 92, 100]  # 40, 80: none
+    assert [chunked.first_scored_position(s, e, 100) for s, e in chunks] == [32, 72, 92, 100]
+
+
+def test_chunked_prefill_compresses_after_every_chunk():
+    whole, chunked = PolicyConfig("h2o"), PolicyConfig("h2o", prefill="chunked")
+    assert not whole.evicts_after(40, 100) and whole.evicts_after(99, 100) and whole.evicts_after(100, 101)
+    assert chunked.evicts_after(40, 100) and not chunked.evicts_after(0, 100)
+    with pytest.raises(ValueError, match="prefill"):
+        PolicyConfig(prefill="lazy")

@@ -91,6 +91,7 @@ def test_h2o_options_and_their_environment_variables(no_model_build):
         "prompt_window": 32,
         "score_norm": "sum",
         "score_reduce": "max",
+        "prefill": "whole",
     }
     assert flag_values(argv, "--served-model-name") == ["smollm2-135m", "smollm2-135m@h2o-256", "smollm2-135m@full"]
     assert not any(a.startswith("--h2o") for a in argv)

@@ -60,6 +60,7 @@ class StepLog:
     free_blocks: list[int] = field(default_factory=list)
     preemptions: int = 0
     evictions: dict[str, list[int]] = field(default_factory=dict)  # req_id -> logical blocks, in order
+    scheduled: dict[str, list[int]] = field(default_factory=dict)  # req_id -> tokens scheduled, step by step
 
 
 class StepObserver:
@@ -84,6 +85,8 @@ class StepObserver:
         plan = getattr(output, "h2o_plan", None)
         for req_id, blocks in plan.evictions.items() if plan else ():
             log.evictions.setdefault(req_id, []).extend(blocks)
+        for req_id, num in output.num_scheduled_tokens.items():
+            log.scheduled.setdefault(req_id, []).append(num)
         for check in self.checks:
             check(self.scheduler, output, before)
         return output

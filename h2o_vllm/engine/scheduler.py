@@ -59,7 +59,7 @@ class RequestEviction:
         self.policy = make_policy(config)
         self.ledger = BlockLedger(config.block_size)
         self.counters = RequestCounters(config.policy)
-        self.score_from = config.first_scored_prompt_row(num_prompt_tokens)
+        self.num_prompt_tokens = num_prompt_tokens
         # A token budget that covers the whole request can never evict: then scoring is wasted work.
         budget = config.budget.tokens
         longest = None if max_tokens is None else num_prompt_tokens + max_tokens
@@ -146,9 +146,9 @@ class H2OScheduler(Scheduler):
             state = self._eviction_state(request)
             if not state.can_evict:
                 continue
-            # Evict only once every known token but the newest is in the cache:
-            # a prompt (or a preempted request's re-prefill) is compressed once it is whole.
-            if request.num_computed_tokens < request.num_tokens - 1:
+            # A prompt (or a preempted request's re-prefill) is compressed once it is whole,
+            # or with prefill "chunked" after each chunk; then one block at a time as it decodes.
+            if not state.config.evicts_after(request.num_computed_tokens, request.num_tokens):
                 continue
             state.ledger.grow(request.num_computed_tokens)
             evicted = state.ledger.evict(state.policy)
@@ -158,11 +158,14 @@ class H2OScheduler(Scheduler):
                 state.counters.evicted_blocks += len(evicted)
                 self.h2o_totals.evicted_blocks += len(evicted)
         output = super().schedule(*args, **kwargs)
-        for req_id in output.num_scheduled_tokens:
+        for req_id, num_scheduled in output.num_scheduled_tokens.items():
             request = self.requests[req_id]
             state = self._eviction_state(request)
             if state.needs_scores:
-                plan.scores[req_id] = ScoreRequest(state.score_from, state.config.score_reduce)
+                # vLLM has already counted this step's tokens as computed: they are the chunk's end.
+                end = request.num_computed_tokens
+                first = state.config.first_scored_position(end - num_scheduled, end, state.num_prompt_tokens)
+                plan.scores[req_id] = ScoreRequest(first, state.config.score_reduce)
             counters = state.counters
             # Every hole is a block this request evicted since it was (re)admitted.
             counters.full_cache_blocks = len(engine_seams.request_blocks(self, req_id))

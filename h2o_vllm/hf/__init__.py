@@ -8,6 +8,7 @@ from h2o_vllm.hf.api import (
     enable_policy,
     enable_streaming_llm,
     make_cache,
+    prefill,
 )
 from h2o_vllm.hf.cache import H2OCache
 
@@ -20,4 +21,5 @@ __all__ = [
     "enable_policy",
     "enable_streaming_llm",
     "make_cache",
+    "prefill",
 ]

@@ -76,6 +76,21 @@ def enable_policy(model, config: PolicyConfig, *, per_layer: bool = False, per_h
     return model
 
 
+def prefill(model, cache: H2OCache, input_ids, chunk_size: int | None = None):
+    """Run a prompt (batch of one, no padding) into ``cache`` ``chunk_size`` tokens at a time; its last logits.
+
+    The cache evicts after every forward, so with ``prefill="chunked"`` configurations this
+    is the engine's chunked prefill: the KV stays near the budget while the prompt goes in.
+    """
+    import torch
+
+    chunk_size = chunk_size or input_ids.shape[1]
+    with torch.no_grad():
+        for start in range(0, input_ids.shape[1], chunk_size):
+            out = model(input_ids=input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True)
+    return out.logits[:, -1]
+
+
 def make_cache(model) -> H2OCache:
     """A fresh cache with the policy the model was enabled with (for manual forward loops)."""
     state = getattr(model, _STATE, None)

@@ -158,6 +158,7 @@ class H2OCache(Cache):
         self._row_max: list[torch.Tensor] = []  # score_reduce="max": per row [queries, blocks], max so far this step
         self.score_chunk = score_chunk
         self.padding: torch.Tensor | None = None  # [rows] left-padding tokens per row
+        self.prompt_tokens = 0
         self.ledgers: list[list[BlockLedger]] = []  # [score group][row]
         self.policies = []  # one per row, made at the first forward when the batch size is known
         self.stats = CacheStats()
@@ -245,6 +246,7 @@ class H2OCache(Cache):
     def _start(self, attention_mask, batch: int, q_len: int) -> None:
         """First forward: learn each row's left padding and open the ledgers."""
         self.padding = _left_padding(attention_mask, batch, q_len).repeat_interleave(self.rows_per_sequence)
+        self.prompt_tokens = q_len  # the first forward is the prompt (or its first chunk), left padding included
         groups = len(self.layers) if self.per_layer else 1
         configs = self._row_configs or [self.policy_config] * batch
         if len(configs) != batch:
@@ -274,8 +276,8 @@ class H2OCache(Cache):
             query, key = _rows_per_head(query, self.rows_per_sequence), _rows_per_head(key, self.rows_per_sequence)
             weights = None if weights is None else _rows_per_head(weights, self.rows_per_sequence)
         q_len = query.shape[2]
-        is_prompt = first_query == 0
-        row_start = self.scoring.first_scored_prompt_row(q_len) if is_prompt else 0
+        first = self.scoring.first_scored_position(first_query, first_query + q_len, self.prompt_tokens)
+        row_start = first - first_query
         batch, width = layer.positions.shape
         ledgers = self.ledgers[layer_idx if self.per_layer else 0]
         logical = layer.positions - self.padding[:, None]  # [B, W]; < 0: padding or empty slot
