@@ -180,6 +180,21 @@ class PolicyConfig:
             return max(chunk_start, chunk_end - self.prompt_window)
         return max(chunk_start, min(chunk_end, num_prompt_tokens - self.prompt_window))
 
+    def peak_blocks(self, max_tokens: int, chunk_tokens: int) -> int | None:
+        """The most blocks a sequence of up to ``max_tokens`` holds at once, prefilled ``chunk_tokens`` at a time.
+
+        With prefill "chunked": what an eviction keeps (the budget, or the sinks, the recent
+        window and the partly written block if they are more), plus the blocks of the next
+        chunk. None where it is not bounded below the whole sequence (no eviction, or a
+        prompt prefilled whole before it is compressed).
+        """
+        if self.policy == "none" or self.prefill != "chunked":
+            return None
+        bs = self.block_size
+        protected = -(-self.n_sink // bs) + -(-self.recent_tokens(max_tokens) // bs) + 2
+        kept = max(self.budget.blocks_for(max_tokens, bs), protected)
+        return kept + -(-chunk_tokens // bs) + 1
+
     def evicts_after(self, num_computed_tokens: int, num_tokens: int) -> bool:
         """Whether a sequence with ``num_computed_tokens`` of its ``num_tokens`` in the cache is compressed now.
 

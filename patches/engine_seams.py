@@ -28,6 +28,10 @@ Scheduler side: ``H2OScheduler(Scheduler)`` in h2o_vllm/engine/scheduler.py
               ``._null_block``, ``.block_pool`` (vllm/v1/core/single_type_kv_cache_manager.py);
               ``BlockPool.free_blocks`` (vllm/v1/core/block_pool.py); ``KVCacheBlock.ref_cnt``,
               ``.is_null`` (vllm/v1/core/kv_cache_utils.py)
+  gate_admission
+              ``SingleTypeKVCacheManager.get_num_blocks_to_allocate(..., apply_admission_cap=True)``,
+              which ``KVCacheManager.allocate_slots(full_sequence_must_fit=True)`` calls to admit a
+              waiting request (kv_cache_manager.py), wrapped on the scheduler's manager instance
   num_free_blocks, num_total_blocks
               ``KVCacheManager.block_pool``; ``BlockPool.get_num_free_blocks()``,
               ``.num_gpu_blocks``, ``.null_block`` (the pool's first block, never a request's)
@@ -151,6 +155,29 @@ def free_as_holes(scheduler, req_id: str, logical_blocks: list[int]) -> None:
         blocks[i] = manager._null_block
         freed.append(block)
     manager.block_pool.free_blocks(freed)
+
+
+def gate_admission(scheduler, blocks_needed) -> None:
+    """Admit a waiting request when ``blocks_needed(req_id)`` blocks are free, instead of its whole prompt's.
+
+    vLLM admits a chunked prompt only if the pool can hold all of it
+    (``full_sequence_must_fit``); its sliding-window managers lower that with a
+    per-manager ``max_admission_blocks_per_request``. This does the same per
+    request: ``blocks_needed`` returns the blocks to require (None: vLLM's own rule).
+    Only the admission check is changed (``apply_admission_cap=True``); allocations
+    still get exactly the blocks each chunk needs.
+    """
+    manager = _full_attention_manager(scheduler)
+    original = manager.get_num_blocks_to_allocate
+
+    @functools.wraps(original)
+    def get_num_blocks_to_allocate(request_id, num_tokens, *args, apply_admission_cap=False, **kwargs):
+        needed = blocks_needed(request_id) if apply_admission_cap else None
+        if needed is not None:
+            num_tokens = needed * manager.block_size
+        return original(request_id, num_tokens, *args, apply_admission_cap=apply_admission_cap, **kwargs)
+
+    manager.get_num_blocks_to_allocate = get_num_blocks_to_allocate
 
 
 def num_free_blocks(scheduler) -> int:

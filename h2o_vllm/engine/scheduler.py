@@ -54,8 +54,9 @@ class RequestEviction:
     preempted (a preempted request re-prefills from scratch and starts a new one).
     """
 
-    def __init__(self, config: PolicyConfig, num_prompt_tokens: int, max_tokens: int | None):
+    def __init__(self, config: PolicyConfig, num_prompt_tokens: int, max_tokens: int | None, peak_blocks: int | None):
         self.config = config
+        self.peak_blocks = peak_blocks  # most blocks it holds at once, if chunked prefill bounds it
         self.policy = make_policy(config)
         self.ledger = BlockLedger(config.block_size)
         self.counters = RequestCounters(config.policy)
@@ -109,6 +110,10 @@ class H2OScheduler(Scheduler):
         self.h2o_requests: dict[str, RequestEviction] = {}
         self.h2o_totals = EngineCounters()
         self.h2o_metrics = metrics.writer_from_env()
+        # A prefill chunk is at most a step's token budget; no sequence is longer than max_model_len.
+        self.h2o_chunk_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.h2o_max_len = vllm_config.model_config.max_model_len
+        engine_seams.gate_admission(self, self._admission_blocks)
         self._publish(force=True)
         logger.info("H2O scheduler: defaults %s, block size %d", self.h2o_defaults, self.block_size)
 
@@ -124,12 +129,38 @@ class H2OScheduler(Scheduler):
         super().add_request(request)
         self.h2o_totals.requests_by_policy[config.policy] += 1
 
+    def _peak_blocks(self, config: PolicyConfig) -> int | None:
+        return config.peak_blocks(self.h2o_max_len, self.h2o_chunk_tokens)
+
     def _eviction_state(self, request: Request) -> RequestEviction:
         state = self.h2o_requests.get(request.request_id)
         if state is None:
-            state = RequestEviction(self.request_config(request), request.num_prompt_tokens, request.max_tokens)
+            config = self.request_config(request)
+            state = RequestEviction(config, request.num_prompt_tokens, request.max_tokens, self._peak_blocks(config))
             self.h2o_requests[request.request_id] = state
         return state
+
+    def _admission_blocks(self, req_id: str) -> int | None:
+        """Free blocks a waiting request needs to start (None: vLLM's rule, its whole prompt).
+
+        A chunked-prefill request needs its peak (budget + one chunk), plus what the
+        chunked requests already running may still take before they reach theirs (once a
+        request decodes, it takes one block at a time, not a chunk).
+        """
+        request = self.requests.get(req_id)
+        peak = None if request is None else self._peak_blocks(self.request_config(request))
+        if peak is None or peak * self.block_size >= request.num_tokens:
+            return None
+        outstanding = 0
+        for running in self.running:
+            state = self.h2o_requests.get(running.request_id)
+            if state is not None and state.peak_blocks is not None:
+                peak = state.peak_blocks
+                if running.num_computed_tokens >= running.num_prompt_tokens:
+                    peak -= -(-self.h2o_chunk_tokens // self.block_size) - 1
+                blocks = engine_seams.request_blocks(self, running.request_id)
+                outstanding += max(0, peak - (len(blocks) - engine_seams.count_holes(blocks)))
+        return peak + outstanding
 
     def _free_request_blocks(self, request: Request):
         # Finish and preemption both end here: a preempted request re-prefills from scratch.

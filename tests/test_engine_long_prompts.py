@@ -1,0 +1,80 @@
+"""Long prompts with prefill "chunked": admitted by their budget, compressed chunk by chunk (tiny model).
+
+One engine: a pool of 96 blocks of 32 tokens, prefill chunks of 256 tokens, a budget of 256
+tokens. A 1,900-token prompt needs 60 blocks whole; compressed after each chunk it never holds
+more than its peak (budget, sinks and recent window, plus one chunk), 17 blocks, and it is
+admitted when that peak is free (plus what the chunked requests already running may still take),
+not its whole prompt.
+"""
+
+import random
+
+import pytest
+
+from h2o_vllm.engine import engine_config, engine_kwargs
+from h2o_vllm.engine.observe import StepObserver, inprocess_llm, num_free_blocks, resident_blocks, scheduler_of
+from h2o_vllm.policy import Budget
+
+BLOCK, CHUNK, POOL = 32, 256, 96
+CONFIG = engine_config(budget=Budget(tokens=256), n_sink=BLOCK, prefill="chunked")
+PEAK = CONFIG.peak_blocks(2048, CHUNK)
+PROMPT, NEW, NUM = 1900, 64, 6
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    with inprocess_llm(
+        str(tiny_model_dir),
+        dtype="float32",
+        max_model_len=2048,
+        enforce_eager=True,
+        seed=0,
+        num_gpu_blocks_override=POOL + 1,  # +1: vLLM's null block
+        kv_cache_memory_bytes=64 * 2**20,
+        max_num_batched_tokens=CHUNK,
+        **engine_kwargs(CONFIG),
+    ) as llm:
+        yield llm
+
+
+def run(llm, extra_args=None):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 40000) for _ in range(PROMPT)] for _ in range(NUM)]
+    scheduler = scheduler_of(llm)
+    start = num_free_blocks(scheduler)
+    peaks: dict[str, int] = {}
+
+    def record(scheduler, output, before):
+        for request in scheduler.running:
+            held = resident_blocks(scheduler, request.request_id)
+            peaks[request.request_id] = max(peaks.get(request.request_id, 0), held)
+
+    observer = StepObserver(scheduler, [record])
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, extra_args=extra_args)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    finally:
+        observer.close()
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [NEW] * NUM
+    assert num_free_blocks(scheduler) == start and scheduler.h2o_requests == {}
+    return observer.log, peaks
+
+
+def test_chunked_prompts_are_admitted_by_their_budget(engine):
+    assert PEAK == 17 and PEAK * BLOCK < PROMPT
+    log, peaks = run(engine)
+    assert max(peaks.values()) <= PEAK  # budget + one chunk, from the first chunk on
+    assert log.preemptions == 0
+    assert log.max_running == NUM  # by their peaks all six fit at once
+    assert sum(len(b) for b in log.evictions.values()) >= NUM * (PROMPT // BLOCK - 16)
+
+
+def test_whole_prompts_are_admitted_by_their_prompt(engine):
+    """The same requests prefilled whole: each holds its whole prompt before it is compressed, and
+    vLLM admits one only when its 60 prompt blocks are free, so fewer run at once."""
+    log, peaks = run(engine, {"h2o_prefill": "whole"})
+    assert max(peaks.values()) >= PROMPT // BLOCK
+    assert log.max_running < NUM
