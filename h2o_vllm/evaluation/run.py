@@ -168,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     command = "h2o-vllm eval " + shlex.join(sys.argv[2:] if argv is None else argv)
     t0 = time.monotonic()
-    if args.base_url:
-        answers = client.run_requests(
-            args.base_url,
+
+    def ask(base_url: str) -> list:
+        return client.run_requests(
+            base_url,
             jobs,
             model,
             select=args.select,
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.request_timeout,
             api_key=args.api_key,
         )
+
+    if args.base_url:
+        answers = ask(args.base_url)
     else:
         from h2o_vllm.local_server import ServerProcess
 
@@ -189,15 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         with ServerProcess(serve_args, log_path=args.out / "server.log") as server:
-            answers = client.run_requests(
-                server.base_url,
-                jobs,
-                model,
-                select=args.select,
-                concurrency=args.concurrency,
-                timeout=args.request_timeout,
-                api_key=args.api_key,
-            )
+            answers = ask(server.base_url)
     results = report.score(items, answers, configs, tokenizer)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "api_key"}
     settings["wall_s"] = round(time.monotonic() - t0, 1)
