@@ -6,16 +6,21 @@ after every step (requests running, free blocks, preemptions).
 
     python benchmarks/engine_capacity.py capacity   # 1024-token prompts, 512 new tokens, ignore EOS
     python benchmarks/engine_capacity.py overhead   # budget >= every request: H2O must cost nothing
+    python benchmarks/engine_capacity.py long-prompts  # 4096-token prompts, prefilled whole or chunked
 
 capacity: vanilla vLLM, StreamingLLM 20% and H2O 20% with a pool that holds two
 full requests (2 x 1536 / 32 = 96 blocks). The figure that matters is the most
 requests running at once.
+long-prompts: 4096-token prompts, 256 new tokens, prefill chunks of 512 tokens, a pool that
+holds two full requests (272 blocks): vanilla, H2O 20% compressed once the prompt is whole,
+and H2O and StreamingLLM 20% compressed after every chunk and admitted by their budget
+(``_chunked``).
 overhead: vanilla vLLM against H2O with a token budget larger than any request
 (never evicts) and the ``none`` policy, on a decode-heavy workload; reported as
 output tokens/s ratios from one run, configurations interleaved.
 
-Results: OUT/<workload>.json, OUT/<workload>.md, OUT/capacity.png (running
-requests per step).
+Results: OUT/<workload>.json, OUT/<workload>.md, OUT/<workload>.png (running
+requests per step; not for overhead).
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ def run_config(name: str, prompts, new_tokens: int, args) -> dict:
         max_num_seqs=args.max_num_seqs,
         block_size=BLOCK,  # the same pool in tokens for every configuration (vLLM's CPU default is 128)
     )
+    if args.chunk_tokens:
+        kwargs["max_num_batched_tokens"] = args.chunk_tokens  # the longest prefill chunk
     with inprocess_llm(model, **{**kwargs, **engine_config(name)}) as llm:
         scheduler = scheduler_of(llm)
         start_free = num_free_blocks(scheduler)
@@ -140,13 +147,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workload", choices=["capacity", "overhead"])
+    parser.add_argument("workload", choices=["capacity", "overhead", "long-prompts"])
     parser.add_argument("--configs", nargs="+", help="default: per workload")
     parser.add_argument("--requests", type=int, help="default: 16 (capacity), 8 (overhead)")
     parser.add_argument("--prompt-tokens", type=int)
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--pool-blocks", type=int, help="KV pool in blocks of 32 tokens")
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--chunk-tokens", type=int, help="prefill chunk (vLLM's --max-num-batched-tokens)")
     parser.add_argument("--repeats", type=int, default=1, help="overhead: interleaved repeats per config")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--compile", action="store_true", help="let vLLM compile the model (slower start)")
@@ -157,6 +165,12 @@ def main(argv=None) -> int:
         configs = args.configs or ["vanilla", "streaming_20%", "h2o_20%"]
         num, length, new = args.requests or 16, args.prompt_tokens or 1024, args.new_tokens or 512
         args.pool_blocks = args.pool_blocks or 2 * (length + new) // BLOCK
+        repeats = 1
+    elif args.workload == "long-prompts":
+        configs = args.configs or ["vanilla", "h2o_20%", "h2o_20%_chunked", "streaming_20%_chunked"]
+        num, length, new = args.requests or 16, args.prompt_tokens or 4096, args.new_tokens or 256
+        args.pool_blocks = args.pool_blocks or 2 * (length + new) // BLOCK
+        args.chunk_tokens = args.chunk_tokens or 512
         repeats = 1
     else:
         configs = args.configs or ["vanilla", "none", "h2o_tokens_4096"]
@@ -190,8 +204,8 @@ def main(argv=None) -> int:
     md = table(rows, "vanilla") + f"\n\nProduced by:\n    {command}\n"
     (args.out / f"{args.workload}.md").write_text(md)
     print(md)
-    if args.workload == "capacity":
-        plot(rows, args.out / "capacity.png")
+    if args.workload != "overhead":
+        plot(rows, args.out / f"{args.workload}.png")
     return 0
 
 

@@ -17,6 +17,7 @@ from h2o_vllm.engine.observe import StepObserver, inprocess_llm, scheduler_of
 from h2o_vllm.policy import Budget
 
 PROMPT_TOKENS, NEW_TOKENS, NUM_PROMPTS = 1024, 128, 3
+LONG_TOKENS = 3072  # three longer prompts, compressed chunk by chunk to 256 tokens (1/12)
 SETTINGS = engine_config(budget=Budget(tokens=256), n_sink=32)
 # The engine prefills in chunks of 384 tokens: scoring every chunk must add up to the whole prompt's.
 PREFILL_CHUNK = 384
@@ -35,7 +36,9 @@ def prompts(default_model_dir):
     from h2o_vllm.datasets import essays_text
 
     ids = AutoTokenizer.from_pretrained(default_model_dir)(essays_text())["input_ids"]
-    return [ids[i * 3000 : i * 3000 + PROMPT_TOKENS] for i in range(NUM_PROMPTS)]
+    short = [ids[i * 3000 : i * 3000 + PROMPT_TOKENS] for i in range(NUM_PROMPTS)]
+    long = [ids[10000 + i * 4000 : 10000 + i * 4000 + LONG_TOKENS] for i in range(3)]
+    return short + long
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,7 @@ def hf_model(default_model_dir):
 
 # name -> (prompt index, per-request settings). With prefill "chunked" the prompt is compressed
 # after each of the engine's prefill chunks, and the reference is fed the same chunks.
+# Prompts 0-2 have 1,024 tokens, 3-5 (long0-2) 3,072.
 RUN_ARGS = {
     **{f"prompt{i}": (i, {}) for i in range(NUM_PROMPTS)},
     f"prompt0-window{WINDOW}": (0, {"h2o_prompt_window": WINDOW}),
@@ -57,6 +61,7 @@ RUN_ARGS = {
         1,
         {"h2o_prefill": "chunked", "h2o_prompt_window": WINDOW, "h2o_score_reduce": "max"},
     ),
+    **{f"long{i}-chunked": (NUM_PROMPTS + i, {"h2o_prefill": "chunked"}) for i in range(3)},
 }
 RUNS = list(RUN_ARGS)
 CHUNKED = [name for name in RUNS if "chunked" in name]
@@ -103,7 +108,7 @@ def engine(default_model_dir, prompts):
     with inprocess_llm(
         str(default_model_dir),
         dtype="float32",
-        max_model_len=2048,
+        max_model_len=4096,
         enforce_eager=True,
         seed=0,
         kv_cache_memory_bytes=512 * 2**20,
@@ -118,15 +123,16 @@ def engine(default_model_dir, prompts):
         outputs = llm.generate(
             [TokensPrompt(prompt_token_ids=prompts[i]) for i, _ in RUN_ARGS.values()], params, use_tqdm=False
         )
+        lengths = [len(prompts[i]) for i, _ in RUN_ARGS.values()]
     log = observer.log
     assert log.steps > NEW_TOKENS + 2  # the prompts really were prefilled in several chunks
     # The engine core's request ids carry a suffix after the client's ("0-1a2b...").
     evictions = {rid.split("-")[0]: blocks for rid, blocks in log.evictions.items()}
     schedules = {rid.split("-")[0]: steps for rid, steps in log.scheduled.items()}
     runs = []
-    for o in outputs:
+    for o, length in zip(outputs, lengths):
         scheduled, chunks = schedules[o.request_id], []
-        while sum(chunks) < PROMPT_TOKENS:  # the prompt's chunks, then one token per step
+        while sum(chunks) < length:  # the prompt's chunks, then one token per step
             chunks.append(scheduled[len(chunks)])
         runs.append({"tokens": list(o.outputs[0].token_ids), "evicted": evictions[o.request_id], "chunks": chunks})
     return runs
@@ -143,7 +149,7 @@ def reference(hf_model, prompts, engine):
 @pytest.mark.parametrize("index", range(len(RUNS)), ids=RUNS)
 def test_engine_evicts_the_reference_blocks(reference, engine, index):
     ref, got = reference[index], engine[index]
-    # 1024 prompt tokens -> 8 blocks kept of 32, then one more block out every 32 tokens.
+    # 1024 prompt tokens -> 8 blocks kept of 32 (of 96 for 3072), then one more block out every 32 tokens.
     assert len(ref["evicted"]) >= 24
     assert got["evicted"] == ref["evicted"]
 
@@ -156,9 +162,11 @@ def test_observation_window_and_max_change_the_choice(reference):
 @pytest.mark.parametrize("name", CHUNKED)
 def test_chunked_prefill_evicts_before_the_prompt_is_whole(reference, engine, name):
     index = RUNS.index(name)
-    assert len(engine[index]["chunks"]) >= 3  # 1024 prompt tokens in chunks of at most 384
+    assert len(engine[index]["chunks"]) >= 3  # 1,024 or 3,072 prompt tokens in chunks of at most 384
     assert reference[index]["evicted_in_prefill"] > 0
-    assert reference[index]["evicted"] != reference[RUNS.index(f"prompt{RUN_ARGS[name][0]}")]["evicted"]
+    whole = f"prompt{RUN_ARGS[name][0]}"  # the same prompt compressed once it is whole, if it runs
+    if whole in RUN_ARGS:
+        assert reference[index]["evicted"] != reference[RUNS.index(whole)]["evicted"]
 
 
 @pytest.mark.parametrize("index", range(len(RUNS)), ids=RUNS)
