@@ -20,13 +20,9 @@ DEFAULT_ALIASES = ("h2o-0.1", "h2o-0.2", "h2o-0.5", "streaming-0.1", "streaming-
 def alias_settings(suffix: str) -> dict:
     """``"h2o-0.2"`` -> ``{"h2o_policy": "h2o", "h2o_budget": 0.2}``: the fields the name sets, validated."""
     try:
-        named = names.parse_name(suffix, ENGINE_DEFAULTS)
+        named = names.parse_name(suffix, ENGINE_DEFAULTS).for_engine()
     except ValueError as exc:
         raise H2OSettingError("model", f"alias {suffix!r}: {exc}") from None
-    if named.per_layer or named.recent_share is not None or "block_size" in named.named:
-        raise H2OSettingError(
-            "model", f"alias {suffix!r}: the engine has no per-layer, recent-share or block-size option"
-        )
     return settings.to_request_args(named.config, named.named)
 
 

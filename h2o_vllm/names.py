@@ -71,6 +71,12 @@ class NamedConfig:
     def has_budget(self) -> bool:
         return "budget" in self.named
 
+    def for_engine(self) -> NamedConfig:
+        """This configuration, if the paged engine can run it (no per-layer, recent-share or block-size option)."""
+        if self.per_layer or self.recent_share is not None or "block_size" in self.named:
+            raise ConfigNameError(f"{self.name}: the engine has no per-layer, recent-share or block-size option")
+        return self
+
     def with_budget(self, budget: Budget) -> NamedConfig:
         return NamedConfig(
             self.config.replace(budget=budget),

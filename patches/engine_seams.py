@@ -21,7 +21,7 @@ Scheduler side: ``H2OScheduler(Scheduler)`` in h2o_vllm/engine/scheduler.py
   check_single_full_attention_group
               ``KVCacheConfig.kv_cache_groups[i].kv_cache_spec``, ``FullAttentionSpec``
               (vllm/v1/kv_cache_interface.py)
-  request_blocks, free_as_holes, count_holes
+  request_blocks, resident_blocks, free_as_holes, count_holes
               ``Scheduler.kv_cache_manager`` (scheduler.py) -> ``KVCacheManager.coordinator``
               (vllm/v1/core/kv_cache_manager.py) -> ``KVCacheCoordinator.single_type_managers[0]``
               (vllm/v1/core/kv_cache_coordinator.py) -> ``SingleTypeKVCacheManager.req_to_blocks``,
@@ -131,6 +131,12 @@ def check_single_full_attention_group(kv_cache_config) -> None:
 def request_blocks(scheduler, req_id: str) -> list:
     """The request's block list (logical block i -> KVCacheBlock); holes are the null block."""
     return _full_attention_manager(scheduler).req_to_blocks.get(req_id, [])
+
+
+def resident_blocks(scheduler, req_id: str) -> int:
+    """Blocks the request holds in the pool: its block list less the holes evictions left."""
+    blocks = request_blocks(scheduler, req_id)
+    return len(blocks) - count_holes(blocks)
 
 
 def count_holes(blocks: list) -> int:

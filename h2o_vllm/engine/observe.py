@@ -48,8 +48,7 @@ def num_free_blocks(scheduler) -> int:
 
 def resident_blocks(scheduler, req_id: str) -> int:
     """Blocks the request holds in the pool (its block list less the holes evictions left)."""
-    blocks = engine_seams.request_blocks(scheduler, req_id)
-    return len(blocks) - engine_seams.count_holes(blocks)
+    return engine_seams.resident_blocks(scheduler, req_id)
 
 
 @dataclass

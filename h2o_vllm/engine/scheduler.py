@@ -54,9 +54,8 @@ class RequestEviction:
     preempted (a preempted request re-prefills from scratch and starts a new one).
     """
 
-    def __init__(self, config: PolicyConfig, num_prompt_tokens: int, max_tokens: int | None, peak_blocks: int | None):
+    def __init__(self, config: PolicyConfig, num_prompt_tokens: int, max_tokens: int | None):
         self.config = config
-        self.peak_blocks = peak_blocks  # most blocks it holds at once, if chunked prefill bounds it
         self.policy = make_policy(config)
         self.ledger = BlockLedger(config.block_size)
         self.counters = RequestCounters(config.policy)
@@ -129,14 +128,14 @@ class H2OScheduler(Scheduler):
         super().add_request(request)
         self.h2o_totals.requests_by_policy[config.policy] += 1
 
-    def _peak_blocks(self, config: PolicyConfig) -> int | None:
-        return config.peak_blocks(self.h2o_max_len, self.h2o_chunk_tokens)
+    def _peak_blocks(self, config: PolicyConfig, decoding: bool = False) -> int | None:
+        """Most blocks a request holds at once: prefilling, one chunk beyond what it keeps; decoding, one block."""
+        return config.peak_blocks(self.h2o_max_len, 1 if decoding else self.h2o_chunk_tokens)
 
     def _eviction_state(self, request: Request) -> RequestEviction:
         state = self.h2o_requests.get(request.request_id)
         if state is None:
-            config = self.request_config(request)
-            state = RequestEviction(config, request.num_prompt_tokens, request.max_tokens, self._peak_blocks(config))
+            state = RequestEviction(self.request_config(request), request.num_prompt_tokens, request.max_tokens)
             self.h2o_requests[request.request_id] = state
         return state
 
@@ -154,12 +153,10 @@ class H2OScheduler(Scheduler):
         outstanding = 0
         for running in self.running:
             state = self.h2o_requests.get(running.request_id)
-            if state is not None and state.peak_blocks is not None:
-                peak = state.peak_blocks
-                if running.num_computed_tokens >= running.num_prompt_tokens:
-                    peak -= -(-self.h2o_chunk_tokens // self.block_size) - 1
-                blocks = engine_seams.request_blocks(self, running.request_id)
-                outstanding += max(0, peak - (len(blocks) - engine_seams.count_holes(blocks)))
+            decoding = running.num_computed_tokens >= running.num_prompt_tokens
+            their_peak = None if state is None else self._peak_blocks(state.config, decoding)
+            if their_peak is not None:
+                outstanding += max(0, their_peak - engine_seams.resident_blocks(self, running.request_id))
         return peak + outstanding
 
     def _free_request_blocks(self, request: Request):

@@ -57,15 +57,13 @@ class EvalConfig:
     def of(cls, family: str, budget: float | None = None, window: int = DEFAULT_WINDOW) -> EvalConfig:
         """``family`` (a name without a budget, or ``full``) at ``budget`` (a fraction of the sequence)."""
         try:
-            named = parse_name(family, window=window)
+            named = parse_name(family, window=window).for_engine()
         except ValueError as exc:
             raise EvalConfigError(str(exc)) from None
         if named.is_full:
             return cls(named)
         if named.has_budget:
             raise EvalConfigError(f"{family!r}: give the policy without a budget, and the budgets with --budgets")
-        if named.per_layer or named.recent_share is not None or "block_size" in named.named:
-            raise EvalConfigError(f"{family!r}: the engine has no per-layer, recent-share or block-size option")
         if budget is None or not 0.0 < budget < 1.0:
             raise EvalConfigError(f"budget {budget!r} must be a fraction between 0 and 1 (0.2 = 20%)")
         return cls(named.with_budget(Budget(fraction=budget)))
