@@ -190,10 +190,30 @@ class PolicyConfig:
         """
         if self.policy == "none" or self.prefill != "chunked":
             return None
+        return self.kept_blocks(max_tokens) + -(-chunk_tokens // self.block_size) + 1
+
+    def kept_blocks(self, num_tokens: int) -> int:
+        """The most blocks an eviction leaves a sequence of up to ``num_tokens``: its budget, or the
+        sinks, the recent window and the partly written block if they are more."""
         bs = self.block_size
-        protected = -(-self.n_sink // bs) + -(-self.recent_tokens(max_tokens) // bs) + 2
-        kept = max(self.budget.blocks_for(max_tokens, bs), protected)
-        return kept + -(-chunk_tokens // bs) + 1
+        protected = -(-self.n_sink // bs) + -(-self.recent_tokens(num_tokens) // bs) + 2
+        return max(self.budget.blocks_for(num_tokens, bs), protected)
+
+    def most_blocks(self, num_prompt_tokens: int, max_new_tokens: int, chunk_tokens: int) -> int:
+        """The most blocks one request (a prompt and up to ``max_new_tokens``) holds at once, over its life.
+
+        No eviction: all of it. Prefill "whole": its whole prompt, then what an eviction
+        keeps plus the block being written. "chunked": :meth:`peak_blocks`.
+        """
+        bs = self.block_size
+        total = num_prompt_tokens + max_new_tokens
+        full = -(-total // bs)
+        if self.policy == "none":
+            return full
+        peak = self.peak_blocks(total, chunk_tokens)
+        if peak is None:
+            peak = max(-(-num_prompt_tokens // bs), self.kept_blocks(total) + 1)
+        return min(peak, full)
 
     def evicts_after(self, num_computed_tokens: int, num_tokens: int) -> bool:
         """Whether a sequence with ``num_computed_tokens`` of its ``num_tokens`` in the cache is compressed now.

@@ -19,8 +19,7 @@ Scheduler side: ``H2OScheduler(Scheduler)`` in h2o_vllm/engine/scheduler.py
               ``num_prompt_tokens``, ``max_tokens``, ``sampling_params``,
               ``is_finished()`` (vllm/v1/request.py)
   check_single_full_attention_group
-              ``KVCacheConfig.kv_cache_groups[i].kv_cache_spec``, ``FullAttentionSpec``
-              (vllm/v1/kv_cache_interface.py)
+              ``KVCacheConfig.kv_cache_groups[i].kv_cache_spec`` (vllm/v1/kv_cache_interface.py)
   request_blocks, resident_blocks, free_as_holes, count_holes
               ``Scheduler.kv_cache_manager`` (scheduler.py) -> ``KVCacheManager.coordinator``
               (vllm/v1/core/kv_cache_manager.py) -> ``KVCacheCoordinator.single_type_managers[0]``
@@ -45,11 +44,18 @@ h2o_vllm/engine/worker.py
   overrides   vllm/v1/worker/cpu_worker.py: ``CPUWorker.__init__``, ``init_device``;
               vllm/v1/worker/gpu_model_runner.py (inherited by ``CPUModelRunner``,
               vllm/v1/worker/cpu_model_runner.py): ``GPUModelRunner._update_states``
-              (private: where the runner applies a ``SchedulerOutput`` to its batch) and
-              ``sample_tokens`` (public)
+              (private: where the runner applies a ``SchedulerOutput`` to its batch),
+              ``sample_tokens`` and ``get_kv_cache_spec`` (public; the latter gives the layer
+              specs the engine core sizes the pool from)
   reads       ``SchedulerOutput.finished_req_ids``, ``preempted_req_ids``,
               ``scheduled_cached_reqs.resumed_req_ids`` (vllm/v1/core/sched/output.py);
               ``ModelRunnerOutput``, ``EMPTY_MODEL_RUNNER_OUTPUT`` (vllm/v1/outputs.py)
+  budgeted_specs
+              ``FullAttentionSpec`` and its dataclass fields (vllm/v1/kv_cache_interface.py);
+              h2o_vllm/engine/kv_spec.py subclasses it, overriding ``max_memory_usage_bytes``
+              (read by ``get_kv_cache_configs`` in vllm/v1/core/kv_cache_utils.py for the
+              start-up check); ``KVCacheSpecRegistry.get_manager_class`` finds its manager
+              through the class's bases (vllm/v1/kv_cache_spec_registry.py)
   adopt_model_runner_class
               ``CPUWorker.init_device`` builds ``self.model_runner = CPUModelRunner(...)``
               (cpu_worker.py); we switch that object's class to our subclass
@@ -87,7 +93,10 @@ Attention side: the H2O builder, impl and backend in h2o_vllm/engine/attention.p
               ``ops.cpu_attn_reshape_and_cache`` (vllm/_custom_ops.py)
 
 Request side (API server and ``vllm.LLM`` processes)
-  patches/request_validation.py wraps ``InputProcessor._validate_params`` (private;
+  patches/request_validation.py wraps ``InputProcessor._validate_params`` (private) and
+              ``process_inputs`` (public; reads ``EngineCoreRequest.prompt_token_ids``,
+              ``sampling_params``, and ``cache_config.num_gpu_blocks``, which
+              vllm/v1/engine/core_client.py and core.py set once the engine core sized the pool;
               vllm/v1/engine/input_processor.py) and raises ``VLLMValidationError``
               (vllm/exceptions.py)
   patches/request_aliases.py wraps ``CompletionRequest.to_sampling_params``
@@ -119,11 +128,10 @@ def _full_attention_manager(scheduler) -> Any:
     return scheduler.kv_cache_manager.coordinator.single_type_managers[0]
 
 
-def check_single_full_attention_group(kv_cache_config) -> None:
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
-
+def check_single_full_attention_group(kv_cache_config, spec_cls: type) -> None:
+    """One KV cache group, of full attention as ``spec_cls`` (our subclass, see ``budgeted_specs``) reports it."""
     groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1 or type(groups[0].kv_cache_spec) is not FullAttentionSpec:
+    if len(groups) != 1 or type(groups[0].kv_cache_spec) is not spec_cls:
         specs = [type(g.kv_cache_spec).__name__ for g in groups]
         raise ValueError(f"H2O supports models with one full-attention KV cache group only, got {specs}")
 
@@ -254,6 +262,27 @@ def punch_worker_holes(runner, req_id: str, logical_blocks: list[int]) -> None:
         ids[i] = NULL_BLOCK_ID
         if row is not None:
             table[row, i] = NULL_BLOCK_ID
+
+
+def budgeted_specs(kv_cache_spec: dict, spec_cls: type) -> dict:
+    """The runner's layer specs with every plain ``FullAttentionSpec`` turned into ``spec_cls`` (same fields).
+
+    ``spec_cls`` subclasses ``FullAttentionSpec`` and overrides ``max_memory_usage_bytes``
+    only; vLLM's ``KVCacheSpecRegistry`` maps it to ``FullAttentionManager`` through its
+    bases. Other spec types (sliding window, MLA, ...) are left as they are: the
+    scheduler then refuses the model (``check_single_full_attention_group``).
+    """
+    import dataclasses
+
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    def convert(spec):
+        if type(spec) is not FullAttentionSpec:
+            return spec
+        values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
+        return spec_cls(**values)
+
+    return {name: convert(spec) for name, spec in kv_cache_spec.items()}
 
 
 def attention_metadata_builders(runner) -> list:

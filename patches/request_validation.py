@@ -6,6 +6,13 @@ turns a ``VLLMValidationError`` into HTTP 400 with ``param`` set. We wrap that
 one function: a bad ``h2o_budget`` fails only its own request, with a message
 that names the field, and never reaches the scheduler (where an exception would
 stop the engine).
+
+An H2O engine may start with a KV pool smaller than ``max_model_len`` (see
+h2o_vllm/engine/kv_spec.py). A request that could never fit in it (a full cache
+longer than the pool, a prompt prefilled whole that is, a budget larger than the
+pool) would wait forever, so ``InputProcessor.process_inputs`` is wrapped too:
+once the prompt is tokenized and ``max_tokens`` known, such a request gets a 400
+that says what it needs and what the pool holds.
 """
 
 from __future__ import annotations
@@ -26,8 +33,7 @@ def validate_h2o_args(vllm_config, params) -> None:
     extra = getattr(params, "extra_args", None)
     if not extra or not any(k.startswith("h2o_") for k in extra):
         return
-    scheduler_cls = str(getattr(vllm_config.scheduler_config, "scheduler_cls", "") or "")
-    if "H2OScheduler" not in scheduler_cls:
+    if not is_h2o_engine(vllm_config):
         raise VLLMValidationError(
             "h2o_* settings need an H2O engine (h2o-vllm serve, or engine_kwargs())", parameter=sorted(extra)[0]
         )
@@ -43,6 +49,48 @@ def validate_h2o_args(vllm_config, params) -> None:
             parameter="h2o_budget",
             value=extra["h2o_budget"],
         )
+
+
+def is_h2o_engine(vllm_config) -> bool:
+    return "H2OScheduler" in str(getattr(vllm_config.scheduler_config, "scheduler_cls", "") or "")
+
+
+def validate_fits_pool(vllm_config, engine_request) -> None:
+    """Refuse a request that needs more KV blocks at once than the engine's whole pool."""
+    from vllm.exceptions import VLLMValidationError
+
+    from h2o_vllm import settings
+    from h2o_vllm.engine.settings import server_defaults
+
+    pool = vllm_config.cache_config.num_gpu_blocks  # set once the engine core reported it
+    params = engine_request.sampling_params
+    if not pool or params is None or not is_h2o_engine(vllm_config):
+        return
+    usable = pool - 1  # the pool's first block is vLLM's null block
+    extra = params.extra_args or {}
+    config = settings.for_request(server_defaults(vllm_config.additional_config), extra)
+    prompt = len(engine_request.prompt_token_ids or ())
+    max_new = params.max_tokens or 0
+    chunk = vllm_config.scheduler_config.max_num_batched_tokens
+    bs = vllm_config.cache_config.block_size
+    need = config.most_blocks(prompt, max_new, chunk)
+    if need <= usable:
+        return
+    if config.policy == "none":
+        why, param = f"a full cache of {prompt} prompt and up to {max_new} new tokens", "max_tokens"
+        advice = "lower max_tokens, or evict (h2o_policy: h2o, h2o_prefill: chunked)"
+    elif config.prefill == "whole":
+        why, param = f"its {prompt}-token prompt, prefilled whole before it is compressed", "h2o_prefill"
+        advice = 'compress it while it prefills (h2o_prefill: "chunked")'
+    else:
+        why, param = f"budget {config.budget} plus one prefill chunk of {chunk} tokens", "h2o_budget"
+        advice = "lower h2o_budget"
+    raise VLLMValidationError(
+        f"this request needs up to {need} KV blocks of {bs} tokens at once ({why}), more than this "
+        f"server's whole KV cache ({usable} blocks, {usable * bs} tokens): {advice}",
+        parameter=param,
+        value=extra.get(param, max_new if param == "max_tokens" else None),
+    )
 
 
 def install() -> bool:
@@ -61,6 +109,15 @@ def install() -> bool:
         validate_h2o_args(self.vllm_config, params)
         return result
 
+    original_process = InputProcessor.process_inputs
+
+    @functools.wraps(original_process)
+    def process_inputs(self, *args, **kwargs):
+        engine_request = original_process(self, *args, **kwargs)
+        validate_fits_pool(self.vllm_config, engine_request)
+        return engine_request
+
     setattr(_validate_params, _MARK, True)
     InputProcessor._validate_params = _validate_params
+    InputProcessor.process_inputs = process_inputs
     return True

@@ -170,3 +170,29 @@ def test_chunked_prefill_compresses_after_every_chunk():
     assert chunked.evicts_after(40, 100) and not chunked.evicts_after(0, 100)
     with pytest.raises(ValueError, match="prefill"):
         PolicyConfig(prefill="lazy")
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenarios(policy=st.sampled_from(["h2o", "streaming"])), st.integers(1, 12), st.integers(1, 4), st.randoms())
+def test_chunked_prefill_never_holds_more_than_its_peak(case, chunk_blocks, new_blocks, rng):
+    """Prefill a prompt chunk by chunk, evicting after each, then decode: the blocks held never
+    exceed ``peak_blocks`` (what admission reserves) nor ``most_blocks`` (what the door checks)."""
+    cfg, view = case
+    cfg = cfg.replace(prefill="chunked")
+    bs, chunk = cfg.block_size, chunk_blocks * cfg.block_size - rng.randrange(cfg.block_size)
+    prompt, new = view.num_tokens, new_blocks * bs
+    peak, most = cfg.peak_blocks(prompt + new, chunk), cfg.most_blocks(prompt, new, chunk)
+    assert cfg.kept_blocks(prompt) >= protected_mask(cfg, prompt, -(-prompt // bs)).sum()
+    policy = make_policy(cfg)
+    resident = np.zeros(0, dtype=bool)
+    computed, held = 0, 0
+    while computed < prompt + new:
+        step = min(chunk, prompt - computed) if computed < prompt else 1
+        computed += step
+        blocks = -(-computed // bs)
+        resident = np.concatenate([resident, np.ones(blocks - len(resident), dtype=bool)])
+        held = max(held, int(resident.sum()))
+        scores = np.array([rng.random() for _ in range(blocks)])
+        evicted = policy.select(SequenceView(computed, resident.copy(), scores, np.ones(blocks)))
+        resident[evicted] = False
+    assert held <= peak and held <= most

@@ -22,6 +22,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from h2o_vllm import metrics, settings
+from h2o_vllm.engine.kv_spec import BudgetedAttentionSpec
 from h2o_vllm.engine.messages import PLAN_ATTR, SCORES_ATTR, ScoreRequest, StepPlan
 from h2o_vllm.engine.settings import ENGINE_BLOCK_SIZE, server_defaults
 from h2o_vllm.ledger import BlockLedger
@@ -103,7 +104,7 @@ def check_engine_config(vllm_config) -> None:
 class H2OScheduler(Scheduler):
     def __init__(self, vllm_config, kv_cache_config, *args, **kwargs):
         check_engine_config(vllm_config)
-        engine_seams.check_single_full_attention_group(kv_cache_config)
+        engine_seams.check_single_full_attention_group(kv_cache_config, BudgetedAttentionSpec)
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
         self.h2o_defaults = server_defaults(vllm_config.additional_config)
         self.h2o_requests: dict[str, RequestEviction] = {}
@@ -128,9 +129,13 @@ class H2OScheduler(Scheduler):
         super().add_request(request)
         self.h2o_totals.requests_by_policy[config.policy] += 1
 
-    def _peak_blocks(self, config: PolicyConfig, decoding: bool = False) -> int | None:
-        """Most blocks a request holds at once: prefilling, one chunk beyond what it keeps; decoding, one block."""
-        return config.peak_blocks(self.h2o_max_len, 1 if decoding else self.h2o_chunk_tokens)
+    def _peak_blocks(self, request: Request, config: PolicyConfig, decoding: bool = False) -> int | None:
+        """Most blocks a request holds at once: prefilling, one chunk beyond what it keeps; decoding, one block.
+
+        What it keeps is sized for its longest possible sequence (a fraction budget grows with it).
+        """
+        longest = min(self.h2o_max_len, request.num_prompt_tokens + (request.max_tokens or 0))
+        return config.peak_blocks(max(longest, request.num_tokens), 1 if decoding else self.h2o_chunk_tokens)
 
     def _eviction_state(self, request: Request) -> RequestEviction:
         state = self.h2o_requests.get(request.request_id)
@@ -147,14 +152,14 @@ class H2OScheduler(Scheduler):
         request decodes, it takes one block at a time, not a chunk).
         """
         request = self.requests.get(req_id)
-        peak = None if request is None else self._peak_blocks(self.request_config(request))
+        peak = None if request is None else self._peak_blocks(request, self.request_config(request))
         if peak is None or peak * self.block_size >= request.num_tokens:
             return None
         outstanding = 0
         for running in self.running:
             state = self.h2o_requests.get(running.request_id)
             decoding = running.num_computed_tokens >= running.num_prompt_tokens
-            their_peak = None if state is None else self._peak_blocks(state.config, decoding)
+            their_peak = None if state is None else self._peak_blocks(running, state.config, decoding)
             if their_peak is not None:
                 outstanding += max(0, their_peak - engine_seams.resident_blocks(self, running.request_id))
         return peak + outstanding

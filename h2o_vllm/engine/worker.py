@@ -12,6 +12,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from h2o_vllm.engine import attention
+from h2o_vllm.engine.kv_spec import BudgetedAttentionSpec
 from h2o_vllm.engine.messages import PLAN_ATTR, SCORES_ATTR
 from h2o_vllm.engine.scoring import StepContext
 from h2o_vllm.patches import engine_seams
@@ -40,6 +41,10 @@ class H2OCPUModelRunner(CPUModelRunner):
             context = StepContext(engine_seams.batch_req_ids(self), plan.scores, set(with_holes))
         self._h2o_step(context)
         return result
+
+    def get_kv_cache_spec(self):
+        # Full attention whose per-request memory the engine core sizes by the budget (see kv_spec).
+        return engine_seams.budgeted_specs(super().get_kv_cache_spec(), BudgetedAttentionSpec)
 
     def _h2o_step(self, context: StepContext | None) -> None:
         """Tell the attention metadata builders what this step is (None: a step of no H2O interest)."""

@@ -15,6 +15,8 @@ import pytest
 from h2o_vllm.assets import DEFAULT_SERVED_NAME as MODEL
 from h2o_vllm.local_server import ServerProcess
 
+from .helpers import metrics, wait_until_idle
+
 pytestmark = pytest.mark.integration
 MAX_MODEL_LEN = 4096
 POOL_BLOCKS = 1200
@@ -47,29 +49,6 @@ def essay_words():
     from h2o_vllm.datasets import essays_text
 
     return essays_text().split()
-
-
-def metrics(client) -> dict:
-    """h2o_vllm:* series as {name or name{labels}: value}."""
-    out = {}
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith("h2o_vllm:"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
-def wait_until_idle(client, timeout=60.0) -> dict:
-    """Poll /metrics until no request runs and every KV block is free again."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = metrics(client)
-        running = sum(v for k, v in m.items() if k.startswith("h2o_vllm:running_requests"))
-        if running == 0 and m.get("h2o_vllm:kv_free_blocks") == m.get("h2o_vllm:kv_total_blocks"):
-            return m
-        if time.monotonic() > deadline:
-            raise AssertionError(f"server not idle after {timeout} s: {m}")
-        time.sleep(0.5)
 
 
 def completion(client, prompt, max_tokens=16, model=MODEL, **extra):

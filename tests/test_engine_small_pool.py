@@ -1,0 +1,138 @@
+"""A KV pool smaller than one full-length request (default model, prefill "chunked").
+
+One engine: max_model_len 8,192 (the default model's context) on a pool of 64 blocks of 32
+tokens (2,048 tokens), prefill chunks of 512 tokens, a default budget of 1,024 tokens. vLLM
+alone refuses to start such a pool (it must hold one max_model_len request); the H2O worker
+reports its layers as ``BudgetedAttentionSpec``, whose per-request memory is the budget plus one
+chunk, as a sliding window's is its window. Requests that could never fit are refused at the door.
+"""
+
+import pytest
+
+from h2o_vllm.engine import engine_config, engine_kwargs
+from h2o_vllm.engine.observe import StepObserver, inprocess_llm, num_free_blocks, resident_blocks, scheduler_of
+from h2o_vllm.policy import Budget
+
+BLOCK, CHUNK, POOL, MAX_LEN = 32, 512, 64, 8192
+CONFIG = engine_config(budget=Budget(tokens=1024), prefill="chunked")
+LONG, NEW = 7000, 48
+PEAK = 1024 // BLOCK + CHUNK // BLOCK + 1  # budget + one chunk + the block being written
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_dir):
+    with inprocess_llm(
+        str(default_model_dir),
+        dtype="float32",
+        max_model_len=MAX_LEN,
+        enforce_eager=True,
+        seed=0,
+        num_gpu_blocks_override=POOL + 1,  # +1: vLLM's null block
+        kv_cache_memory_bytes=64 * 2**20,
+        max_num_batched_tokens=CHUNK,
+        **engine_kwargs(CONFIG),
+    ) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def essay_ids(default_model_dir):
+    from transformers import AutoTokenizer
+
+    from h2o_vllm.datasets import essays_text
+
+    return AutoTokenizer.from_pretrained(default_model_dir)(essays_text())["input_ids"]
+
+
+def generate(llm, prompts, extra_args=None, max_tokens=NEW):
+    """Greedy outputs, the engine's step log, and each request's peak resident blocks (two ways)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    scheduler = scheduler_of(llm)
+    start = num_free_blocks(scheduler)
+    peaks: dict[str, int] = {}
+    counted: dict[str, int] = {}
+
+    def record(scheduler, output, before):
+        for request in scheduler.running:
+            rid = request.request_id
+            peaks[rid] = max(peaks.get(rid, 0), resident_blocks(scheduler, rid))
+            counted[rid] = scheduler.h2o_requests[rid].counters.peak_resident_blocks
+
+    observer = StepObserver(scheduler, [record])
+    try:
+        args = extra_args if isinstance(extra_args, list) else [extra_args] * len(prompts)
+        params = [SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=a) for a in args]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    finally:
+        observer.close()
+    assert num_free_blocks(scheduler) == start == POOL and scheduler.h2o_requests == {}
+    return outputs, observer.log, peaks, counted
+
+
+def test_the_engine_starts_with_a_pool_smaller_than_one_request(engine):
+    from h2o_vllm.engine.kv_spec import BudgetedAttentionSpec
+    from h2o_vllm.patches import engine_seams
+
+    scheduler = scheduler_of(engine)
+    assert engine_seams.num_total_blocks(scheduler) == POOL < MAX_LEN // BLOCK
+    (group,) = scheduler.kv_cache_config.kv_cache_groups
+    assert type(group.kv_cache_spec) is BudgetedAttentionSpec
+
+
+def test_a_7000_token_prompt_holds_its_budget_plus_one_chunk(engine, essay_ids):
+    prompt = essay_ids[20000 : 20000 + LONG]
+    assert len(prompt) == LONG and LONG > POOL * BLOCK
+    outputs, log, peaks, counted = generate(engine, [prompt])
+    (rid,) = peaks
+    assert peaks[rid] <= PEAK and counted[rid] <= PEAK
+    assert log.preemptions == 0
+    assert len(log.evictions[rid]) >= LONG // BLOCK - PEAK
+    # Coherent text: English words from the essays' own vocabulary, not a loop on one token.
+    out = outputs[0].outputs[0]
+    assert len(out.token_ids) == NEW and len(set(out.token_ids)) >= 10
+    from h2o_vllm.datasets import essays_text
+
+    vocabulary = {w.strip(".,;:!?\"'()").lower() for w in essays_text().split()}
+    words = [w.strip(".,;:!?\"'()").lower() for w in out.text.split()]
+    assert words and sum(w in vocabulary for w in words) >= 0.9 * len(words), out.text
+
+
+def test_mixed_budgets_are_admitted_by_their_own_peaks(engine, essay_ids):
+    """Three 3,000-token requests with a budget of 256 (25 blocks at most), then one of 7,000 tokens
+    with the default 1,024 (49 blocks). The small ones run two at a time; the long one must wait
+    until its own peak is free, counting what the running ones may still take, or someone is
+    preempted."""
+    small = 256 // BLOCK + CHUNK // BLOCK + 1
+    prompts = [essay_ids[30000 + i * 3000 :][:3000] for i in range(3)] + [essay_ids[1000 : 1000 + LONG]]
+    args = [{"h2o_budget": 256}] * 3 + [None]
+    outputs, log, peaks, counted = generate(engine, prompts, args, max_tokens=16)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [16] * 4
+    assert log.preemptions == 0
+    # The engine's request ids are the outputs' with a suffix.
+    peak_of = [next(v for k, v in peaks.items() if k.split("-")[0] == o.request_id) for o in outputs]
+    assert all(p <= small for p in peak_of[:3]) and peak_of[3] <= PEAK
+    assert log.max_running >= 2  # the gate does not serialise everything
+
+
+@pytest.mark.parametrize(
+    "extra_args, param",
+    [
+        ({"h2o_policy": "none"}, "max_tokens"),  # a full cache of 7,000 tokens
+        ({"h2o_prefill": "whole"}, "h2o_prefill"),  # the whole prompt before it is compressed
+        ({"h2o_budget": 3000}, "h2o_budget"),  # a budget larger than the pool
+    ],
+)
+def test_requests_that_can_never_fit_are_refused_at_the_door(engine, essay_ids, extra_args, param):
+    from vllm.exceptions import VLLMValidationError
+
+    prompt = essay_ids[:LONG]
+    with pytest.raises(VLLMValidationError, match="more than this server's whole KV cache") as refused:
+        generate(engine, [prompt], extra_args)
+    assert refused.value.parameter == param
+    scheduler = scheduler_of(engine)
+    assert num_free_blocks(scheduler) == POOL and not scheduler.waiting and not scheduler.running
+    # Short enough to fit, the same settings run.
+    outputs, *_ = generate(engine, [prompt[:1000]], extra_args, max_tokens=4)
+    assert len(outputs[0].outputs[0].token_ids) == 4
