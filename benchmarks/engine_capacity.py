@@ -79,9 +79,19 @@ def run_config(name: str, prompts, new_tokens: int, args) -> dict:
     with inprocess_llm(model, **{**kwargs, **engine_config(name)}) as llm:
         scheduler = scheduler_of(llm)
         start_free = num_free_blocks(scheduler)
-        observer = StepObserver(scheduler)
-        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         t0 = time.perf_counter()
+
+        def progress(scheduler, output, before, every=args.progress_steps):
+            log = observer.log
+            if every and log.steps % every == 0:
+                print(
+                    f"    step {log.steps}: {len(scheduler.running)} running, {len(scheduler.waiting)} waiting, "
+                    f"{log.preemptions} preemptions, {time.perf_counter() - t0:.0f} s",
+                    flush=True,
+                )
+
+        observer = StepObserver(scheduler, [progress])
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         wall = time.perf_counter() - t0
         log = observer.log
@@ -157,6 +167,9 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-tokens", type=int, help="prefill chunk (vLLM's --max-num-batched-tokens)")
     parser.add_argument("--repeats", type=int, default=1, help="overhead: interleaved repeats per config")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--progress-steps", type=int, default=200, help="print progress every N engine steps (0: never)"
+    )
     parser.add_argument("--compile", action="store_true", help="let vLLM compile the model (slower start)")
     parser.add_argument("--out", type=Path, default=Path("results/engine"))
     args = parser.parse_args(argv)
@@ -201,7 +214,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/engine_capacity.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (args.out / f"{args.workload}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    md = table(rows, "vanilla") + f"\n\nProduced by:\n    {command}\n"
+    reference = "vanilla" if "vanilla" in configs else configs[0]
+    md = table(rows, reference) + f"\n\nProduced by:\n    {command}\n"
     (args.out / f"{args.workload}.md").write_text(md)
     print(md)
     if args.workload != "overhead":

@@ -78,3 +78,42 @@ def test_whole_prompts_are_admitted_by_their_prompt(engine):
     log, peaks = run(engine, {"h2o_prefill": "whole"})
     assert max(peaks.values()) >= PROMPT // BLOCK
     assert log.max_running < NUM
+
+
+def test_a_preempted_chunked_request_compresses_again_as_it_re_prefills(engine):
+    """Two full-cache requests (policy none) that outgrow the pool together, then a chunked one:
+    vLLM preempts the newest running request to make room, and the chunked request, restarted
+    from its first token, is compressed chunk by chunk again (the same blocks evicted twice),
+    never above its peak, and finishes; the pool returns."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    rng = random.Random(5)
+    prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (1000, 1000, 1200)]
+    scheduler = scheduler_of(engine)
+    start = num_free_blocks(scheduler)
+    preempted, peaks = [], {}
+
+    def record(scheduler, output, before):
+        preempted.extend(output.preempted_req_ids or ())
+        for request in scheduler.running:
+            rid = request.request_id
+            peaks[rid] = max(peaks.get(rid, 0), resident_blocks(scheduler, rid))
+
+    observer = StepObserver(scheduler, [record])
+    try:
+        full = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True, extra_args={"h2o_policy": "none"})
+        # Long enough to still run when the full-cache requests fill the pool.
+        chunked = SamplingParams(temperature=0.0, max_tokens=800, ignore_eos=True)
+        outputs = engine.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], [full, full, chunked], use_tqdm=False
+        )
+    finally:
+        observer.close()
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [1000, 1000, 800]
+    (rid,) = [r for r in observer.log.evictions if r.split("-")[0] == outputs[2].request_id]
+    assert rid in preempted
+    evicted = observer.log.evictions[rid]
+    assert len(evicted) > len(set(evicted))  # its first life's blocks went again after the restart
+    assert peaks[rid] <= PEAK
+    assert num_free_blocks(scheduler) == start and scheduler.h2o_requests == {}

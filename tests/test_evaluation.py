@@ -4,11 +4,13 @@ import json
 
 import pytest
 
+from h2o_vllm import aliases
 from h2o_vllm.engine.settings import ENGINE_DEFAULTS
 from h2o_vllm.evaluation import metrics, report, scenarios
 from h2o_vllm.evaluation.client import Answer, request_body, server_root
 from h2o_vllm.evaluation.configs import EvalConfig, EvalConfigError, eval_configs
 from h2o_vllm.evaluation.run import main as eval_main
+from h2o_vllm.policy import Budget
 from h2o_vllm.settings import for_request
 
 
@@ -101,8 +103,8 @@ def test_configs_select_policy_per_request():
         "h2o_20%_mean",
     ]
     assert configs[0].xargs() == {"h2o_policy": "none"}
-    assert configs[1].xargs() == {"h2o_policy": "streaming", "h2o_budget": 0.1}
-    h2o = {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_score_norm": "sum"}
+    assert configs[1].xargs() == {"h2o_policy": "streaming", "h2o_budget": 0.1, "h2o_prefill": "whole"}
+    h2o = {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_score_norm": "sum", "h2o_prefill": "whole"}
     assert configs[4].xargs() == {**h2o, "h2o_prompt_window": 0, "h2o_score_reduce": "sum"}
     assert configs[6].xargs() == {**h2o, "h2o_prompt_window": 16, "h2o_score_reduce": "sum"}
     assert configs[8].xargs() == {**h2o, "h2o_prompt_window": 16, "h2o_score_reduce": "max"}
@@ -117,13 +119,99 @@ def test_configs_select_policy_per_request():
     assert configs[0].request_fields("m", "alias") == ("m@full", {})
     assert configs[2].request_fields("m", "xargs") == (
         "m",
-        {"vllm_xargs": {"h2o_policy": "streaming", "h2o_budget": 0.2}},
+        {"vllm_xargs": {"h2o_policy": "streaming", "h2o_budget": 0.2, "h2o_prefill": "whole"}},
     )
     with pytest.raises(EvalConfigError, match="alias"):
         configs[6].alias("m")
-    for bad in [dict(family="lru", budget=0.2), dict(family="h2o", budget=1.5), dict(family="h2o", budget=None)]:
+    for bad in [dict(family="lru", budget=0.2), dict(family="h2o_20%", budget=0.2)]:
         with pytest.raises(EvalConfigError):
             EvalConfig.of(**bad)
+
+
+@pytest.mark.parametrize("budget", [None, 1.5, "1.5", 1.0, "1", "100%", 0, "0", -0.2, "-3", "abc", "nan", True])
+def test_bad_budgets_are_refused(budget):
+    with pytest.raises(EvalConfigError, match="budget"):
+        EvalConfig.of("h2o", budget)
+
+
+def test_token_budgets():
+    configs = eval_configs(["streaming", "h2o_window8_max"], ["1024", "20%", 0.2, 256, Budget(tokens=64)])
+    assert [c.name for c in configs] == [  # 20% and 0.2 are one configuration
+        "full",
+        "streaming_1024",
+        "streaming_20%",
+        "streaming_256",
+        "streaming_64",
+        "h2o_1024_window8_max",
+        "h2o_20%_window8_max",
+        "h2o_256_window8_max",
+        "h2o_64_window8_max",
+    ]
+    assert configs[0].budget is None
+    assert configs[1].budget == Budget(tokens=1024) and configs[2].budget == Budget(fraction=0.2)
+    assert configs[1].policy == "streaming" and configs[5].policy == "h2o_window8_max"
+    assert configs[1].xargs() == {"h2o_policy": "streaming", "h2o_budget": 1024, "h2o_prefill": "whole"}
+    assert configs[5].xargs() == {
+        "h2o_policy": "h2o",
+        "h2o_budget": 1024,
+        "h2o_prompt_window": 8,
+        "h2o_score_norm": "sum",
+        "h2o_score_reduce": "max",
+        "h2o_prefill": "whole",
+    }
+    for c in configs[1:]:
+        assert for_request(ENGINE_DEFAULTS, c.xargs()).budget == c.budget
+
+
+def test_token_budgets_have_model_name_aliases():
+    """The alias the evaluation asks for is one the server reads as the same budget (if it lists it)."""
+    for budget, suffix in [("1024", "h2o-1024"), ("20%", "h2o-0.2"), (0.125, "h2o-0.125")]:
+        config = EvalConfig.of("h2o", budget)
+        assert config.alias("m") == f"m@{suffix}"
+        model, args = aliases.split_alias(config.alias("m"))
+        assert model == "m" and args == {"h2o_policy": "h2o", "h2o_budget": config.xargs()["h2o_budget"]}
+    assert aliases.split_alias(EvalConfig.of("streaming", 256).alias("m"))[1]["h2o_budget"] == 256
+    with pytest.raises(EvalConfigError, match="no model-name alias"):
+        EvalConfig.of("h2o_window8", 1024).alias("m")
+
+
+def test_chunked_families_send_their_prefill():
+    configs = eval_configs(["h2o_chunked", "h2o_window8_max", "h2o_window8_max_chunked", "streaming_chunked"], [1024])
+    by_name = {c.name: c for c in configs}
+    assert list(by_name) == [
+        "full",
+        "h2o_1024_chunked",
+        "h2o_1024_window8_max",
+        "h2o_1024_window8_max_chunked",
+        "streaming_1024_chunked",
+    ]
+    assert [c.policy for c in configs[1:]] == [  # distinct table rows
+        "h2o_chunked",
+        "h2o_window8_max",
+        "h2o_window8_max_chunked",
+        "streaming_chunked",
+    ]
+    assert by_name["h2o_1024_window8_max_chunked"].xargs() == {
+        "h2o_policy": "h2o",
+        "h2o_budget": 1024,
+        "h2o_prompt_window": 8,
+        "h2o_score_norm": "sum",
+        "h2o_score_reduce": "max",
+        "h2o_prefill": "chunked",
+    }
+    assert by_name["h2o_1024_window8_max"].xargs()["h2o_prefill"] == "whole"  # never the server's default
+    assert by_name["streaming_1024_chunked"].xargs() == {
+        "h2o_policy": "streaming",
+        "h2o_budget": 1024,
+        "h2o_prefill": "chunked",
+    }
+    assert by_name["full"].xargs() == {"h2o_policy": "none"}
+    chunked_server = ENGINE_DEFAULTS.replace(prefill="chunked")
+    for c in configs[1:]:
+        expected = "chunked" if c.policy.endswith("_chunked") else "whole"
+        assert for_request(chunked_server, c.xargs()).prefill == expected, c.name
+    with pytest.raises(EvalConfigError, match="no model-name alias"):
+        by_name["h2o_1024_chunked"].alias("m")
 
 
 def test_server_root_accepts_the_openai_base_url_too():
@@ -169,18 +257,43 @@ def test_scores_and_tables(tokenizer, tmp_path):
     assert h2o["fidelity_matched_tokens"] == same == 4
     assert h2o["summary_rouge_l"] == pytest.approx(0.5)
     md = report.markdown(results, configs)
+    assert "| policy | 20% |" in md
     assert "| full cache | 100.0 |" in md and "| h2o | 50.0 |" in md and "h2o_20% 1" in md
     paths = report.save(tmp_path, "h2o-vllm eval --test", {}, items, answers, results, configs)
     saved = json.loads(paths["json"].read_text())
     assert saved["command"] == "h2o-vllm eval --test" and saved["results"]["h2o_20%"]["needle_accuracy"] == 50.0
+    assert saved["results"]["h2o_20%"]["budget"] == 0.2 and saved["results"]["h2o_20%"]["budget_tokens"] is None
+    assert saved["results"]["full"]["budget"] is None and saved["results"]["full"]["budget_tokens"] is None
     assert len(paths["answers"].read_text().splitlines()) == len(answers)
     assert paths["png"].stat().st_size > 1000
+
+
+def test_tables_order_fractions_then_token_budgets(tmp_path):
+    items = [scenarios.Item("needle", "n0", 8, prompt="..", answer="11111", group="1K")]
+    configs = eval_configs(["h2o", "h2o_chunked"], ["1024", "0.5", "256", "10%"])
+    answers = [Answer(c.name, "needle", "n0", " 99999" if c.name.startswith("h2o_256") else " 11111") for c in configs]
+    results = report.score(items, answers, configs, tokenizer=None)  # needle only: no re-tokenizing
+    md = report.markdown(results, configs)
+    assert "| policy | 10% | 50% | 256 tokens | 1024 tokens |" in md
+    assert "| full cache | 100.0 | 100.0 | 100.0 | 100.0 |" in md
+    assert "| h2o | 100.0 | 100.0 | 0.0 | 100.0 |" in md and "| h2o_chunked | 100.0 | 100.0 | 0.0 | 100.0 |" in md
+    paths = report.save(tmp_path, "h2o-vllm eval --test", {}, items, answers, results, configs)
+    saved = json.loads(paths["json"].read_text())["results"]
+    assert saved["h2o_1024_chunked"]["budget"] is None and saved["h2o_1024_chunked"]["budget_tokens"] == 1024
+    assert saved["h2o_10%_chunked"]["budget"] == 0.1 and saved["h2o_10%_chunked"]["budget_tokens"] is None
+    assert saved["h2o_256"]["policy"] == "h2o" and saved["h2o_256_chunked"]["policy"] == "h2o_chunked"
+    assert paths["png"].stat().st_size > 1000  # token budgets at labelled positions
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--budgets", "1.5"], "budget"),
+        (["--budgets", "0.2", "1"], "full cache"),  # 1 is the whole sequence
+        (["--budgets", "0"], "budget"),
+        (["--budgets", "12.5"], "token count"),
+        (["--budgets", "lots"], "budget"),
+        (["--select", "alias", "--policies", "h2o_chunked", "--budgets", "1024"], "alias"),
         (["--samples", "0"], "--samples"),
         (["--select", "alias"], "alias"),  # h2o-window is in the default policies and has no alias
     ],

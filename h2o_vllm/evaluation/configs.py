@@ -12,12 +12,19 @@ evaluation crosses *families* (names without a budget) with budgets:
     h2o_mean            H2O as the paper scores the prompt, each block's score divided by the
                         number of queries that saw it (``h2o_score_norm: mean``); not run by default
 
-so ``h2o_20%_window8_max`` is the last one at 20% of the sequence. The first
+so ``h2o_20%_window8_max`` is the last one at 20% of the sequence and
+``h2o_1024_window8_max`` at 1024 tokens (budgets as :meth:`Budget.parse
+<h2o_vllm.policy.Budget.parse>` reads them: ``0.2``, ``20%`` or ``1024``). Any
+family may end in ``_chunked`` (``h2o_window8_max_chunked``): the prompt is
+compressed after every prefill chunk. Every evicting configuration sends its
+``h2o_prefill`` (``whole`` unless the name says ``chunked``), H2O ones their
+scoring fields too, so results do not depend on the server's defaults. The first
 wave's names (``h2o-window``, ``h2o-window-max``, ``h2o-mean``, with the window
 from ``--window``) are accepted spellings. Selected per request with
 ``vllm_xargs`` (any h2o-vllm server), or with the ``MODEL@policy-budget``
 model-name aliases that ``h2o-vllm serve`` lists (for clients that can only
-choose a model name).
+choose a model name): ``h2o-0.2`` and the other defaults, or ``h2o-1024`` and
+any other budget the server was given with ``--h2o-aliases``.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from h2o_vllm.policy import Budget
 POLICIES = ("streaming", "h2o", "h2o-window", "h2o-window-max", "h2o-mean")  # the first wave's families
 DEFAULT_POLICIES = POLICIES[:4]
 SELECT_MODES = ("xargs", "alias")
-# Fields every H2O configuration sends, whatever the server's defaults (a window of 0 = every prompt row).
+# Fields every evicting configuration sends, whatever the server's defaults: when the prompt is compressed.
+EVICTION_FIELDS = frozenset({"prefill"})
+# ... and every H2O configuration too (a window of 0 = every prompt row).
 SCORING_FIELDS = frozenset({"prompt_window", "score_reduce", "score_norm"})
 
 __all__ = [
@@ -54,8 +63,8 @@ class EvalConfig:
     named: NamedConfig
 
     @classmethod
-    def of(cls, family: str, budget: float | None = None, window: int = DEFAULT_WINDOW) -> EvalConfig:
-        """``family`` (a name without a budget, or ``full``) at ``budget`` (a fraction of the sequence)."""
+    def of(cls, family: str, budget: Budget | float | str | None = None, window: int = DEFAULT_WINDOW) -> EvalConfig:
+        """``family`` (a name without a budget, or ``full``) at ``budget``: a fraction below 1 or a token count."""
         try:
             named = parse_name(family, window=window).for_engine()
         except ValueError as exc:
@@ -64,9 +73,7 @@ class EvalConfig:
             return cls(named)
         if named.has_budget:
             raise EvalConfigError(f"{family!r}: give the policy without a budget, and the budgets with --budgets")
-        if budget is None or not 0.0 < budget < 1.0:
-            raise EvalConfigError(f"budget {budget!r} must be a fraction between 0 and 1 (0.2 = 20%)")
-        return cls(named.with_budget(Budget(fraction=budget)))
+        return cls(named.with_budget(_budget(budget)))
 
     @property
     def policy(self) -> str:
@@ -74,8 +81,8 @@ class EvalConfig:
         return self.named.family
 
     @property
-    def budget(self) -> float | None:
-        return None if self.named.is_full else self.named.config.budget.fraction
+    def budget(self) -> Budget | None:
+        return None if self.named.is_full else self.named.config.budget
 
     @property
     def name(self) -> str:
@@ -83,7 +90,11 @@ class EvalConfig:
 
     def xargs(self) -> dict:
         config = self.named.config
-        fields = self.named.named | (SCORING_FIELDS if config.needs_scores else frozenset())
+        fields = set(self.named.named)
+        if not self.named.is_full:
+            fields |= EVICTION_FIELDS
+        if config.needs_scores:
+            fields |= SCORING_FIELDS
         return settings.to_request_args(config, fields)
 
     def alias(self, model: str) -> str:
@@ -93,7 +104,9 @@ class EvalConfig:
             raise EvalConfigError(
                 f"{self.policy} has no model-name alias among the server's defaults; use --select xargs"
             )
-        return f"{model}@{self.named.config.policy}-{self.budget:g}"
+        budget = self.budget  # spelled as the server's default aliases: h2o-0.2 (and h2o-1024 for tokens)
+        value = budget.tokens if budget.tokens is not None else f"{budget.fraction:g}"
+        return f"{model}@{self.named.config.policy}-{value}"
 
     def request_fields(self, model: str, select: str) -> tuple[str, dict]:
         """(model name, extra JSON fields) of a request under this configuration."""
@@ -105,5 +118,19 @@ class EvalConfig:
 def eval_configs(policies, budgets, window: int = DEFAULT_WINDOW) -> list[EvalConfig]:
     """The full cache first (the other configurations are scored against it), then policy x budget."""
     configs = [EvalConfig.of("full")]
-    configs += [EvalConfig.of(p, float(b), window) for p in policies for b in budgets]
-    return configs
+    configs += [EvalConfig.of(p, b, window) for p in policies for b in budgets]
+    return list({c.name: c for c in configs}.values())  # 0.2 and 20% are one configuration
+
+
+def _budget(value: Budget | float | str | None) -> Budget:
+    """``value`` as :meth:`Budget.parse` reads it, if the evaluation can use it (not the whole sequence)."""
+    hint = "give a fraction below 1 (0.2, 20%) or a token count (1024)"
+    if value is None:
+        raise EvalConfigError(f"a policy needs a budget: {hint}")
+    try:
+        budget = Budget.parse(value)
+    except (TypeError, ValueError) as exc:
+        raise EvalConfigError(f"bad budget {value!r} ({exc}): {hint}") from None
+    if budget.fraction == 1.0:
+        raise EvalConfigError(f"budget {value!r} is the whole sequence, the full cache (already run): {hint}")
+    return budget

@@ -10,6 +10,7 @@ from h2o_vllm.evaluation.client import Answer
 from h2o_vllm.evaluation.configs import EvalConfig
 from h2o_vllm.evaluation.metrics import matched_prefix, passkey_found, rouge_l
 from h2o_vllm.evaluation.scenarios import Item
+from h2o_vllm.policy import Budget
 
 # metric -> (title, scenario, format)
 METRICS = {
@@ -56,9 +57,11 @@ def score(items: list[Item], answers: list[Answer], configs: list[EvalConfig], t
                 fidelity_rouge.append(rouge_l(text, ref.text))
             else:
                 summary_rouge.append(rouge_l(text, ref.text))
+        budget = config.budget  # None for the full cache
         results[config.name] = {
             "policy": config.policy,
-            "budget": config.budget,
+            "budget": None if budget is None else budget.fraction,  # a fraction of the sequence, as before
+            "budget_tokens": None if budget is None else budget.tokens,  # or a token count
             "failed": failed,
             "needle_accuracy": _mean(found),
             "needle_accuracy_by_length": {k: _mean(v) for k, v in by_length.items()},
@@ -70,11 +73,19 @@ def score(items: list[Item], answers: list[Answer], configs: list[EvalConfig], t
     return results
 
 
-def _grid(configs: list[EvalConfig]) -> tuple[list[float], list[str], dict[tuple[str, float], str]]:
-    """Budgets (columns), policy families (rows) and the configuration name of each cell."""
-    budgets = sorted({c.budget for c in configs if c.budget is not None})
+def _grid(configs: list[EvalConfig]) -> tuple[list[Budget], list[str], dict[tuple[str, Budget], str]]:
+    """Budgets (columns: fractions, then token counts), policy families (rows) and the configuration of each cell."""
+    budgets = sorted(
+        {c.budget for c in configs if c.budget is not None},
+        key=lambda b: (b.tokens is not None, b.tokens or b.fraction),
+    )
     policies = list(dict.fromkeys(c.policy for c in configs if c.policy != "full"))
     return budgets, policies, {(c.policy, c.budget): c.name for c in configs}
+
+
+def budget_label(budget: Budget) -> str:
+    """``20%`` or ``1024 tokens``: a column header."""
+    return f"{budget.fraction * 100:g}%" if budget.fraction is not None else f"{budget.tokens} tokens"
 
 
 def _cell(value, fmt: str) -> str:
@@ -83,7 +94,7 @@ def _cell(value, fmt: str) -> str:
 
 def markdown(results: dict, configs: list[EvalConfig]) -> str:
     budgets, policies, names = _grid(configs)
-    head = "| policy | " + " | ".join(f"{b * 100:g}%" for b in budgets) + " |\n|---|" + "---|" * len(budgets) + "\n"
+    head = "| policy | " + " | ".join(budget_label(b) for b in budgets) + " |\n|---|" + "---|" * len(budgets) + "\n"
     out = []
     for metric, (title, scenario, fmt) in METRICS.items():
         if not any(r["samples"][scenario] for r in results.values()):
@@ -126,7 +137,11 @@ def _length_key(label: str) -> float:
 
 
 def plot(results: dict, configs: list[EvalConfig], path: Path) -> Path | None:
-    """One panel per metric: the metric against the budget, a line per policy, the full cache dashed."""
+    """One panel per metric: the metric against the budget, a line per policy, the full cache dashed.
+
+    Fractions alone are placed at their % of the sequence; with token budgets every budget
+    is a labelled position, in the tables' order.
+    """
     try:
         import matplotlib
 
@@ -139,17 +154,21 @@ def plot(results: dict, configs: list[EvalConfig], path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     budgets, policies, names = _grid(configs)
+    fractions = all(b.fraction is not None for b in budgets)
+    xs = [b.fraction * 100 for b in budgets] if fractions else list(range(len(budgets)))
     for ax, metric in zip(axes[0], metrics):
         for policy in policies:
             ys = [results.get(names.get((policy, b)), {}).get(metric) for b in budgets]
-            ax.plot(
-                [b * 100 for b in budgets], [float("nan") if y is None else y for y in ys], marker="o", label=policy
-            )
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=policy)
         full = results.get("full", {}).get(metric)
         if full is not None and metric.startswith("needle"):
             ax.axhline(full, linestyle="--", color="gray", label="full cache")
         ax.set_title(METRICS[metric][0].split(":")[0] + ": " + metric.split("_", 1)[1].replace("_", " "), fontsize=9)
-        ax.set_xlabel("KV budget (% of sequence)")
+        if fractions:
+            ax.set_xlabel("KV budget (% of sequence)")
+        else:
+            ax.set_xticks(xs, [budget_label(b) for b in budgets], fontsize=8)
+            ax.set_xlabel("KV budget")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()

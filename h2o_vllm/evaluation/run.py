@@ -3,9 +3,12 @@
     h2o-vllm eval                                   # starts a local server, runs everything
     h2o-vllm eval --base-url http://127.0.0.1:8000  # any running h2o-vllm server
     h2o-vllm eval --scenarios needle --budgets 0.2 --lengths 1024 --samples 4
+    h2o-vllm eval --policies h2o_window8_max h2o_window8_max_chunked --budgets 0.2 1024
 
 Every scenario runs under the full cache and under each policy x budget, concurrently,
-with the policy chosen per request. Results: OUT/eval.json, OUT/eval.md (tables),
+with the policy chosen per request. Budgets are fractions of the sequence (0.2 or 20%)
+or token counts (1024); a policy family that ends in _chunked compresses the prompt
+after every prefill chunk. Results: OUT/eval.json, OUT/eval.md (tables),
 OUT/eval.png, OUT/answers.jsonl (every answer, for inspection).
 """
 
@@ -46,9 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=list(DEFAULT_POLICIES),
         help="policy families, named as in h2o_vllm.names without a budget (h2o, streaming, "
-        "h2o_window8_max, h2o_mean, ...; also h2o-window, h2o-window-max, h2o-mean)",
+        "h2o_window8_max, h2o_mean, h2o_chunked, ...; also h2o-window, h2o-window-max, h2o-mean)",
     )
-    p.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.2, 0.5], help="fractions of the sequence")
+    p.add_argument(
+        "--budgets",
+        nargs="+",
+        default=["0.1", "0.2", "0.5"],
+        help="KV budgets: fractions of the sequence below 1 (0.2 or 20%%) and/or token counts (1024)",
+    )
     p.add_argument(
         "--window",
         type=int,
