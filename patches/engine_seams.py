@@ -80,8 +80,10 @@ Attention side: the H2O builder, impl and backend in h2o_vllm/engine/attention.p
   reads       ``CommonAttentionMetadata.num_reqs``, ``seq_lens``, ``block_table_tensor``,
               ``query_start_loc_cpu`` and ``.replace(block_table_tensor=, seq_lens=,
               max_seq_len=, seq_lens_cpu_upper_bound=)`` (vllm/v1/attention/backend.py)
-  registers   ``register_backend(AttentionBackendEnum.CPU_ATTN, ...)``
-              (vllm/v1/attention/backends/registry.py)
+  override_cpu_attention_backend
+              ``register_backend(AttentionBackendEnum.CPU_ATTN, ...)``
+              (vllm/v1/attention/backends/registry.py) and the memo it must clear,
+              ``_cached_get_attn_backend`` (private; vllm/v1/attention/selector.py)
   attention_builder_key_layout, attention_builder_block_size
               ``CPUAttentionMetadataBuilder.isa``, ``.dtype``, ``.head_dim``,
               ``.kv_cache_spec.block_size`` (set in its ``__init__``, cpu_attn.py)
@@ -299,6 +301,20 @@ def batch_req_ids(runner, num_reqs: int | None = None) -> list[str]:
 
 
 # -- attention side ----------------------------------------------------------------
+
+
+def override_cpu_attention_backend(class_path: str) -> None:
+    """Make ``CPU_ATTN`` resolve to ``class_path`` in this process from now on.
+
+    vLLM memoises the backend each layer gets (``_cached_get_attn_backend``): an engine
+    built earlier in this process (a vanilla one, in a benchmark) would otherwise hand
+    its cached class to the next engine's layers.
+    """
+    from vllm.v1.attention import selector
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CPU_ATTN, class_path)
+    selector._cached_get_attn_backend.cache_clear()
 
 
 def attention_builder_block_size(builder) -> int:

@@ -49,7 +49,11 @@ EQ_NEW = [40, 33, 64, 20, 48, 90, 25, 70, 36, 60]
 def test_large_budget_gives_vanilla_tokens(tiny_model_dir, dtype):
     prompts = random_prompts(EQ_LENGTHS)
     budget = max(p + n for p, n in zip(EQ_LENGTHS, EQ_NEW))
-    with inprocess_llm(str(tiny_model_dir), dtype=dtype, kv_cache_memory_bytes=64 * 2**20, **COMMON) as llm:
+    # Block size 32 as the H2O engine's: vLLM memoises the attention backend per layer shape and
+    # block size, so the H2O engine that follows must still get its own (attention.register).
+    with inprocess_llm(
+        str(tiny_model_dir), dtype=dtype, kv_cache_memory_bytes=64 * 2**20, block_size=BLOCK, **COMMON
+    ) as llm:
         vanilla = generate(llm, prompts, EQ_NEW)
     settings = engine_config(budget=Budget(tokens=budget))
     with inprocess_llm(

@@ -78,7 +78,5 @@ class H2OCPUAttentionBackend(CPUAttentionBackend):
 
 
 def register() -> None:
-    """Make CPU_ATTN resolve to the H2O backend in this process."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.H2OCPUAttentionBackend")
+    """Make CPU_ATTN resolve to the H2O backend in this process (also after a vanilla engine ran in it)."""
+    engine_seams.override_cpu_attention_backend(f"{__name__}.H2OCPUAttentionBackend")

@@ -50,6 +50,8 @@ class H2OCPUModelRunner(CPUModelRunner):
         """Tell the attention metadata builders what this step is (None: a step of no H2O interest)."""
         self._h2o_context = context
         for builder in engine_seams.attention_metadata_builders(self):
+            if not isinstance(builder, attention.H2OCPUAttentionMetadataBuilder):
+                raise RuntimeError(f"H2O: the model's attention uses {type(builder).__name__}, not the H2O builder")
             builder.begin_step(context)
 
     def sample_tokens(self, grammar_output):
