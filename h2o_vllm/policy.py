@@ -184,13 +184,15 @@ class PolicyConfig:
         """The most blocks a sequence of up to ``max_tokens`` holds at once, prefilled ``chunk_tokens`` at a time.
 
         With prefill "chunked": what an eviction keeps (the budget, or the sinks, the recent
-        window and the partly written block if they are more), plus the blocks of the next
-        chunk. None where it is not bounded below the whole sequence (no eviction, or a
-        prompt prefilled whole before it is compressed).
+        window and the partly written block if they are more), plus the new blocks of the
+        next chunk: ``ceil(chunk_tokens / block_size)``, as the chunk first fills the partly
+        written block it continues (so a decoding request takes one block at a time). None
+        where it is not bounded below the whole sequence (no eviction, or a prompt prefilled
+        whole before it is compressed).
         """
         if self.policy == "none" or self.prefill != "chunked":
             return None
-        return self.kept_blocks(max_tokens) + -(-chunk_tokens // self.block_size) + 1
+        return self.kept_blocks(max_tokens) + -(-chunk_tokens // self.block_size)
 
     def kept_blocks(self, num_tokens: int) -> int:
         """The most blocks an eviction leaves a sequence of up to ``num_tokens``: its budget, or the

@@ -87,6 +87,7 @@ def test_a_7000_token_prompt_holds_its_budget_plus_one_chunk(engine, essay_ids):
     outputs, log, peaks, counted = generate(engine, [prompt])
     (rid,) = peaks
     assert peaks[rid] <= PEAK and counted[rid] <= PEAK
+    assert max(peaks[rid], counted[rid]) <= CONFIG.peak_blocks(LONG + NEW, CHUNK)  # what admission reserved
     assert log.preemptions == 0
     assert len(log.evictions[rid]) >= LONG // BLOCK - PEAK
     # Coherent text: English words from the essays' own vocabulary, not a loop on one token.
