@@ -19,8 +19,8 @@ overhead: vanilla vLLM against H2O with a token budget larger than any request
 (never evicts) and the ``none`` policy, on a decode-heavy workload; reported as
 output tokens/s ratios from one run, configurations interleaved.
 
-Results: OUT/<workload>.json, OUT/<workload>.md, OUT/<workload>.png (running
-requests per step; not for overhead).
+Results: OUT/<name>.json, OUT/<name>.md, OUT/<name>.png (running requests per
+step; not for overhead); the name is the workload's unless ``--name`` says otherwise.
 """
 
 from __future__ import annotations
@@ -172,6 +172,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--compile", action="store_true", help="let vLLM compile the model (slower start)")
     parser.add_argument("--out", type=Path, default=Path("results/engine"))
+    parser.add_argument("--name", help="file name of the results in OUT (default: the workload)")
     args = parser.parse_args(argv)
 
     if args.workload == "capacity":
@@ -213,13 +214,14 @@ def main(argv=None) -> int:
         rows.append(best)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/engine_capacity.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (args.out / f"{args.workload}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    stem = args.name or args.workload
+    (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     reference = "vanilla" if "vanilla" in configs else configs[0]
     md = table(rows, reference) + f"\n\nProduced by:\n    {command}\n"
-    (args.out / f"{args.workload}.md").write_text(md)
+    (args.out / f"{stem}.md").write_text(md)
     print(md)
     if args.workload != "overhead":
-        plot(rows, args.out / f"{args.workload}.png")
+        plot(rows, args.out / f"{stem}.png")
     return 0
 
 

@@ -35,6 +35,8 @@ SECTIONS = {
     "engine-table": [
         "results/engine/capacity-intro.md",
         "results/engine/capacity.md",
+        "results/engine/long-prompts-intro.md",
+        "results/engine/long-prompts.md",
         "results/engine/overhead-intro.md",
         "results/engine/overhead.md",
     ],
