@@ -8,9 +8,9 @@ that names the field, and never reaches the scheduler (where an exception would
 stop the engine).
 
 An H2O engine may start with a KV pool smaller than ``max_model_len`` (see
-h2o_vllm/engine/kv_spec.py). A request that could never fit in it (a full cache
-longer than the pool, a prompt prefilled whole that is, a budget larger than the
-pool) would wait forever, so ``InputProcessor.process_inputs`` is wrapped too:
+h2o_vllm/engine/kv_spec.py). A request that could never fit in it (a full cache,
+or a prompt prefilled whole, longer than the pool; a budget larger than the pool)
+would wait forever, so ``InputProcessor.process_inputs`` is wrapped too:
 once the prompt is tokenized and ``max_tokens`` known, such a request gets a 400
 that says what it needs and what the pool holds.
 """
@@ -79,11 +79,12 @@ def validate_fits_pool(vllm_config, engine_request) -> None:
     if config.policy == "none":
         why, param = f"a full cache of {prompt} prompt and up to {max_new} new tokens", "max_tokens"
         advice = "lower max_tokens, or evict (h2o_policy: h2o, h2o_prefill: chunked)"
-    elif config.prefill == "whole":
+    elif config.prefill == "whole" and -(-prompt // bs) > usable:
         why, param = f"its {prompt}-token prompt, prefilled whole before it is compressed", "h2o_prefill"
         advice = 'compress it while it prefills (h2o_prefill: "chunked")'
     else:
-        why, param = f"budget {config.budget} plus one prefill chunk of {chunk} tokens", "h2o_budget"
+        chunk_part = f" plus one prefill chunk of {chunk} tokens" if config.prefill == "chunked" else ""
+        why, param = f"budget {config.budget}{chunk_part}", "h2o_budget"
         advice = "lower h2o_budget"
     raise VLLMValidationError(
         f"this request needs up to {need} KV blocks of {bs} tokens at once ({why}), more than this "
@@ -94,7 +95,7 @@ def validate_fits_pool(vllm_config, engine_request) -> None:
 
 
 def install() -> bool:
-    """Wrap ``InputProcessor._validate_params`` once per process. False if this vLLM is not supported."""
+    """Wrap ``InputProcessor._validate_params`` and ``process_inputs`` once per process. False if this vLLM is not supported."""
     if not is_supported_vllm():
         return False
     from vllm.v1.engine.input_processor import InputProcessor
