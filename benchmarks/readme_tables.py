@@ -32,6 +32,7 @@ SECTIONS = {
         "results/load/sharegpt.md",
     ],
     "eval-table": ["results/eval/eval-intro.md", "results/eval/eval.md"],
+    "eval-long-table": ["results/eval-long-prompts/eval-intro.md", "results/eval-long-prompts/eval.md"],
     "engine-table": [
         "results/engine/capacity-intro.md",
         "results/engine/capacity.md",
@@ -47,6 +48,7 @@ PAGES = {
     "hf-fidelity-table": "results/README.md",
     "load-table": "results/README.md",
     "eval-table": "results/README.md",
+    "eval-long-table": "results/README.md",
     "engine-table": "results/README.md",
 }
 # ](target) of a Markdown link or image whose target is a relative path
