@@ -294,3 +294,44 @@ def test_per_head_needs_per_layer(tiny_model_dir):
         H2OCache(PolicyConfig("h2o"), num_layers=2, per_head=True)
     with pytest.raises(ValueError, match="per_layer"):
         enable_h2o_llm(_load(tiny_model_dir, "sdpa"), per_head=True)
+
+
+def test_seed_api_evicts_in_a_manual_forward_loop_from_none(tiny_model_dir):
+    """Streaming-perplexity scripts call the model token by token from ``past_key_values=None``:
+    the enabled policy must hold there too, and decide as ``generate()`` does."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    model = _load(tiny_model_dir, "sdpa")
+    enable_h2o_llm(model, n_sink=4, recent_window=8, max_capacity=32)
+    ids = torch.randint(0, 1000, (1, 200), generator=torch.Generator().manual_seed(3))
+    pkv = None
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            pkv = model(input_ids=ids[:, t : t + 1], past_key_values=pkv, use_cache=True).past_key_values
+    assert isinstance(pkv, H2OCache) and pkv.get_seq_length() == 200
+    assert all(layer.keys.shape[-2] <= 32 for layer in pkv.layers)  # 200 tokens seen, 32 kept
+    # A whole prompt then greedy tokens, by hand and by generate(): the same tokens and evictions.
+    prompt, new = ids[:, :60], 40
+    with torch.no_grad():
+        out = model(input_ids=prompt)  # use_cache from the model's config
+        cache, tokens = out.past_key_values, []
+        for i in range(new):
+            tokens.append(int(out.logits[0, -1].argmax()))
+            if i < new - 1:
+                out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache)
+    generated = model.generate(
+        input_ids=prompt, max_new_tokens=new, do_sample=False, return_dict_in_generate=True, pad_token_id=0
+    )
+    assert generated.sequences[0, 60:].tolist() == tokens
+    assert generated.past_key_values.stats.per_row_evicted == cache.stats.per_row_evicted
+    assert cache.stats.evicted_blocks > 0
+    # A cache that cannot evict is used as given, with a warning, once.
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True)
+        model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True)
+    assert len([w for w in caught if "keeps every token" in str(w.message)]) == 1
+    disable_streaming_llm(model)
+    assert type(model(input_ids=prompt, use_cache=True).past_key_values) is DynamicCache

@@ -6,6 +6,7 @@
 - :mod:`attention`: CPU attention that skips holes and scores the asked-for rows.
 - :mod:`scoring`: the torch code behind the last two.
 - :mod:`messages`: what the scheduler and the workers tell each other each step.
+- :mod:`kv_spec`: the KV cache spec that lets vLLM size the pool by the budget.
 
 Only :mod:`settings` and :mod:`messages` import without vLLM.
 """

@@ -8,11 +8,22 @@
 
 ``disable_h2o_llm`` and ``disable_streaming_llm`` are the seed's names for ``disable_eviction``:
 each restores the full cache whatever policy was enabled.
+
+Manual forward loops get the policy too, as streaming-perplexity scripts write them:
+
+    pkv = None
+    for t in range(n):
+        out = model(input_ids=ids[:, t : t + 1], past_key_values=pkv, use_cache=True)
+        pkv = out.past_key_values                    # an H2OCache from the first call on
+
+A forward that starts from ``past_key_values=None`` (with the cache on) gets a fresh
+``H2OCache``; one handed another kind of cache warns once, since it cannot evict.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 from h2o_vllm.hf import attention
 from h2o_vllm.hf.cache import H2OCache
@@ -58,7 +69,11 @@ def enable_policy(model, config: PolicyConfig, *, per_layer: bool = False, per_h
     attention.register()
     state = getattr(model, _STATE, None)
     if state is None:
-        state = {"attn_implementation": model.config._attn_implementation, "generate": model.generate}
+        state = {
+            "attn_implementation": model.config._attn_implementation,
+            "generate": model.generate,
+            "forward": model.forward,
+        }
         setattr(model, _STATE, state)
     model.set_attn_implementation(attention.h2o_name(state["attn_implementation"]))
     if per_head and not per_layer:
@@ -73,7 +88,32 @@ def enable_policy(model, config: PolicyConfig, *, per_layer: bool = False, per_h
         return original_generate(*args, **kwargs)
 
     model.generate = generate
+    model.forward = _forward_with_policy(model, state)
     return model
+
+
+def _forward_with_policy(model, state):
+    """The model's forward, handed a fresh H2OCache where it would start a cache of its own."""
+    original_forward = state["forward"]
+
+    @functools.wraps(original_forward)
+    def forward(*args, **kwargs):
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = model.config.use_cache
+        if cache is None and use_cache and not args[1:]:
+            kwargs["past_key_values"] = state["make_cache"]()
+        elif cache is not None and not isinstance(cache, H2OCache) and not state.get("warned"):
+            state["warned"] = True
+            warnings.warn(
+                f"{type(model).__name__} has an eviction policy enabled but was given a {type(cache).__name__}, "
+                "which keeps every token: pass past_key_values=None (or h2o_vllm.hf.make_cache(model)) to evict",
+                stacklevel=2,
+            )
+        return original_forward(*args, **kwargs)
+
+    return forward
 
 
 def prefill(model, cache: H2OCache, input_ids, chunk_size: int | None = None):
@@ -106,6 +146,7 @@ def disable_eviction(model):
         return model
     model.set_attn_implementation(state["attn_implementation"])
     model.generate = state["generate"]
+    model.forward = state["forward"]
     delattr(model, _STATE)
     return model
 
