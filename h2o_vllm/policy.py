@@ -217,6 +217,38 @@ class PolicyConfig:
             peak = max(-(-num_prompt_tokens // bs), self.kept_blocks(total) + 1)
         return min(peak, full)
 
+    def can_evict(self, num_prompt_tokens: int, max_new_tokens: int | None) -> bool:
+        """Whether a request of ``num_prompt_tokens`` and up to ``max_new_tokens`` (None: unknown) may ever evict.
+
+        A token budget that covers the whole request never evicts: then scoring is wasted work.
+        """
+        if self.policy == "none":
+            return False
+        budget = self.budget.tokens
+        return budget is None or max_new_tokens is None or budget < num_prompt_tokens + max_new_tokens
+
+    def max_prefix_hit(self, num_prompt_tokens: int, longest_tokens: int) -> int | None:
+        """The most prompt tokens an evicting request may take from a prefix cache (None: no limit).
+
+        A hit skips its tokens' queries, so only what they would have decided may depend on it:
+        - prefill "chunked": what an eviction keeps (:meth:`kept_blocks` of ``longest_tokens``),
+          so that the hit plus the first chunk stays within :meth:`peak_blocks`;
+        - "whole" with a prompt window of W rows: up to the last block boundary at or before
+          ``num_prompt_tokens - W``, so the window's rows always run and see every key, and a
+          hit decides as a miss does;
+        - "whole" with every prompt row scoring (the paper): no limit. The rows that run (those
+          after the hit) score, so a hit of H tokens decides as a miss with ``prompt_window``
+          ``num_prompt_tokens - H`` would;
+        - StreamingLLM ("whole"): no limit, its choice depends on positions only.
+        Hits are whole blocks, so every limit is a multiple of ``block_size``.
+        """
+        bs = self.block_size
+        if self.prefill == "chunked":
+            return self.kept_blocks(longest_tokens) * bs
+        if self.needs_scores and self.prompt_window is not None:
+            return max(0, num_prompt_tokens - self.prompt_window) // bs * bs
+        return None
+
     def evicts_after(self, num_computed_tokens: int, num_tokens: int) -> bool:
         """Whether a sequence with ``num_computed_tokens`` of its ``num_tokens`` in the cache is compressed now.
 

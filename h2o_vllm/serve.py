@@ -11,8 +11,8 @@ user left out:
   refuses to start on small machines;
 - offline hub settings, so nothing is fetched at run time;
 - the H2O engine (``--scheduler-cls``, ``--worker-cls``, ``--block-size 32``,
-  ``--no-enable-prefix-caching``, ``--additional-config '{"h2o": ...}'``) with the
-  server-wide defaults below, unless ``--no-h2o``;
+  ``--additional-config '{"h2o": ...}'``) with the server-wide defaults below, unless
+  ``--no-h2o``; prefix caching is vLLM's (on unless ``--no-enable-prefix-caching``);
 - model-name aliases that select a policy and budget (``smollm2-135m@h2o-0.2``).
 
 H2O options: one ``--h2o-NAME`` per field of :data:`h2o_vllm.settings.FIELDS`
@@ -133,9 +133,6 @@ def h2o_engine_args(rest: list[str], served_names: list[str], env=os.environ) ->
         raise ServeArgumentError(
             f"H2O needs --block-size {ENGINE_BLOCK_SIZE} (got {block_size}); or serve with --no-h2o"
         )
-    if take_option(rest, "--enable-prefix-caching", takes_value=False):
-        raise ServeArgumentError("H2O cannot run with prefix caching (see the README); or serve with --no-h2o")
-    take_option(rest, "--no-enable-prefix-caching", takes_value=False)
     user_additional = take_option(rest, "--additional-config")
     kwargs = engine_kwargs(config, additional_config=json.loads(user_additional) if user_additional else None)
     flags = [
@@ -145,7 +142,6 @@ def h2o_engine_args(rest: list[str], served_names: list[str], env=os.environ) ->
         kwargs["worker_cls"],
         "--block-size",
         str(kwargs["block_size"]),
-        "--no-enable-prefix-caching",
         "--additional-config",
         json.dumps(kwargs["additional_config"]),
     ]

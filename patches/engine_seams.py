@@ -20,20 +20,31 @@ Scheduler side: ``H2OScheduler(Scheduler)`` in h2o_vllm/engine/scheduler.py
               ``is_finished()`` (vllm/v1/request.py)
   check_single_full_attention_group
               ``KVCacheConfig.kv_cache_groups[i].kv_cache_spec`` (vllm/v1/kv_cache_interface.py)
-  request_blocks, resident_blocks, free_as_holes, count_holes
+  request_blocks, resident_blocks, free_as_holes, count_holes, private_blocks, held_blocks, hashed_blocks
               ``Scheduler.kv_cache_manager`` (scheduler.py) -> ``KVCacheManager.coordinator``
               (vllm/v1/core/kv_cache_manager.py) -> ``KVCacheCoordinator.single_type_managers[0]``
               (vllm/v1/core/kv_cache_coordinator.py) -> ``SingleTypeKVCacheManager.req_to_blocks``,
               ``._null_block``, ``.block_pool`` (vllm/v1/core/single_type_kv_cache_manager.py);
-              ``BlockPool.free_blocks`` (vllm/v1/core/block_pool.py); ``KVCacheBlock.ref_cnt``,
-              ``.is_null`` (vllm/v1/core/kv_cache_utils.py)
+              ``BlockPool.free_blocks`` (vllm/v1/core/block_pool.py: drops one reference per
+              block); ``KVCacheBlock.ref_cnt``, ``.is_null``, ``.block_id``, ``.block_hash``
+              (vllm/v1/core/kv_cache_utils.py)
+  prefix_caching_enabled
+              ``KVCacheManager.enable_caching`` (kv_cache_manager.py)
+  cap_prefix_caching
+              ``SingleTypeKVCacheManager.cache_blocks(request, num_tokens, ...)``, which
+              ``KVCacheCoordinator.cache_blocks`` calls from ``KVCacheManager.allocate_slots``
+              (the one place full-attention blocks are hashed), wrapped on the manager instance
+  cap_prefix_hits
+              ``KVCacheManager.get_computed_blocks(request) -> (blocks, num_tokens, boundary)`` and
+              ``.truncate_computed_blocks`` (kv_cache_manager.py), asked by
+              ``Scheduler._get_local_prefix_cache_hit`` (scheduler.py), wrapped on the instance
   gate_admission
               ``SingleTypeKVCacheManager.get_num_blocks_to_allocate(..., apply_admission_cap=True)``,
               which ``KVCacheManager.allocate_slots(full_sequence_must_fit=True)`` calls to admit a
               waiting request (kv_cache_manager.py), wrapped on the scheduler's manager instance
-  num_free_blocks, num_total_blocks
+  num_free_blocks, num_total_blocks, blocks_in_use, cached_free_blocks
               ``KVCacheManager.block_pool``; ``BlockPool.get_num_free_blocks()``,
-              ``.num_gpu_blocks``, ``.null_block`` (the pool's first block, never a request's)
+              ``.num_gpu_blocks``, ``.blocks``, ``.null_block`` (the pool's first block, never a request's)
   inprocess_scheduler, shutdown_llm (tests and benchmarks, h2o_vllm/engine/observe.py)
               ``LLM.llm_engine`` (vllm/entrypoints/llm.py) -> ``LLMEngine.engine_core``
               (vllm/v1/engine/llm_engine.py) -> ``InprocClient.engine_core``, ``.shutdown()``
@@ -153,24 +164,92 @@ def count_holes(blocks: list) -> int:
     return sum(1 for b in blocks if b.is_null)
 
 
-def free_as_holes(scheduler, req_id: str, logical_blocks: list[int]) -> None:
-    """Give the request's blocks at ``logical_blocks`` back to the pool, leaving holes.
+def private_blocks(scheduler, req_id: str) -> int:
+    """Blocks only this request holds: what evicting them would give back to the pool."""
+    return sum(1 for b in request_blocks(scheduler, req_id) if not b.is_null and b.ref_cnt == 1)
+
+
+def held_blocks(scheduler, req_ids) -> tuple[int, int]:
+    """(distinct blocks the requests hold, how many of those another holder shares)."""
+    blocks = {b.block_id: b for rid in req_ids for b in request_blocks(scheduler, rid) if not b.is_null}
+    return len(blocks), sum(1 for b in blocks.values() if b.ref_cnt > 1)
+
+
+def hashed_blocks(scheduler, req_id: str) -> list[bool]:
+    """Per logical block of the request: whether it is in the prefix cache (other requests may reuse it)."""
+    return [not b.is_null and b.block_hash is not None for b in request_blocks(scheduler, req_id)]
+
+
+def free_as_holes(scheduler, req_id: str, logical_blocks: list[int]) -> tuple[int, int]:
+    """Drop the request's references to its blocks at ``logical_blocks``, leaving holes.
 
     The same mechanism vLLM uses for sliding windows: the entry becomes the pool's
     null block (id 0), so the list keeps its length and nothing is re-allocated.
+    ``BlockPool.free_blocks`` drops one reference per block: a block only this request
+    held goes back to the pool (if it is in the prefix cache, it stays there, reusable,
+    until the pool hands it out again); a block another request also holds (a shared
+    prefix) frees nothing. Returns (freed, shared).
     """
     manager = _full_attention_manager(scheduler)
     blocks = manager.req_to_blocks[req_id]
-    freed = []
+    dropped = []
     for i in logical_blocks:
         block = blocks[i]
-        if block.is_null or block.ref_cnt != 1:
+        if block.is_null or block.ref_cnt < 1:
             raise RuntimeError(
                 f"block {i} of request {req_id} cannot be evicted (null={block.is_null}, ref_cnt={block.ref_cnt})"
             )
         blocks[i] = manager._null_block
-        freed.append(block)
-    manager.block_pool.free_blocks(freed)
+        dropped.append(block)
+    shared = sum(1 for b in dropped if b.ref_cnt > 1)
+    manager.block_pool.free_blocks(dropped)
+    return len(dropped) - shared, shared
+
+
+def prefix_caching_enabled(scheduler) -> bool:
+    return scheduler.kv_cache_manager.enable_caching
+
+
+def cap_prefix_caching(scheduler, cap_tokens) -> None:
+    """Offer to the prefix cache only a request's blocks below ``cap_tokens(req_id)`` (None: no cap).
+
+    vLLM hashes a request's full blocks when it schedules them (``allocate_slots`` ->
+    ``SingleTypeKVCacheManager.cache_blocks(request, num_tokens)``, which hashes the
+    blocks from ``num_cached_block[req_id]`` up to ``num_tokens // block_size`` and
+    returns early when there are none). Clamping ``num_tokens`` stops it at the cap;
+    ``num_cached_block`` keeps its meaning. Wrapped on the scheduler's manager instance.
+    """
+    manager = _full_attention_manager(scheduler)
+    original = manager.cache_blocks
+
+    @functools.wraps(original)
+    def cache_blocks(request, num_tokens, *args, **kwargs):
+        cap = cap_tokens(request.request_id)
+        return original(request, num_tokens if cap is None else min(num_tokens, cap), *args, **kwargs)
+
+    manager.cache_blocks = cache_blocks
+
+
+def cap_prefix_hits(scheduler, max_hit_tokens) -> None:
+    """Shorten a waiting request's prefix-cache hit to ``max_hit_tokens(request)`` tokens (None: vLLM's hit).
+
+    Wraps ``KVCacheManager.get_computed_blocks`` on the scheduler's instance, which the
+    scheduler asks once per admission; ``truncate_computed_blocks`` (a pure slice) cuts
+    the hit, so the blocks are touched, and vLLM's prefix-cache metrics count, only what
+    is used. The limit must be a multiple of the block size.
+    """
+    kv_cache_manager = scheduler.kv_cache_manager
+    original = kv_cache_manager.get_computed_blocks
+
+    @functools.wraps(original)
+    def get_computed_blocks(request):
+        blocks, num_tokens, boundary = original(request)
+        cap = max_hit_tokens(request)
+        if cap is not None and num_tokens > cap:
+            return kv_cache_manager.truncate_computed_blocks(blocks, cap), cap, boundary
+        return blocks, num_tokens, boundary
+
+    kv_cache_manager.get_computed_blocks = get_computed_blocks
 
 
 def gate_admission(scheduler, blocks_needed) -> None:
@@ -202,6 +281,17 @@ def num_free_blocks(scheduler) -> int:
 
 def num_total_blocks(scheduler) -> int:
     return scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1  # minus the null block
+
+
+def blocks_in_use(scheduler) -> int:
+    """Blocks some request holds (a reference count above 0); the rest are free, cached or not."""
+    return sum(1 for b in scheduler.kv_cache_manager.block_pool.blocks if not b.is_null and b.ref_cnt > 0)
+
+
+def cached_free_blocks(scheduler) -> int:
+    """Free blocks that still hold KV in the prefix cache (reusable by a hit until the pool hands them out)."""
+    pool = scheduler.kv_cache_manager.block_pool
+    return sum(1 for b in pool.blocks if not b.is_null and b.ref_cnt == 0 and b.block_hash is not None)
 
 
 def inprocess_scheduler(llm):

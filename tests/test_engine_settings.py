@@ -53,7 +53,7 @@ def test_bad_values_name_the_field(extra, param):
 
 def test_engine_kwargs_force_what_fights_eviction():
     kwargs = engine_kwargs(engine_config(budget=Budget(tokens=256)), additional_config={"x": 1}, max_num_seqs=8)
-    assert kwargs["block_size"] == 32 and kwargs["enable_prefix_caching"] is False
+    assert kwargs["block_size"] == 32 and "enable_prefix_caching" not in kwargs  # vLLM's default: on
     assert kwargs["scheduler_cls"].endswith("H2OScheduler") and kwargs["worker_cls"].endswith("H2OCPUWorker")
     assert kwargs["additional_config"] == {"x": 1, "h2o": settings.to_dict(engine_config(budget=Budget(tokens=256)))}
     assert kwargs["max_num_seqs"] == 8
@@ -98,9 +98,10 @@ def test_engine_refuses_what_it_cannot_do(change, message):
         check_engine_config(_config(**change))
 
 
-def test_engine_turns_prefix_caching_off():
+@pytest.mark.parametrize("enabled", [True, False])
+def test_engine_leaves_prefix_caching_as_the_user_set_it(enabled):
     from h2o_vllm.engine.scheduler import check_engine_config
 
-    config = _config()
+    config = _config(**{"cache_config.enable_prefix_caching": enabled})
     check_engine_config(config)
-    assert config.cache_config.enable_prefix_caching is False
+    assert config.cache_config.enable_prefix_caching is enabled

@@ -39,7 +39,8 @@ def test_defaults_serve_the_default_model_with_h2o_on_loopback(no_model_build):
     assert names[0] == "smollm2-135m" and "smollm2-135m@h2o-0.2" in names and "smollm2-135m@full" in names
     assert flag_values(argv, "--scheduler-cls") == ["h2o_vllm.engine.scheduler.H2OScheduler"]
     assert flag_values(argv, "--worker-cls") == ["h2o_vllm.engine.worker.H2OCPUWorker"]
-    assert flag_values(argv, "--block-size") == ["32"] and "--no-enable-prefix-caching" in argv
+    assert flag_values(argv, "--block-size") == ["32"]
+    assert "--no-enable-prefix-caching" not in argv and "--enable-prefix-caching" not in argv  # vLLM's default
     h2o = json.loads(flag_values(argv, "--additional-config")[0])["h2o"]
     assert h2o["policy"] == "h2o" and h2o["budget"] == serve.DEFAULT_SERVER_BUDGET
 
@@ -59,6 +60,8 @@ def test_user_arguments_win_and_pass_through(no_model_build):
     assert argv == ["serve", str(no_model_build), "--served-model-name", "mine", *user]
     argv = build(user + ["--served-model-name", "mine"])
     assert argv[-len(user) :] == user and "mine@h2o-0.5" in flag_values(argv, "--served-model-name")
+    for flag in ("--no-enable-prefix-caching", "--enable-prefix-caching"):  # vLLM parses them, with H2O too
+        assert build([flag])[-1] == flag
 
 
 def test_named_model_is_served_as_given(no_model_build):
@@ -106,7 +109,6 @@ def test_h2o_options_and_their_environment_variables(no_model_build):
         (["--h2o-policy", "lru"], "h2o-policy"),
         (["--h2o-aliases", "h2o-x"], "h2o-aliases"),
         (["--block-size", "16"], "--block-size 32"),
-        (["--enable-prefix-caching"], "prefix caching"),
     ],
 )
 def test_bad_h2o_options_fail_before_vllm_starts(no_model_build, args, message):

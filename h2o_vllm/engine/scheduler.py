@@ -4,7 +4,10 @@ Each step, before vLLM schedules anything, every running request whose prompt is
 fully processed and whose resident blocks exceed its budget drops the blocks its
 policy picks (from :mod:`h2o_vllm.policy`, fed by a :class:`BlockLedger`). The
 freed blocks go straight back to the pool, so the same step can give them to
-running requests that need a new block and to waiting requests. The evictions
+running requests that need a new block and to waiting requests. With prefix
+caching on (vLLM's default), a request offers the prefix cache only the blocks it
+computed before its first eviction, and takes from it only what leaves its
+decisions unchanged (see :meth:`PolicyConfig.max_prefix_hit`). The evictions
 and the rows to score travel to the workers on the step's ``SchedulerOutput``;
 the scores come back on the ``ModelRunnerOutput``.
 
@@ -36,6 +39,8 @@ logger = logging.getLogger("vllm.h2o_vllm.scheduler")
 class RequestCounters:
     policy: str
     evicted_blocks: int = 0
+    evicted_shared_blocks: int = 0  # of which another request held too: evicting them freed nothing
+    cached_prefix_tokens: int | None = None  # prompt tokens taken from the prefix cache at admission
     resident_blocks: int = 0
     peak_resident_blocks: int = 0
     full_cache_blocks: int = 0  # what the request would hold without eviction
@@ -44,6 +49,7 @@ class RequestCounters:
 @dataclass
 class EngineCounters:
     evicted_blocks: int = 0
+    evicted_shared_blocks: int = 0
     finished_requests: int = 0
     requests_by_policy: collections.Counter = field(default_factory=collections.Counter)
 
@@ -61,13 +67,11 @@ class RequestEviction:
         self.ledger = BlockLedger(config.block_size)
         self.counters = RequestCounters(config.policy)
         self.num_prompt_tokens = num_prompt_tokens
-        # A token budget that covers the whole request can never evict: then scoring is wasted work.
-        budget = config.budget.tokens
-        longest = None if max_tokens is None else num_prompt_tokens + max_tokens
-        self.can_evict = config.policy != "none" and not (
-            budget is not None and longest is not None and budget >= longest
-        )
+        self.can_evict = config.can_evict(num_prompt_tokens, max_tokens)
         self.needs_scores = self.can_evict and config.needs_scores
+        # Set at the first eviction: the blocks below it were computed over the full context
+        # and may be shared through the prefix cache; nothing at or above it is ever offered.
+        self.cache_cap_tokens: int | None = None
 
 
 def check_engine_config(vllm_config) -> None:
@@ -89,15 +93,13 @@ def check_engine_config(vllm_config) -> None:
         problems.append(f"block size {block_size} (start with --block-size {ENGINE_BLOCK_SIZE})")
     if problems:
         raise ValueError("H2O eviction cannot run with " + "; ".join(problems))
-    if vllm_config.cache_config.enable_prefix_caching:
-        logger.warning("H2O: turning prefix caching off")
-        vllm_config.cache_config.enable_prefix_caching = False
     logger.info(
         "H2O engine settings: block size %d (CPU attention needs a multiple of 32; smaller blocks evict "
-        "finer); prefix caching off (a block shared by two requests frees nothing when one evicts it, and "
-        "KV written after an eviction must never be reused by another request); async scheduling off "
-        "(evictions apply before the next step is scheduled)",
+        "finer); async scheduling off (evictions apply before the next step is scheduled); prefix caching %s",
         block_size,
+        "on (only KV computed before a request's first eviction is shared)"
+        if vllm_config.cache_config.enable_prefix_caching
+        else "off",
     )
 
 
@@ -114,6 +116,9 @@ class H2OScheduler(Scheduler):
         self.h2o_chunk_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.h2o_max_len = vllm_config.model_config.max_model_len
         engine_seams.gate_admission(self, self._admission_blocks)
+        if engine_seams.prefix_caching_enabled(self):
+            engine_seams.cap_prefix_caching(self, self._cache_cap)
+            engine_seams.cap_prefix_hits(self, self._max_prefix_hit)
         self._publish(force=True)
         logger.info("H2O scheduler: defaults %s, block size %d", self.h2o_defaults, self.block_size)
 
@@ -144,12 +149,25 @@ class H2OScheduler(Scheduler):
             self.h2o_requests[request.request_id] = state
         return state
 
+    def _cache_cap(self, req_id: str) -> int | None:
+        state = self.h2o_requests.get(req_id)
+        return None if state is None else state.cache_cap_tokens
+
+    def _max_prefix_hit(self, request: Request) -> int | None:
+        config = self.request_config(request)
+        if not config.can_evict(request.num_prompt_tokens, request.max_tokens):
+            return None
+        longest = min(self.h2o_max_len, request.num_prompt_tokens + (request.max_tokens or 0))
+        return config.max_prefix_hit(request.num_prompt_tokens, max(longest, request.num_tokens))
+
     def _admission_blocks(self, req_id: str) -> int | None:
         """Free blocks a waiting request needs to start (None: vLLM's rule, its whole prompt).
 
         A chunked-prefill request needs its peak (budget + one chunk), plus what the
         chunked requests already running may still take before they reach theirs (once a
-        request decodes, it takes one block at a time, not a chunk).
+        request decodes, it takes one block at a time, not a chunk). A block a running
+        request shares with another (a cached prefix) frees nothing when it evicts it, so
+        what it may still take is its peak less the blocks only it holds.
         """
         request = self.requests.get(req_id)
         peak = None if request is None else self._peak_blocks(request, self.request_config(request))
@@ -161,7 +179,7 @@ class H2OScheduler(Scheduler):
             decoding = running.num_computed_tokens >= running.num_prompt_tokens
             their_peak = None if state is None else self._peak_blocks(running, state.config, decoding)
             if their_peak is not None:
-                outstanding += max(0, their_peak - engine_seams.resident_blocks(self, running.request_id))
+                outstanding += max(0, their_peak - engine_seams.private_blocks(self, running.request_id))
         return peak + outstanding
 
     def _free_request_blocks(self, request: Request):
@@ -186,10 +204,15 @@ class H2OScheduler(Scheduler):
             state.ledger.grow(request.num_computed_tokens)
             evicted = state.ledger.evict(state.policy)
             if evicted:
-                engine_seams.free_as_holes(self, request.request_id, evicted)
+                _, shared = engine_seams.free_as_holes(self, request.request_id, evicted)
                 plan.evictions[request.request_id] = evicted
+                if state.cache_cap_tokens is None:
+                    # Every full block so far was hashed when it was scheduled, before this eviction.
+                    state.cache_cap_tokens = request.num_computed_tokens // self.block_size * self.block_size
                 state.counters.evicted_blocks += len(evicted)
+                state.counters.evicted_shared_blocks += shared
                 self.h2o_totals.evicted_blocks += len(evicted)
+                self.h2o_totals.evicted_shared_blocks += shared
         output = super().schedule(*args, **kwargs)
         for req_id, num_scheduled in output.num_scheduled_tokens.items():
             request = self.requests[req_id]
@@ -200,6 +223,8 @@ class H2OScheduler(Scheduler):
                 first = state.config.first_scored_position(end - num_scheduled, end, state.num_prompt_tokens)
                 plan.scores[req_id] = ScoreRequest(first, state.config.score_reduce)
             counters = state.counters
+            if counters.cached_prefix_tokens is None:  # first scheduled since (re)admission
+                counters.cached_prefix_tokens = request.num_computed_tokens - num_scheduled
             # Every hole is a block this request evicted since it was (re)admitted.
             counters.full_cache_blocks = len(engine_seams.request_blocks(self, req_id))
             counters.resident_blocks = counters.full_cache_blocks - counters.evicted_blocks
@@ -233,19 +258,20 @@ class H2OScheduler(Scheduler):
 
     def h2o_snapshot(self) -> dict:
         """Engine-wide figures for /metrics (see h2o_vllm.metrics)."""
-        resident = full = 0
+        full = 0
         running_by_policy: collections.Counter = collections.Counter()
         for request in self.running:
-            blocks = engine_seams.request_blocks(self, request.request_id)
-            resident += len(blocks) - engine_seams.count_holes(blocks)
-            full += len(blocks)
+            full += len(engine_seams.request_blocks(self, request.request_id))
             state = self.h2o_requests.get(request.request_id)
             running_by_policy[state.config.policy if state else self.request_config(request).policy] += 1
+        resident, shared = engine_seams.held_blocks(self, (r.request_id for r in self.running))
         return {
             "evicted_blocks": self.h2o_totals.evicted_blocks,
+            "evicted_shared_blocks": self.h2o_totals.evicted_shared_blocks,
             "requests_by_policy": dict(self.h2o_totals.requests_by_policy),
             "running_by_policy": dict(running_by_policy),
             "resident_kv_blocks": resident,
+            "shared_kv_blocks": shared,
             "full_cache_kv_blocks": full,
             "kv_free_blocks": engine_seams.num_free_blocks(self),
             "kv_total_blocks": engine_seams.num_total_blocks(self),

@@ -38,11 +38,10 @@ def engine_kwargs(config: PolicyConfig | None = None, **overrides) -> dict[str, 
 
         llm = vllm.LLM(model, **engine_kwargs(engine_config(budget=Budget.parse(0.2))))
 
-    The settings that fight eviction are set here, each for a reason:
-    block size 32 (CPU attention needs a multiple of 32; smaller is finer
-    eviction), prefix caching off (a shared block frees nothing when one request
-    drops it, and KV written after an eviction must never be reused through the
-    hash chain).
+    The one vLLM setting eviction needs is set here: block size 32 (CPU attention
+    needs a multiple of 32; smaller is finer eviction). Prefix caching stays as vLLM
+    sets it (on by default; ``enable_prefix_caching=False`` turns it off): the
+    scheduler shares only KV computed before a request's first eviction.
     """
     config = config or ENGINE_DEFAULTS  # its block size is not sent: the engine's is ENGINE_BLOCK_SIZE
     additional = dict(overrides.pop("additional_config", None) or {})
@@ -51,7 +50,6 @@ def engine_kwargs(config: PolicyConfig | None = None, **overrides) -> dict[str, 
         "scheduler_cls": "h2o_vllm.engine.scheduler.H2OScheduler",
         "worker_cls": "h2o_vllm.engine.worker.H2OCPUWorker",
         "block_size": ENGINE_BLOCK_SIZE,
-        "enable_prefix_caching": False,
         "additional_config": additional,
     }
     kwargs.update(overrides)
