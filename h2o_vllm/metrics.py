@@ -7,12 +7,19 @@ served by the API server process. The scheduler writes a small JSON snapshot
 time. ``h2o-vllm serve`` sets the variable.
 
 Series (all prefixed ``h2o_vllm:``):
-    evicted_blocks_total               counter  KV blocks freed by eviction
+    evicted_blocks_total               counter  KV blocks evicted (each request's references dropped)
+    evicted_shared_blocks_total        counter  of which another request also held (a shared prefix):
+                                                evicting them freed no memory
     requests_total{policy}             counter  requests admitted, by policy
     running_requests{policy}           gauge    requests running now, by policy
-    resident_kv_blocks                 gauge    KV blocks running requests hold now
-    full_cache_kv_blocks               gauge    KV blocks they would hold without eviction
-    kv_free_blocks / kv_total_blocks   gauge    the engine's KV pool
+    resident_kv_blocks                 gauge    distinct KV blocks running requests hold now
+    shared_kv_blocks                   gauge    of which more than one request holds (prefix caching)
+    full_cache_kv_blocks               gauge    KV blocks they would hold without eviction (per request)
+    kv_free_blocks / kv_total_blocks   gauge    the engine's KV pool (free includes blocks that only the
+                                                prefix cache keeps, as vLLM counts them)
+
+vLLM's own ``vllm:prefix_cache_queries`` and ``vllm:prefix_cache_hits`` count the hits the
+H2O scheduler lets a request take (see ``PolicyConfig.max_prefix_hit``).
 """
 
 from __future__ import annotations
@@ -64,9 +71,13 @@ class H2OCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         snap = self.read()
-        evicted = CounterMetricFamily(PREFIX + "evicted_blocks", "KV blocks freed by H2O eviction")
-        evicted.add_metric([], snap.get("evicted_blocks", 0))
-        yield evicted
+        for key, help_text in (
+            ("evicted_blocks", "KV blocks evicted by H2O"),
+            ("evicted_shared_blocks", "Evicted KV blocks another request also held (no memory freed)"),
+        ):
+            counter = CounterMetricFamily(PREFIX + key, help_text)
+            counter.add_metric([], snap.get(key, 0))
+            yield counter
         requests = CounterMetricFamily(PREFIX + "requests", "Requests admitted, by eviction policy", labels=["policy"])
         for policy, n in sorted(snap.get("requests_by_policy", {}).items()):
             requests.add_metric([policy], n)
@@ -78,7 +89,8 @@ class H2OCollector:
             running.add_metric([policy], n)
         yield running
         for key, help_text in (
-            ("resident_kv_blocks", "KV blocks held by running requests now"),
+            ("resident_kv_blocks", "Distinct KV blocks held by running requests now"),
+            ("shared_kv_blocks", "KV blocks more than one running request holds (prefix caching)"),
             ("full_cache_kv_blocks", "KV blocks running requests would hold without eviction"),
             ("kv_free_blocks", "Free blocks in the engine's KV pool"),
             ("kv_total_blocks", "Blocks in the engine's KV pool"),

@@ -3,14 +3,19 @@
 import time
 
 
-def metrics(client) -> dict:
-    """h2o_vllm:* series as {name or name{labels}: value}."""
+def metrics(client, prefix: str = "h2o_vllm:") -> dict:
+    """Series whose names start with ``prefix`` (ours by default) as {name or name{labels}: value}."""
     out = {}
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith("h2o_vllm:"):
+        if line.startswith(prefix):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+def vllm_total(client, name: str) -> float:
+    """A vLLM series summed over its labels (e.g. ``vllm:prefix_cache_hits_total``, one per model name)."""
+    return sum(v for k, v in metrics(client, "vllm:").items() if k.split("{")[0] == name)
 
 
 def wait_until_idle(client, timeout=60.0) -> dict:

@@ -1,5 +1,6 @@
 """The served product under load and abuse: per-request H2O controls, aliases, /metrics,
-client disconnects, 200 mixed requests at concurrency 32, and bad input.
+client disconnects, 200 mixed requests at concurrency 32 (with prefix caching on, vLLM's
+default, and shared prefixes), chats sharing a system prompt, and bad input.
 
 One server for the module, with a KV pool small enough that eviction matters
 (``--num-gpu-blocks-override``) and no compile (``--enforce-eager``) to start fast.
@@ -15,7 +16,7 @@ import pytest
 from h2o_vllm.assets import DEFAULT_SERVED_NAME as MODEL
 from h2o_vllm.local_server import ServerProcess
 
-from .helpers import metrics, wait_until_idle
+from .helpers import metrics, vllm_total, wait_until_idle
 
 pytestmark = pytest.mark.integration
 MAX_MODEL_LEN = 4096
@@ -120,9 +121,14 @@ def test_200_mixed_requests_at_concurrency_32(client, essay_words):
         {},
     ]
 
+    preamble = essay_words[:300]  # one request in three starts with it: prefix-cache hits, shared blocks
+    hits_before = vllm_total(client, "vllm:prefix_cache_hits_total")
+
     def one(i):
         start = rng.randrange(0, len(essay_words) - 800)
         words = essay_words[start : start + rng.choice([40, 150, 400, 700])]
+        if i % 3 == 0:
+            words = preamble + words[:100]
         kwargs = dict(choices[i % len(choices)])
         model = kwargs.pop("model", MODEL)
         return completion(client, " ".join(words), max_tokens=rng.choice([8, 24, 48]), model=model, **kwargs)
@@ -134,6 +140,35 @@ def test_200_mixed_requests_at_concurrency_32(client, essay_words):
     assert all(r.json()["choices"][0]["text"] for r in responses)
     idle = wait_until_idle(client)
     assert idle["h2o_vllm:kv_free_blocks"] == idle["h2o_vllm:kv_total_blocks"] == POOL_BLOCKS - 1
+    assert idle["h2o_vllm:resident_kv_blocks"] == idle["h2o_vllm:shared_kv_blocks"] == 0
+    assert vllm_total(client, "vllm:prefix_cache_hits_total") > hits_before + 50 * 256
+
+
+def test_chats_sharing_a_system_prompt_hit_the_cache_and_evict_shared_blocks(client, essay_words):
+    """vLLM's prefix-cache metrics count the hits; ours count evicted blocks another chat still held."""
+    system = " ".join(essay_words[1000:1600])
+    before = metrics(client)
+    hits_before = vllm_total(client, "vllm:prefix_cache_hits_total")
+
+    def one(i):
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}: why?"}],
+            "max_tokens": 24,
+            "temperature": 0,
+            "vllm_xargs": {"h2o_budget": 0.2, "h2o_prompt_window": 16},
+        }
+        return client.post("/v1/chat/completions", json=body)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one, range(24)))
+    assert [r.status_code for r in responses] == [200] * 24, responses[0].text[:200]
+    idle = wait_until_idle(client)
+    assert vllm_total(client, "vllm:prefix_cache_hits_total") - hits_before > 20 * 600
+    shared = idle["h2o_vllm:evicted_shared_blocks_total"] - before.get("h2o_vllm:evicted_shared_blocks_total", 0)
+    evicted = idle["h2o_vllm:evicted_blocks_total"] - before["h2o_vllm:evicted_blocks_total"]
+    assert 0 < shared < evicted
+    assert idle["h2o_vllm:kv_free_blocks"] == idle["h2o_vllm:kv_total_blocks"]
 
 
 @pytest.mark.parametrize(
