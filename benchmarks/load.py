@@ -26,6 +26,7 @@ OUT/<workload>-tpot.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import subprocess
@@ -61,7 +62,7 @@ class MetricsMonitor(threading.Thread):
         for line in text.splitlines():
             if line.startswith("#"):
                 continue
-            m = re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})? ([0-9.eE+-]+)$", line)
+            m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.eE+-]+)$", line)
             if m:
                 values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(3))
         return values
@@ -88,10 +89,8 @@ class MetricsMonitor(threading.Thread):
     def stop(self) -> None:
         self.stop_event.set()
         self.join(timeout=10)
-        try:
+        with contextlib.suppress(OSError):
             self.last = self.sample()  # the counters once the run is over
-        except OSError:
-            pass
 
     def delta(self, name: str) -> float:
         return self.last.get(name, 0.0) - (self.first or {}).get(name, 0.0)
@@ -343,18 +342,19 @@ def plot(rows: list[dict], args) -> None:
 
 def plot_bars(rows: list[dict], args, plt) -> None:
     """prefix: TTFT (p50 and p99) and output tok/s, one bar per configuration."""
-    names = [r["config"].replace(NO_PREFIX_CACHING, "\nno prefix caching") for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r["config"].replace(NO_PREFIX_CACHING, "\nno prefix caching").replace("_", " ") for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
     x = range(len(rows))
     ax1.bar([i - 0.2 for i in x], [r["p50_ttft_ms"] for r in rows], width=0.4, label="p50")
     ax1.bar([i + 0.2 for i in x], [r["p99_ttft_ms"] for r in rows], width=0.4, label="p99")
-    ax1.set_ylabel("TTFT (ms)")
+    ax1.set_ylabel("TTFT (ms, log scale)")
+    ax1.set_yscale("log")
     ax1.legend()
     ax2.bar(list(x), [r["output_tok_s"] for r in rows], color="tab:green")
     ax2.set_ylabel("output tokens/s")
     for ax in (ax1, ax2):
         ax.set_xticks(list(x))
-        ax.set_xticklabels(names, fontsize=8)
+        ax.set_xticklabels(names, fontsize=8, rotation=35, ha="right")
     fig.suptitle(
         f"prefix: {args.prefix_len}-token shared prompt + {args.suffix_len}, {args.output_len} new, "
         f"{args.num_prompts} requests, {args.max_concurrency} at a time, pool {args.pool_blocks} blocks"
@@ -372,7 +372,8 @@ def main(argv=None) -> int:
         "--configs",
         nargs="+",
         help="default: vanilla h2o_20%% ideal streaming_20%% h2o_10%% h2o_50%% (prefix: vanilla h2o_20%% "
-        "h2o_20%%+no-prefix-caching streaming_20%% vanilla+no-prefix-caching); ideal needs h2o_20%% before it",
+        "h2o_20%%_window8_max h2o_20%%+no-prefix-caching streaming_20%% vanilla+no-prefix-caching); "
+        "ideal needs h2o_20%% before it",
     )
     parser.add_argument("--num-prompts", type=int, help="default 16 (kv), 64 (sharegpt, prefix)")
     parser.add_argument("--input-len", type=int, default=1024)
@@ -389,10 +390,18 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="let vLLM compile the model (default: --enforce-eager)")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per configuration's benchmark")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "load")
+    parser.add_argument("--replot", action="store_true", help="redraw the plots from OUT/<workload>.json, run nothing")
     args = parser.parse_args(argv)
     if args.configs is None:
         args.configs = (
-            ["vanilla", "h2o_20%", "h2o_20%" + NO_PREFIX_CACHING, "streaming_20%", "vanilla" + NO_PREFIX_CACHING]
+            [
+                "vanilla",
+                "h2o_20%",
+                "h2o_20%_window8_max",
+                "h2o_20%" + NO_PREFIX_CACHING,
+                "streaming_20%",
+                "vanilla" + NO_PREFIX_CACHING,
+            ]
             if args.workload == "prefix"
             else ["vanilla", "h2o_20%", "ideal", "streaming_20%", "h2o_10%", "h2o_50%"]
         )
@@ -403,6 +412,12 @@ def main(argv=None) -> int:
     )
     args.max_model_len = args.max_model_len or (args.input_len + args.output_len if args.workload == "kv" else 2048)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        saved = json.loads((args.out / f"{args.workload}.json").read_text())
+        for key in ("pool_blocks", "num_prompts", "output_len", "prefix_len", "suffix_len", "max_concurrency"):
+            setattr(args, key, saved.get(key, getattr(args, key)))
+        plot(saved["rows"], args)
+        return 0
     if args.workload == "sharegpt":
         sharegpt_path()
 
@@ -424,6 +439,10 @@ def main(argv=None) -> int:
                 "output_len": args.output_len,
                 "ideal_max_num_seqs": ideal_seqs,
             }
+            if args.workload == "prefix":
+                meta.update(
+                    prefix_len=args.prefix_len, suffix_len=args.suffix_len, max_concurrency=args.max_concurrency
+                )
             (args.out / f"{args.workload}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
             md = table(rows) + f"\n\nProduced by:\n    {command}\n"
             if args.workload == "prefix":

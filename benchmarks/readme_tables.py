@@ -30,6 +30,8 @@ SECTIONS = {
         "results/load/kv.md",
         "results/load/sharegpt-intro.md",
         "results/load/sharegpt.md",
+        "results/load/prefix-intro.md",
+        "results/load/prefix.md",
     ],
     "eval-table": ["results/eval/eval-intro.md", "results/eval/eval.md"],
     "eval-long-table": ["results/eval-long-prompts/eval-intro.md", "results/eval-long-prompts/eval.md"],

@@ -70,7 +70,10 @@ def test_large_budget_gives_vanilla_tokens_and_hits_with_prefix_caching(tiny_mod
     owners, followers, new = shared_prefix_workload()
     runs = {}
     longest = max(len(p) + n for p, n in zip(followers, new))
-    for name, kwargs in (("vanilla", {"block_size": BLOCK}), ("h2o", engine_kwargs(engine_config(budget=Budget(tokens=longest))))):
+    for name, kwargs in (
+        ("vanilla", {"block_size": BLOCK}),
+        ("h2o", engine_kwargs(engine_config(budget=Budget(tokens=longest)))),
+    ):
         with inprocess_llm(str(tiny_model_dir), dtype=dtype, **COMMON, **kwargs) as llm:
             scheduler = scheduler_of(llm)
             assert engine_seams.prefix_caching_enabled(scheduler)  # vLLM's default, kept by H2O

@@ -164,6 +164,36 @@ def test_which_query_rows_score_whole_and_chunked():
     assert [chunked.first_scored_position(s, e, 100) for s, e in chunks] == [32, 72, 92, 100]
 
 
+@given(
+    st.sampled_from(["h2o", "streaming"]),
+    st.sampled_from(["whole", "chunked"]),
+    st.none() | st.integers(1, 300),
+    st.integers(1, 3000),
+    st.integers(0, 1000),
+)
+def test_a_prefix_cache_hit_never_takes_rows_a_decision_needs(policy, prefill, window, prompt, new):
+    """The hit an evicting request may take (whole blocks): with a window, never into the window's rows,
+    so they run on a hit as on a miss; chunked, at most what an eviction keeps, so that the hit plus one
+    chunk stays within the peak; otherwise vLLM's hit."""
+    config = PolicyConfig(policy, block_size=32, prefill=prefill, prompt_window=window, budget=Budget(fraction=0.2))
+    cap = config.max_prefix_hit(prompt, prompt + new)
+    if prefill == "chunked":
+        assert cap == config.kept_blocks(prompt + new) * 32
+    elif policy == "h2o" and window is not None:
+        assert cap % 32 == 0 and 0 <= cap <= max(0, prompt - window) < cap + 32
+        assert config.first_scored_position(cap, prompt, prompt) == max(0, prompt - window)
+    else:
+        assert cap is None
+
+
+def test_which_requests_can_evict():
+    assert not PolicyConfig("none").can_evict(1000, 100)
+    assert not PolicyConfig(budget=Budget(tokens=1100)).can_evict(1000, 100)
+    assert PolicyConfig(budget=Budget(tokens=1099)).can_evict(1000, 100)
+    assert PolicyConfig(budget=Budget(tokens=1100)).can_evict(1000, None)  # unknown length: it may
+    assert PolicyConfig(budget=Budget(fraction=1.0)).can_evict(10, 1)
+
+
 def test_chunked_prefill_compresses_after_every_chunk():
     whole, chunked = PolicyConfig("h2o"), PolicyConfig("h2o", prefill="chunked")
     assert not whole.evicts_after(40, 100) and whole.evicts_after(99, 100) and whole.evicts_after(100, 101)

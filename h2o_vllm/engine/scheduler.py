@@ -139,8 +139,12 @@ class H2OScheduler(Scheduler):
 
         What it keeps is sized for its longest possible sequence (a fraction budget grows with it).
         """
+        return config.peak_blocks(self._longest(request), 1 if decoding else self.h2o_chunk_tokens)
+
+    def _longest(self, request: Request) -> int:
+        """The longest the request's sequence may grow: its prompt and ``max_tokens``, within max_model_len."""
         longest = min(self.h2o_max_len, request.num_prompt_tokens + (request.max_tokens or 0))
-        return config.peak_blocks(max(longest, request.num_tokens), 1 if decoding else self.h2o_chunk_tokens)
+        return max(longest, request.num_tokens)
 
     def _eviction_state(self, request: Request) -> RequestEviction:
         state = self.h2o_requests.get(request.request_id)
@@ -157,8 +161,7 @@ class H2OScheduler(Scheduler):
         config = self.request_config(request)
         if not config.can_evict(request.num_prompt_tokens, request.max_tokens):
             return None
-        longest = min(self.h2o_max_len, request.num_prompt_tokens + (request.max_tokens or 0))
-        return config.max_prefix_hit(request.num_prompt_tokens, max(longest, request.num_tokens))
+        return config.max_prefix_hit(request.num_prompt_tokens, self._longest(request))
 
     def _admission_blocks(self, req_id: str) -> int | None:
         """Free blocks a waiting request needs to start (None: vLLM's rule, its whole prompt).
