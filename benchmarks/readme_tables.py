@@ -42,6 +42,8 @@ SECTIONS = {
         "results/engine/long-prompts.md",
         "results/engine/overhead-intro.md",
         "results/engine/overhead.md",
+        "results/engine/scoring-cost-intro.md",
+        "results/engine/scoring-cost.md",
     ],
 }
 # section -> the page (relative to the repository root) that holds its markers

@@ -1,0 +1,155 @@
+"""Where H2O's scoring time goes: scoring against vLLM's attention kernel, layer call by layer call.
+
+In-process engine (default model, bf16, ``--enforce-eager``), one configuration after the
+other, each on the same workload: ``--requests`` essay prompts of ``--prompt-tokens`` tokens
+generating ``--new-tokens`` each, all at once. Every attention layer call of the H2O backend
+is timed twice: the whole call (vLLM's CPU kernel, then our scoring) and the scoring alone
+(``StepScorer.score_layer``); the kernel's time is the difference. Calls are split by step:
+*prompt* steps (at least one prompt chunk scored) and *decode* steps (only single rows).
+
+    python benchmarks/scoring_cost.py
+    python benchmarks/scoring_cost.py --configs h2o_20% h2o_20%_window8_max --requests 4
+
+Results: OUT/scoring-cost.json, OUT/scoring-cost.md (default OUT: results/engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+class LayerTimer:
+    """Times the H2O attention impl's ``forward`` and the scorer's ``score_layer`` in this process."""
+
+    def __init__(self):
+        from h2o_vllm.engine import attention, scoring
+
+        self.totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._kind = None
+        self._score = 0.0
+        impl, scorer = attention.H2OCPUAttentionBackendImpl, scoring.StepScorer
+        self._originals = [(impl, "forward", impl.forward), (scorer, "score_layer", scorer.score_layer)]
+        timer = self
+
+        def forward(self_, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
+            s = getattr(attn_metadata, attention.SCORER_ATTR, None) if attn_metadata is not None else None
+            timer._kind = "none" if s is None else ("prompt" if s.prompts else "decode")
+            timer._score = 0.0
+            t = time.perf_counter()
+            out = timer._originals[0][2](self_, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+            whole = time.perf_counter() - t
+            row = timer.totals[timer._kind]
+            row["calls"] += 1
+            row["kernel_s"] += whole - timer._score
+            row["scoring_s"] += timer._score
+            return out
+
+        def score_layer(self_, *args, **kwargs):
+            t = time.perf_counter()
+            timer._originals[1][2](self_, *args, **kwargs)
+            timer._score += time.perf_counter() - t
+
+        impl.forward, scorer.score_layer = forward, score_layer
+
+    def close(self) -> None:
+        for cls, name, fn in self._originals:
+            setattr(cls, name, fn)
+
+
+def run_config(name: str, prompts, args) -> dict:
+    from engine_capacity import engine_config
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from h2o_vllm.assets import prepare_default_model
+    from h2o_vllm.engine.observe import inprocess_llm
+
+    model = str(prepare_default_model(log=lambda *_: None).path)
+    kwargs = dict(
+        max_model_len=args.prompt_tokens + args.new_tokens,
+        enforce_eager=True,
+        seed=0,
+        kv_cache_memory_bytes=1024 * 2**20,
+        enable_prefix_caching=False,  # every configuration computes every prompt
+    )
+    with inprocess_llm(model, **kwargs, **engine_config(name)) as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
+        timer = LayerTimer()
+        try:
+            t = time.perf_counter()
+            llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+            wall = time.perf_counter() - t
+        finally:
+            timer.close()
+    row = {"config": name, "wall_s": wall}
+    for kind in ("prompt", "decode"):
+        t = timer.totals.get(kind, {})
+        row[kind] = {k: t.get(k, 0.0) for k in ("calls", "kernel_s", "scoring_s")}
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| config | steps | layer calls | kernel ms per call | scoring ms per call | scoring / kernel "
+        "| scoring, share of the run |",
+        "|" + "---|" * 7,
+    ]
+    for r in rows:
+        for kind in ("prompt", "decode"):
+            t = r[kind]
+            if not t["calls"]:
+                continue
+            calls = t["calls"]
+            lines.append(
+                f"| {r['config']} | {kind} | {int(calls)} | {1e3 * t['kernel_s'] / calls:.3f} "
+                f"| {1e3 * t['scoring_s'] / calls:.3f} | {t['scoring_s'] / max(t['kernel_s'], 1e-9):.2f} "
+                f"| {t['scoring_s'] / r['wall_s']:.0%} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["h2o_20%", "h2o_20%_max", "h2o_20%_window8_max"])
+    parser.add_argument("--requests", type=int, default=11)
+    parser.add_argument("--prompt-tokens", type=int, default=1024)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "engine")
+    args = parser.parse_args(argv)
+
+    from engine_capacity import workload_prompts
+
+    prompts = workload_prompts(args.requests, args.prompt_tokens)
+    rows = []
+    for name in args.configs:
+        print(
+            f"[scoring-cost] {name}: {args.requests} x {args.prompt_tokens} tokens, {args.new_tokens} new", flush=True
+        )
+        rows.append(run_config(name, prompts, args))
+        r = rows[-1]
+        print(
+            f"    {r['wall_s']:.1f} s; scoring {r['prompt']['scoring_s']:.2f} s in prompt steps, "
+            f"{r['decode']['scoring_s']:.2f} s in decode steps",
+            flush=True,
+        )
+    command = "python benchmarks/scoring_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": command.strip(), "requests": args.requests, "prompt_tokens": args.prompt_tokens}
+    (args.out / "scoring-cost.json").write_text(
+        json.dumps({**meta, "new_tokens": args.new_tokens, "rows": rows}, indent=1)
+    )
+    (args.out / "scoring-cost.md").write_text(table(rows) + f"\n\nProduced by:\n    {command.strip()}\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
