@@ -6,6 +6,11 @@ generating ``--new-tokens`` each, all at once. Every attention layer call of the
 is timed twice: the whole call (vLLM's CPU kernel, then our scoring) and the scoring alone
 (``StepScorer.score_layer``); the kernel's time is the difference. Calls are split by step:
 *prompt* steps (at least one prompt chunk scored) and *decode* steps (only single rows).
+Besides the layer calls, the H2O work done once per step is timed: the scheduler's
+``schedule`` and ``update_from_output`` (vLLM's own work included) and the attention
+metadata builder's ``build`` (compaction, the step's scorer). StreamingLLM at the same
+budget does the same eviction work without scores: the difference in wall time between
+H2O and StreamingLLM is what scoring costs the whole step.
 
     python benchmarks/scoring_cost.py
     python benchmarks/scoring_cost.py --configs h2o_20% h2o_20%_window8_max --requests 4
@@ -27,17 +32,27 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 class LayerTimer:
-    """Times the H2O attention impl's ``forward`` and the scorer's ``score_layer`` in this process."""
+    """Times the H2O attention impl's ``forward`` and the scorer's ``score_layer`` in this process,
+    and the once-per-step methods in ``STEP_METHODS``."""
 
     def __init__(self):
         from h2o_vllm.engine import attention, scoring
+        from h2o_vllm.engine.scheduler import H2OScheduler
 
         self.totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.step_s: dict[str, float] = defaultdict(float)
         self._kind = None
         self._score = 0.0
         impl, scorer = attention.H2OCPUAttentionBackendImpl, scoring.StepScorer
         self._originals = [(impl, "forward", impl.forward), (scorer, "score_layer", scorer.score_layer)]
         timer = self
+        for cls, name in (
+            (H2OScheduler, "schedule"),
+            (H2OScheduler, "update_from_output"),
+            (attention.H2OCPUAttentionMetadataBuilder, "build"),
+        ):
+            self._originals.append((cls, name, getattr(cls, name)))
+            setattr(cls, name, self._timed(f"{cls.__name__}.{name}", getattr(cls, name)))
 
         def forward(self_, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
             s = getattr(attn_metadata, attention.SCORER_ATTR, None) if attn_metadata is not None else None
@@ -58,6 +73,16 @@ class LayerTimer:
             timer._score += time.perf_counter() - t
 
         impl.forward, scorer.score_layer = forward, score_layer
+
+    def _timed(self, key: str, fn):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.step_s[key] += time.perf_counter() - t
+
+        return timed
 
     def close(self) -> None:
         for cls, name, fn in self._originals:
@@ -89,7 +114,7 @@ def run_config(name: str, prompts, args) -> dict:
             wall = time.perf_counter() - t
         finally:
             timer.close()
-    row = {"config": name, "wall_s": wall}
+    row = {"config": name, "wall_s": wall, "step_s": dict(timer.step_s)}
     for kind in ("prompt", "decode"):
         t = timer.totals.get(kind, {})
         row[kind] = {k: t.get(k, 0.0) for k in ("calls", "kernel_s", "scoring_s")}
@@ -116,9 +141,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def step_table(rows: list[dict]) -> str:
+    """Wall time and the once-per-step work, per configuration (seconds over the whole run)."""
+    keys = ["H2OScheduler.schedule", "H2OScheduler.update_from_output", "H2OCPUAttentionMetadataBuilder.build"]
+    lines = [
+        "| config | wall s | scoring in layer calls s | scheduler.schedule s | scheduler.update_from_output s "
+        "| builder.build s |",
+        "|" + "---|" * 6,
+    ]
+    for r in rows:
+        scoring = r["prompt"]["scoring_s"] + r["decode"]["scoring_s"]
+        steps = " | ".join(f"{r['step_s'].get(k, 0.0):.2f}" for k in keys)
+        lines.append(f"| {r['config']} | {r['wall_s']:.1f} | {scoring:.2f} | {steps} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["h2o_20%", "h2o_20%_max", "h2o_20%_window8_max"])
+    parser.add_argument(
+        "--configs", nargs="+", default=["h2o_20%", "h2o_20%_max", "h2o_20%_window8_max", "streaming_20%"]
+    )
     parser.add_argument("--requests", type=int, default=11)
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -146,8 +188,9 @@ def main(argv=None) -> int:
     (args.out / "scoring-cost.json").write_text(
         json.dumps({**meta, "new_tokens": args.new_tokens, "rows": rows}, indent=1)
     )
-    (args.out / "scoring-cost.md").write_text(table(rows) + f"\n\nProduced by:\n    {command.strip()}\n")
-    print(table(rows))
+    tables = table(rows) + "\n\n" + step_table(rows)
+    (args.out / "scoring-cost.md").write_text(tables + f"\n\nProduced by:\n    {command.strip()}\n")
+    print(tables)
     return 0
 
 
