@@ -23,6 +23,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from h2o_vllm.engine import fused
 from h2o_vllm.engine.messages import BlockScores, ScoreRequest
 
 # Prompt query rows scored per matmul: bounds the [heads, rows, keys] probabilities.
@@ -283,15 +284,87 @@ class DecodeBatch:
         return cls(torch.tensor([d.query_rows.start for d in decodes]), ids.view(-1), bias, groups)
 
 
+@dataclass
+class FusedBatch:
+    """Every scored request of the step, for one ``torch.ops.h2o_vllm.score_layer`` call per layer (``fused.py``).
+
+    Requests are segments of flat row and block arrays; the operator adds each
+    layer's mass to ``sum_out`` (one float64 per block, ``sum`` requests) or takes
+    the maximum into ``max_out`` (one float32 per row and block, ``max`` requests).
+    """
+
+    seg_rows: torch.Tensor  # [S + 1] offsets into the row arrays
+    seg_blocks: torch.Tensor  # [S + 1] offsets into block_ids and sum_out
+    seg_reduce: torch.Tensor  # [S] 0: sum, 1: max
+    block_ids: torch.Tensor  # [B] physical blocks each request attends, in order
+    row_query: torch.Tensor  # [R] each scored row's token in the step's query tensor
+    row_visible: torch.Tensor  # [R] keys it sees (held tokens at or before its position)
+    row_out: torch.Tensor  # [R] where its block scores start in max_out (max requests)
+    sum_out: torch.Tensor
+    max_out: torch.Tensor
+    max_offsets: list[int]  # per request, its start in max_out
+
+    @classmethod
+    def of(cls, requests: list[ScoredRequest], block_size: int) -> FusedBatch:
+        seg_rows, seg_blocks, reduce_, row_query, row_visible, row_out, max_offsets = [0], [0], [], [], [], [], []
+        max_size = 0
+        for req in requests:
+            rows, blocks = req.num_rows, len(req.block_ids)
+            seg_rows.append(seg_rows[-1] + rows)
+            seg_blocks.append(seg_blocks[-1] + blocks)
+            is_max = req.reduction.name == "max"
+            reduce_.append(int(is_max))
+            row_query.append(np.arange(req.query_rows.start, req.query_rows.stop))
+            row_visible.append(np.searchsorted(req.token_positions, req.query_positions, side="right"))
+            row_out.append(max_size + np.arange(rows) * blocks)
+            max_offsets.append(max_size)
+            max_size += rows * blocks if is_max else 0
+        as_long = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))  # noqa: E731
+        return cls(
+            torch.tensor(seg_rows),
+            torch.tensor(seg_blocks),
+            torch.tensor(reduce_),
+            torch.cat([r.block_ids for r in requests]),
+            as_long(row_query),
+            as_long(row_visible),
+            as_long(row_out),
+            torch.zeros(seg_blocks[-1], dtype=torch.float64),
+            torch.zeros(max(max_size, 1)),
+            max_offsets,
+        )
+
+    def score_layer(self, query, key_pages, scale, dt_layout: bool, block_size: int) -> None:
+        torch.ops.h2o_vllm.score_layer(
+            query, key_pages, scale, dt_layout, block_size, self.seg_rows, self.seg_blocks, self.seg_reduce,
+            self.block_ids, self.row_query, self.row_visible, self.row_out, self.sum_out, self.max_out,
+        )  # fmt: skip
+
+    def totals(self, requests: list[ScoredRequest]) -> None:
+        """Hand each request its accumulated total, shaped as its reduction's ``block_scores`` expects."""
+        for i, req in enumerate(requests):
+            b0, b1 = int(self.seg_blocks[i]), int(self.seg_blocks[i + 1])
+            if req.reduction.name == "max":
+                start = self.max_offsets[i]
+                req.total = self.max_out[start : start + req.num_rows * (b1 - b0)].view(req.num_rows, b1 - b0)
+            else:
+                req.total = self.sum_out[b0:b1]
+
+
 class StepScorer:
-    """Accumulates one step's attention mass per request and block, over all layers."""
+    """Accumulates one step's attention mass per request and block, over all layers.
+
+    With the fused operator (``fused.load()``), one call per layer scores every
+    request; otherwise PyTorch operators do: the decodes together in a
+    :class:`DecodeBatch`, each prompt chunk on its own.
+    """
 
     def __init__(self, block_size: int, key_layout: str):
         self.block_size = block_size
         self.key_layout = key_layout
-        self.prompts: list[ScoredRequest] = []  # several query rows (prompt chunks): scored one by one
-        self.decodes: list[ScoredRequest] = []  # one query row each: scored together in one DecodeBatch
+        self.prompts: list[ScoredRequest] = []  # several query rows (prompt chunks)
+        self.decodes: list[ScoredRequest] = []  # one query row each
         self.decode_batch: DecodeBatch | None = None
+        self.fused_batch: FusedBatch | None = None
         self.num_layers = 0
 
     @classmethod
@@ -303,7 +376,9 @@ class StepScorer:
         logical_seq_lens: np.ndarray,
         block_size: int,
         key_layout: str,
+        use_fused: bool | None = None,
     ) -> StepScorer | None:
+        """The step's scorer, or None when nothing is scored; ``use_fused`` None: the operator where it loads."""
         scorer = cls(block_size, key_layout)
         qsl = query_start_loc.numpy()
         lens = compaction.seq_lens.numpy()
@@ -333,15 +408,18 @@ class StepScorer:
                 num_keys,
                 token_positions,
             )
-            if scored.num_rows == 1:
-                scorer.decodes.append(scored)
-            else:
-                scored.total = scored.reduction.prompt_total(scored.num_rows, num_keys, block_size)
-                scorer.prompts.append(scored)
+            (scorer.decodes if scored.num_rows == 1 else scorer.prompts).append(scored)
         if not scorer.prompts and not scorer.decodes:
             return None
-        if scorer.decodes:
-            scorer.decode_batch = DecodeBatch.of(scorer.decodes, block_size)
+        if use_fused and not fused.load():
+            raise RuntimeError("the fused scoring operator was asked for and does not load (see the log)")
+        if fused.load() if use_fused is None else use_fused:
+            scorer.fused_batch = FusedBatch.of(scorer.prompts + scorer.decodes, block_size)
+        else:
+            for req in scorer.prompts:
+                req.total = req.reduction.prompt_total(req.num_rows, req.num_keys, block_size)
+            if scorer.decodes:
+                scorer.decode_batch = DecodeBatch.of(scorer.decodes, block_size)
         return scorer
 
     def _keys_t(self, pages: torch.Tensor, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
@@ -400,6 +478,9 @@ class StepScorer:
     def score_layer(self, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
         """Add one layer's attention mass. ``query``: [tokens, heads, head_dim]; ``key_pages``: see ``_keys_t``."""
         self.num_layers += 1
+        if self.fused_batch is not None:
+            self.fused_batch.score_layer(query, key_pages, scale, self.key_layout == "dt", self.block_size)
+            return
         if self.decode_batch is not None:
             self._score_decodes(self.decode_batch, query, key_pages, scale)
         for req in self.prompts:
@@ -407,6 +488,8 @@ class StepScorer:
 
     def collect(self) -> dict[str, BlockScores]:
         """The step's scores, per request: what the scheduler adds to its ledgers."""
+        if self.fused_batch is not None:
+            self.fused_batch.totals(self.prompts + self.decodes)
         for group in self.decode_batch.groups if self.decode_batch is not None else ():
             for i, member in enumerate(group.members):
                 d = self.decodes[member]

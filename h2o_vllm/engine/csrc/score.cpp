@@ -1,0 +1,332 @@
+// H2O's per-layer scoring as one operator: torch.ops.h2o_vllm.score_layer.
+//
+// For every scored query row of every request in the step, the softmax of
+// scale * q.K over the keys the row can see (read from vLLM's CPU key pages where
+// they lie), and its mass per KV block, accumulated over heads (and layers, by the
+// caller keeping the outputs across calls):
+//   sum requests: sum_out[block] += mass, over heads and rows      (float64)
+//   max requests: max_out[row, block] = max(itself, max over heads) (float32)
+// The same arithmetic as h2o_vllm/engine/scoring.py's PyTorch path (float32
+// logits and probabilities, whatever the cache's dtype), without its temporaries:
+// work items are (request, tile of rows), run on torch's own thread pool.
+//
+// Built by h2o_vllm/engine/fused.py with the machine's g++ (no ninja, no pybind).
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTileRows = 8;  // prompt rows per work item (x heads per KV head query vectors)
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+// exp(x) for x <= 0, branch-free so the compiler vectorises the loops that call it
+// (Cephes' polynomial after a range reduction by ln 2; about 1 ulp).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+struct Layout {
+  int64_t heads, kv_heads, head_dim, block_size;
+  int64_t q_stride_token, q_stride_head;  // query[t, h, d] at t * q_stride_token + h * q_stride_head + d
+  int64_t page_stride_block, page_stride_head;
+  bool dt;  // page = [head_dim, block_size] (else [block_size, head_dim])
+};
+
+// One KV head's page of block `block`, as float32 [head_dim][block_size].
+template <typename T>
+void load_page(const T* pages, const Layout& L, int64_t block, int64_t kv_head, float* out) {
+  const T* page = pages + block * L.page_stride_block + kv_head * L.page_stride_head;
+  const int64_t n = L.head_dim * L.block_size;
+  if (L.dt) {
+    for (int64_t i = 0; i < n; ++i) out[i] = to_float(page[i]);
+  } else {
+    for (int64_t t = 0; t < L.block_size; ++t)
+      for (int64_t d = 0; d < L.head_dim; ++d) out[d * L.block_size + t] = to_float(page[t * L.head_dim + d]);
+  }
+}
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));  // 16 floats (split by GCC where lanes are fewer)
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// logits[v, t] = q[v] . k[t] for N query vectors and one 32-token page: 2N accumulators in registers
+// (N = 6: 12 FMAs per 2 page loads and 6 broadcasts, so the FMA units, not the loads, set the pace).
+template <int N>
+inline void page_logits_32(const float* q, const float* kt, int64_t head_dim, float* logits, int64_t stride) {
+  v16 acc[N][2] = {};
+  for (int64_t d = 0; d < head_dim; ++d) {
+    v16 k0 = load16(kt + d * 32), k1 = load16(kt + d * 32 + 16);
+    asm("" : "+v"(k0), "+v"(k1));  // keep the page row in registers: folding it into each FMA reloads it N times
+    for (int u = 0; u < N; ++u) {
+      const float a = q[u * head_dim + d];
+      acc[u][0] += a * k0;
+      acc[u][1] += a * k1;
+    }
+  }
+  for (int u = 0; u < N; ++u) {
+    store16(logits + u * stride, acc[u][0]);
+    store16(logits + u * stride + 16, acc[u][1]);
+  }
+}
+
+// logits[v, t] = q[v] . k[t] for nv query vectors and one page (k as [head_dim][block_size]).
+inline void page_logits(const float* q, int64_t nv, const float* kt, int64_t head_dim, int64_t block_size,
+                        float* logits, int64_t stride) {
+  if (block_size == 32) {
+    int64_t v = 0;
+    for (; v + 6 <= nv; v += 6) page_logits_32<6>(q + v * head_dim, kt, head_dim, logits + v * stride, stride);
+    for (; v + 3 <= nv; v += 3) page_logits_32<3>(q + v * head_dim, kt, head_dim, logits + v * stride, stride);
+    for (; v < nv; ++v) page_logits_32<1>(q + v * head_dim, kt, head_dim, logits + v * stride, stride);
+    return;
+  }
+  for (int64_t v = 0; v < nv; ++v) {
+    float* o = logits + v * stride;
+    const float* qv = q + v * head_dim;
+    for (int64_t t = 0; t < block_size; ++t) o[t] = 0.0f;
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const float* k = kt + d * block_size;
+      const float a = qv[d];
+      for (int64_t t = 0; t < block_size; ++t) o[t] += a * k[t];
+    }
+  }
+}
+
+inline float hsum(v16 v) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// Softmax of x[0, visible) in place, unnormalised, and zeros up to the end of the last visible
+// block of `block_size`; returns 1 / sum. Reductions run 16 lanes wide by hand: the compiler
+// does not vectorise float max and sum reductions without -ffast-math (which changes results).
+inline float exp_row(float* x, int64_t visible, int64_t block_size) {
+  const int64_t wide = visible / 16 * 16;
+  v16 vm = {};
+  vm += -INFINITY;
+  for (int64_t t = 0; t < wide; t += 16) {
+    const v16 v = load16(x + t);
+    vm = vm > v ? vm : v;
+  }
+  float m = -INFINITY;
+  for (int i = 0; i < 16; ++i) m = std::max(m, vm[i]);
+  for (int64_t t = wide; t < visible; ++t) m = std::max(m, x[t]);
+  for (int64_t t = 0; t < visible; ++t) x[t] = exp_nonpositive(x[t] - m);  // elementwise: vectorised
+  v16 vs = {};
+  for (int64_t t = 0; t < wide; t += 16) vs += load16(x + t);
+  float s = hsum(vs);
+  for (int64_t t = wide; t < visible; ++t) s += x[t];
+  const int64_t padded = (visible + block_size - 1) / block_size * block_size;
+  for (int64_t t = visible; t < padded; ++t) x[t] = 0.0f;
+  return 1.0f / s;
+}
+
+// Sum of each block of `block_size` values of x, for `blocks` blocks.
+inline void block_sums(const float* x, int64_t blocks, int64_t block_size, float* out) {
+  if (block_size == 32) {
+    for (int64_t b = 0; b < blocks; ++b) out[b] = hsum(load16(x + 32 * b) + load16(x + 32 * b + 16));
+    return;
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    float s = 0.0f;
+    for (int64_t t = 0; t < block_size; ++t) s += x[b * block_size + t];
+    out[b] = s;
+  }
+}
+
+struct Item {
+  int64_t seg, row_begin, row_end;
+};
+
+template <typename Q, typename P>
+void score(const Q* query, const P* pages, const Layout& L, float scale, const int64_t* seg_rows,
+           const int64_t* seg_blocks, const int64_t* seg_reduce, const int64_t* block_ids, const int64_t* row_query,
+           const int64_t* row_visible, const int64_t* row_out, const std::vector<Item>& items, double* sum_out,
+           float* max_out, int64_t total_blocks) {
+  const int64_t group = L.heads / L.kv_heads;
+  const int64_t bs = L.block_size;
+  const int num_threads = at::get_num_threads();
+  std::vector<std::vector<double>> partial(num_threads);  // each thread's sum_out contribution
+
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<double>& acc = partial[at::get_thread_num()];
+    if (acc.empty()) acc.assign(total_blocks, 0.0);
+    std::vector<float> q, kt(L.head_dim * bs), logits, best, token_mass, head_mass;
+    for (int64_t it = begin; it < end; ++it) {
+      const Item& item = items[it];
+      const int64_t rows = item.row_end - item.row_begin;
+      const int64_t nv = rows * group;  // query vectors sharing one KV head: row-major (row, head in group)
+      const int64_t visible_max = row_visible[item.row_end - 1];  // rows are in position order
+      const int64_t blocks = (visible_max + bs - 1) / bs;
+      const int64_t first_block = seg_blocks[item.seg];
+      const int64_t seg_num_blocks = seg_blocks[item.seg + 1] - first_block;
+      const bool is_max = seg_reduce[item.seg] != 0;
+      q.resize(nv * L.head_dim);
+      logits.resize(nv * blocks * bs);
+      head_mass.resize(seg_num_blocks);
+      if (is_max)
+        best.assign(rows * seg_num_blocks, 0.0f);
+      else
+        token_mass.assign(blocks * bs, 0.0f);
+      for (int64_t kh = 0; kh < L.kv_heads; ++kh) {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t g = 0; g < group; ++g) {
+            const Q* src = query + row_query[item.row_begin + r] * L.q_stride_token +
+                           (kh * group + g) * L.q_stride_head;
+            float* dst = q.data() + (r * group + g) * L.head_dim;
+            for (int64_t d = 0; d < L.head_dim; ++d) dst[d] = to_float(src[d]) * scale;
+          }
+        for (int64_t b = 0; b < blocks; ++b) {
+          load_page(pages, L, block_ids[first_block + b], kh, kt.data());
+          page_logits(q.data(), nv, kt.data(), L.head_dim, bs, logits.data() + b * bs, blocks * bs);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t visible = row_visible[item.row_begin + r];
+          const int64_t vis_blocks = (visible + bs - 1) / bs;
+          for (int64_t g = 0; g < group; ++g) {
+            float* x = logits.data() + (r * group + g) * blocks * bs;
+            const float inv = exp_row(x, visible, bs);
+            if (is_max) {  // this head's mass per block, then the best head so far
+              block_sums(x, vis_blocks, bs, head_mass.data());
+              float* row_best = best.data() + r * seg_num_blocks;
+              for (int64_t b = 0; b < vis_blocks; ++b) row_best[b] = std::max(row_best[b], head_mass[b] * inv);
+            } else {  // probabilities token by token; per block once the item is done
+              for (int64_t t = 0; t < vis_blocks * bs; ++t) token_mass[t] += x[t] * inv;
+            }
+          }
+        }
+      }
+      if (is_max) {
+        for (int64_t r = 0; r < rows; ++r) {
+          float* out = max_out + row_out[item.row_begin + r];
+          const float* row_best = best.data() + r * seg_num_blocks;
+          for (int64_t b = 0; b < seg_num_blocks; ++b) out[b] = std::max(out[b], row_best[b]);
+        }
+      } else {
+        block_sums(token_mass.data(), blocks, bs, head_mass.data());
+        for (int64_t b = 0; b < blocks; ++b) acc[first_block + b] += head_mass[b];
+      }
+    }
+  });
+  for (const auto& acc : partial)
+    for (int64_t i = 0; i < static_cast<int64_t>(acc.size()); ++i) sum_out[i] += acc[i];
+}
+
+template <typename Q>
+void dispatch_pages(const at::Tensor& query, const at::Tensor& pages, const Layout& L, float scale,
+                    const int64_t* seg_rows, const int64_t* seg_blocks, const int64_t* seg_reduce,
+                    const int64_t* block_ids, const int64_t* row_query, const int64_t* row_visible,
+                    const int64_t* row_out, const std::vector<Item>& items, double* sum_out, float* max_out,
+                    int64_t total_blocks) {
+  const Q* q = reinterpret_cast<const Q*>(query.const_data_ptr());
+  switch (pages.scalar_type()) {
+    case at::kFloat:
+      return score(q, pages.const_data_ptr<float>(), L, scale, seg_rows, seg_blocks, seg_reduce, block_ids,
+                   row_query, row_visible, row_out, items, sum_out, max_out, total_blocks);
+    case at::kBFloat16:
+      return score(q, pages.const_data_ptr<c10::BFloat16>(), L, scale, seg_rows, seg_blocks, seg_reduce,
+                   block_ids, row_query, row_visible, row_out, items, sum_out, max_out, total_blocks);
+    case at::kHalf:
+      return score(q, pages.const_data_ptr<c10::Half>(), L, scale, seg_rows, seg_blocks, seg_reduce, block_ids,
+                   row_query, row_visible, row_out, items, sum_out, max_out, total_blocks);
+    default:
+      TORCH_CHECK(false, "h2o_vllm::score_layer: unsupported key page dtype ", pages.scalar_type());
+  }
+}
+
+// query: [tokens, heads, head_dim]; pages: [num_blocks, kv_heads, block_size * head_dim] (strided view).
+// seg_rows [S+1], seg_blocks [S+1]: offsets of each request's rows and blocks; seg_reduce [S]: 0 sum, 1 max;
+// block_ids [B]; row_query, row_visible, row_out [R]: each row's token in query, keys it sees, and
+// offset of its block scores in max_out (max requests only).
+void score_layer(const at::Tensor& query, const at::Tensor& pages, double scale, bool dt_layout, int64_t block_size,
+                 const at::Tensor& seg_rows, const at::Tensor& seg_blocks, const at::Tensor& seg_reduce,
+                 const at::Tensor& block_ids, const at::Tensor& row_query, const at::Tensor& row_visible,
+                 const at::Tensor& row_out, at::Tensor& sum_out, at::Tensor& max_out) {
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [tokens, heads, head_dim], dense rows");
+  TORCH_CHECK(pages.dim() == 3 && pages.stride(2) == 1, "pages must be [blocks, kv_heads, page], dense pages");
+  TORCH_CHECK(sum_out.scalar_type() == at::kDouble && sum_out.is_contiguous(), "sum_out: contiguous float64");
+  TORCH_CHECK(max_out.scalar_type() == at::kFloat && max_out.is_contiguous(), "max_out: contiguous float32");
+  for (const at::Tensor* t : {&seg_rows, &seg_blocks, &seg_reduce, &block_ids, &row_query, &row_visible, &row_out})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors: contiguous int64");
+  Layout L{query.size(1), pages.size(1),     query.size(2), block_size, query.stride(0), query.stride(1),
+           pages.stride(0), pages.stride(1), dt_layout};
+  TORCH_CHECK(L.heads % L.kv_heads == 0, "heads must be a multiple of kv_heads");
+  TORCH_CHECK(pages.size(2) == L.head_dim * block_size, "page size != head_dim * block_size");
+  TORCH_CHECK(sum_out.numel() == block_ids.numel(), "sum_out must hold one score per block");
+
+  const int64_t* sr = seg_rows.const_data_ptr<int64_t>();
+  const int64_t num_segs = seg_reduce.numel();
+  std::vector<Item> items;
+  for (int64_t s = 0; s < num_segs; ++s)
+    for (int64_t r = sr[s]; r < sr[s + 1]; r += kTileRows) items.push_back({s, r, std::min(r + kTileRows, sr[s + 1])});
+
+  const int64_t* args[] = {sr,
+                           seg_blocks.const_data_ptr<int64_t>(),
+                           seg_reduce.const_data_ptr<int64_t>(),
+                           block_ids.const_data_ptr<int64_t>(),
+                           row_query.const_data_ptr<int64_t>(),
+                           row_visible.const_data_ptr<int64_t>(),
+                           row_out.const_data_ptr<int64_t>()};
+  double* so = sum_out.data_ptr<double>();
+  float* mo = max_out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  switch (query.scalar_type()) {
+    case at::kFloat:
+      return dispatch_pages<float>(query, pages, L, sc, args[0], args[1], args[2], args[3], args[4], args[5],
+                                   args[6], items, so, mo, block_ids.numel());
+    case at::kBFloat16:
+      return dispatch_pages<c10::BFloat16>(query, pages, L, sc, args[0], args[1], args[2], args[3], args[4],
+                                           args[5], args[6], items, so, mo, block_ids.numel());
+    case at::kHalf:
+      return dispatch_pages<c10::Half>(query, pages, L, sc, args[0], args[1], args[2], args[3], args[4], args[5],
+                                       args[6], items, so, mo, block_ids.numel());
+    default:
+      TORCH_CHECK(false, "h2o_vllm::score_layer: unsupported query dtype ", query.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(h2o_vllm, m) {
+  m.def(
+      "score_layer(Tensor query, Tensor pages, float scale, bool dt_layout, int block_size, Tensor seg_rows, "
+      "Tensor seg_blocks, Tensor seg_reduce, Tensor block_ids, Tensor row_query, Tensor row_visible, "
+      "Tensor row_out, Tensor(a!) sum_out, Tensor(b!) max_out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(h2o_vllm, CPU, m) { m.impl("score_layer", &score_layer); }
