@@ -10,7 +10,9 @@ Besides the layer calls, the H2O work done once per step is timed: the scheduler
 ``schedule`` and ``update_from_output`` (vLLM's own work included) and the attention
 metadata builder's ``build`` (compaction, the step's scorer). StreamingLLM at the same
 budget does the same eviction work without scores: the difference in wall time between
-H2O and StreamingLLM is what scoring costs the whole step.
+H2O and StreamingLLM is what scoring costs the whole step. H2O scores with the fused
+operator (``h2o_vllm/engine/fused.py``); a config name ending in ``+pytorch`` scores with
+the PyTorch operators instead (``H2O_VLLM_FUSED_SCORING=0``), as before the operator.
 
     python benchmarks/scoring_cost.py
     python benchmarks/scoring_cost.py --configs h2o_20% h2o_20%_window8_max --requests 4
@@ -21,7 +23,9 @@ Results: OUT/scoring-cost.json, OUT/scoring-cost.md (default OUT: results/engine
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -89,6 +93,27 @@ class LayerTimer:
             setattr(cls, name, fn)
 
 
+PYTORCH_SUFFIX = "+pytorch"
+
+
+@contextlib.contextmanager
+def scoring_path(pytorch: bool):
+    """Score with PyTorch operators (``pytorch``) or the fused operator in this process's engine."""
+    from h2o_vllm.engine import fused
+
+    saved = os.environ.get(fused.ENV_SWITCH)
+    os.environ[fused.ENV_SWITCH] = "0" if pytorch else "1"
+    fused.load.cache_clear()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(fused.ENV_SWITCH)
+        else:
+            os.environ[fused.ENV_SWITCH] = saved
+        fused.load.cache_clear()
+
+
 def run_config(name: str, prompts, args) -> dict:
     from engine_capacity import engine_config
     from vllm import SamplingParams
@@ -105,7 +130,8 @@ def run_config(name: str, prompts, args) -> dict:
         kv_cache_memory_bytes=1024 * 2**20,
         enable_prefix_caching=False,  # every configuration computes every prompt
     )
-    with inprocess_llm(model, **kwargs, **engine_config(name)) as llm:
+    policy = name.removesuffix(PYTORCH_SUFFIX)
+    with scoring_path(name != policy), inprocess_llm(model, **kwargs, **engine_config(policy)) as llm:
         params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
         timer = LayerTimer()
         try:
@@ -159,7 +185,9 @@ def step_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--configs", nargs="+", default=["h2o_20%", "h2o_20%_max", "h2o_20%_window8_max", "streaming_20%"]
+        "--configs",
+        nargs="+",
+        default=["h2o_20%+pytorch", "h2o_20%", "h2o_20%_max", "h2o_20%_window8_max", "streaming_20%"],
     )
     parser.add_argument("--requests", type=int, default=11)
     parser.add_argument("--prompt-tokens", type=int, default=1024)

@@ -17,10 +17,13 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -132,10 +135,10 @@ inline float hsum(v16 v) {
   return s;
 }
 
-// Softmax of x[0, visible) in place, unnormalised, and zeros up to the end of the last visible
+// Softmax of scale * x[0, visible) in place, unnormalised, and zeros up to the end of the last visible
 // block of `block_size`; returns 1 / sum. Reductions run 16 lanes wide by hand: the compiler
 // does not vectorise float max and sum reductions without -ffast-math (which changes results).
-inline float exp_row(float* x, int64_t visible, int64_t block_size) {
+inline float exp_row(float* x, int64_t visible, int64_t block_size, float scale) {
   const int64_t wide = visible / 16 * 16;
   v16 vm = {};
   vm += -INFINITY;
@@ -146,7 +149,7 @@ inline float exp_row(float* x, int64_t visible, int64_t block_size) {
   float m = -INFINITY;
   for (int i = 0; i < 16; ++i) m = std::max(m, vm[i]);
   for (int64_t t = wide; t < visible; ++t) m = std::max(m, x[t]);
-  for (int64_t t = 0; t < visible; ++t) x[t] = exp_nonpositive(x[t] - m);  // elementwise: vectorised
+  for (int64_t t = 0; t < visible; ++t) x[t] = exp_nonpositive((x[t] - m) * scale);  // elementwise: vectorised
   v16 vs = {};
   for (int64_t t = 0; t < wide; t += 16) vs += load16(x + t);
   float s = hsum(vs);
@@ -169,11 +172,93 @@ inline void block_sums(const float* x, int64_t blocks, int64_t block_size, float
   }
 }
 
+// How a work item's logits are computed: queries and pages prepared once, then one page at a time.
+// FloatLogits: float32 arithmetic whatever the dtypes (queries pre-scaled), as the PyTorch path.
+template <typename Q, typename P>
+struct FloatLogits {
+  const Layout& L;
+  std::vector<float> q, kt;
+  static constexpr bool post_scale = false;  // the scale is in the queries
+
+  explicit FloatLogits(const Layout& layout) : L(layout), kt(layout.head_dim * layout.block_size) {}
+
+  void queries(const Q* const* rows, int64_t nv, float scale) {  // rows[v]: query vector v, head_dim values
+    q.resize(nv * L.head_dim);
+    for (int64_t v = 0; v < nv; ++v)
+      for (int64_t d = 0; d < L.head_dim; ++d) q[v * L.head_dim + d] = to_float(rows[v][d]) * scale;
+  }
+  void page(const P* pages, int64_t block, int64_t kv_head) { load_page(pages, L, block, kv_head, kt.data()); }
+  void logits(int64_t nv, float* out, int64_t stride) {
+    page_logits(q.data(), nv, kt.data(), L.head_dim, L.block_size, out, stride);
+  }
+};
+
+#ifdef __AVX512BF16__
+// Bf16Logits: bfloat16 queries and pages, 32-token pages, even head_dim: AVX512-BF16 dot products of
+// (d, d+1) pairs into float32. Products of two bfloat16 values are exact in float32, so the logits
+// differ from FloatLogits' only in the order of the additions; the scale is applied after.
+struct Bf16Logits {
+  const Layout& L;
+  std::vector<uint32_t> q, kt;  // pairs of bfloat16: q [nv][head_dim / 2], kt [head_dim / 2][32]
+  static constexpr bool post_scale = true;
+
+  explicit Bf16Logits(const Layout& layout) : L(layout), kt(layout.head_dim / 2 * 32) {}
+
+  static bool applies(const Layout& L) { return L.block_size == 32 && L.head_dim % 2 == 0; }
+
+  void queries(const c10::BFloat16* const* rows, int64_t nv, float) {
+    const int64_t pairs = L.head_dim / 2;
+    q.resize(nv * pairs);
+    for (int64_t v = 0; v < nv; ++v) std::memcpy(q.data() + v * pairs, rows[v], pairs * 4);
+  }
+  void page(const c10::BFloat16* pages, int64_t block, int64_t kv_head) {
+    const uint16_t* p =
+        reinterpret_cast<const uint16_t*>(pages + block * L.page_stride_block + kv_head * L.page_stride_head);
+    const int64_t pairs = L.head_dim / 2;
+    if (L.dt) {  // page [head_dim][32]: interleave rows 2i and 2i + 1
+      for (int64_t i = 0; i < pairs; ++i)
+        for (int64_t t = 0; t < 32; ++t)
+          kt[i * 32 + t] = uint32_t(p[2 * i * 32 + t]) | (uint32_t(p[(2 * i + 1) * 32 + t]) << 16);
+    } else {  // page [32][head_dim]: pairs are adjacent already, transpose them
+      for (int64_t t = 0; t < 32; ++t)
+        for (int64_t i = 0; i < pairs; ++i) kt[i * 32 + t] = uint32_t(p[t * L.head_dim + 2 * i]) |
+                                                          (uint32_t(p[t * L.head_dim + 2 * i + 1]) << 16);
+    }
+  }
+  template <int N>
+  void logits_n(const uint32_t* qv, float* out, int64_t stride) {
+    const int64_t pairs = L.head_dim / 2;
+    __m512 acc[N][2];
+    for (int u = 0; u < N; ++u) acc[u][0] = acc[u][1] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < pairs; ++i) {
+      const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt.data() + i * 32);
+      const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kt.data() + i * 32 + 16);
+      for (int u = 0; u < N; ++u) {
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(qv[u * pairs + i]));
+        acc[u][0] = _mm512_dpbf16_ps(acc[u][0], a, k0);
+        acc[u][1] = _mm512_dpbf16_ps(acc[u][1], a, k1);
+      }
+    }
+    for (int u = 0; u < N; ++u) {
+      _mm512_storeu_ps(out + u * stride, acc[u][0]);
+      _mm512_storeu_ps(out + u * stride + 16, acc[u][1]);
+    }
+  }
+  void logits(int64_t nv, float* out, int64_t stride) {
+    const int64_t pairs = L.head_dim / 2;
+    int64_t v = 0;
+    for (; v + 6 <= nv; v += 6) logits_n<6>(q.data() + v * pairs, out + v * stride, stride);
+    for (; v + 3 <= nv; v += 3) logits_n<3>(q.data() + v * pairs, out + v * stride, stride);
+    for (; v < nv; ++v) logits_n<1>(q.data() + v * pairs, out + v * stride, stride);
+  }
+};
+#endif
+
 struct Item {
   int64_t seg, row_begin, row_end;
 };
 
-template <typename Q, typename P>
+template <typename Q, typename P, typename Kernel>
 void score(const Q* query, const P* pages, const Layout& L, float scale, const int64_t* seg_rows,
            const int64_t* seg_blocks, const int64_t* seg_reduce, const int64_t* block_ids, const int64_t* row_query,
            const int64_t* row_visible, const int64_t* row_out, const std::vector<Item>& items, double* sum_out,
@@ -186,7 +271,9 @@ void score(const Q* query, const P* pages, const Layout& L, float scale, const i
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<double>& acc = partial[at::get_thread_num()];
     if (acc.empty()) acc.assign(total_blocks, 0.0);
-    std::vector<float> q, kt(L.head_dim * bs), logits, best, token_mass, head_mass;
+    Kernel kernel(L);
+    std::vector<const Q*> q_rows;
+    std::vector<float> logits, best, token_mass, head_mass;
     for (int64_t it = begin; it < end; ++it) {
       const Item& item = items[it];
       const int64_t rows = item.row_end - item.row_begin;
@@ -196,7 +283,7 @@ void score(const Q* query, const P* pages, const Layout& L, float scale, const i
       const int64_t first_block = seg_blocks[item.seg];
       const int64_t seg_num_blocks = seg_blocks[item.seg + 1] - first_block;
       const bool is_max = seg_reduce[item.seg] != 0;
-      q.resize(nv * L.head_dim);
+      q_rows.resize(nv);
       logits.resize(nv * blocks * bs);
       head_mass.resize(seg_num_blocks);
       if (is_max)
@@ -205,22 +292,20 @@ void score(const Q* query, const P* pages, const Layout& L, float scale, const i
         token_mass.assign(blocks * bs, 0.0f);
       for (int64_t kh = 0; kh < L.kv_heads; ++kh) {
         for (int64_t r = 0; r < rows; ++r)
-          for (int64_t g = 0; g < group; ++g) {
-            const Q* src = query + row_query[item.row_begin + r] * L.q_stride_token +
-                           (kh * group + g) * L.q_stride_head;
-            float* dst = q.data() + (r * group + g) * L.head_dim;
-            for (int64_t d = 0; d < L.head_dim; ++d) dst[d] = to_float(src[d]) * scale;
-          }
+          for (int64_t g = 0; g < group; ++g)
+            q_rows[r * group + g] =
+                query + row_query[item.row_begin + r] * L.q_stride_token + (kh * group + g) * L.q_stride_head;
+        kernel.queries(q_rows.data(), nv, scale);
         for (int64_t b = 0; b < blocks; ++b) {
-          load_page(pages, L, block_ids[first_block + b], kh, kt.data());
-          page_logits(q.data(), nv, kt.data(), L.head_dim, bs, logits.data() + b * bs, blocks * bs);
+          kernel.page(pages, block_ids[first_block + b], kh);
+          kernel.logits(nv, logits.data() + b * bs, blocks * bs);
         }
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t visible = row_visible[item.row_begin + r];
           const int64_t vis_blocks = (visible + bs - 1) / bs;
           for (int64_t g = 0; g < group; ++g) {
             float* x = logits.data() + (r * group + g) * blocks * bs;
-            const float inv = exp_row(x, visible, bs);
+            const float inv = exp_row(x, visible, bs, Kernel::post_scale ? scale : 1.0f);
             if (is_max) {  // this head's mass per block, then the best head so far
               block_sums(x, vis_blocks, bs, head_mass.data());
               float* row_best = best.data() + r * seg_num_blocks;
@@ -245,6 +330,22 @@ void score(const Q* query, const P* pages, const Layout& L, float scale, const i
   });
   for (const auto& acc : partial)
     for (int64_t i = 0; i < static_cast<int64_t>(acc.size()); ++i) sum_out[i] += acc[i];
+}
+
+template <typename Q, typename P>
+void score(const Q* query, const P* pages, const Layout& L, float scale, const int64_t* seg_rows,
+           const int64_t* seg_blocks, const int64_t* seg_reduce, const int64_t* block_ids, const int64_t* row_query,
+           const int64_t* row_visible, const int64_t* row_out, const std::vector<Item>& items, double* sum_out,
+           float* max_out, int64_t total_blocks) {
+#ifdef __AVX512BF16__
+  if constexpr (std::is_same_v<Q, c10::BFloat16> && std::is_same_v<P, c10::BFloat16>) {
+    if (Bf16Logits::applies(L))
+      return score<Q, P, Bf16Logits>(query, pages, L, scale, seg_rows, seg_blocks, seg_reduce, block_ids, row_query,
+                                     row_visible, row_out, items, sum_out, max_out, total_blocks);
+  }
+#endif
+  score<Q, P, FloatLogits<Q, P>>(query, pages, L, scale, seg_rows, seg_blocks, seg_reduce, block_ids, row_query,
+                                 row_visible, row_out, items, sum_out, max_out, total_blocks);
 }
 
 template <typename Q>
