@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.h2o_vllm.fused")  # under "vllm" so vLLM's log handler prints it
 
 SOURCE = Path(__file__).with_name("csrc") / "score.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DNDEBUG"]
@@ -91,6 +91,7 @@ def load() -> bool:
             logger.info("H2O: compiling the fused scoring operator into %s", target)
             build(target)
         torch.ops.load_library(str(target))
+        logger.info("H2O scores with the fused operator %s", target)
         return True
     except Exception as e:  # any failure means the PyTorch path, never a stopped engine
         logger.warning("H2O fused scoring unavailable (%s); scoring with PyTorch operators (slower)", e)
