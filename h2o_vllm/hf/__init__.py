@@ -1,4 +1,4 @@
-"""H2O for Hugging Face transformers: an evicting ``Cache`` and the seed's enable/disable API."""
+"""H2O for Hugging Face transformers: an evicting ``Cache`` (reference and fast) and the seed's enable/disable API."""
 
 from h2o_vllm.hf.api import (
     disable_eviction,
@@ -11,8 +11,10 @@ from h2o_vllm.hf.api import (
     prefill,
 )
 from h2o_vllm.hf.cache import H2OCache
+from h2o_vllm.hf.fast_cache import FastH2OCache
 
 __all__ = [
+    "FastH2OCache",
     "H2OCache",
     "disable_eviction",
     "disable_h2o_llm",

@@ -17,7 +17,12 @@ Manual forward loops get the policy too, as streaming-perplexity scripts write t
         pkv = out.past_key_values                    # an H2OCache from the first call on
 
 A forward that starts from ``past_key_values=None`` (with the cache on) gets a fresh
-``H2OCache``; one handed another kind of cache warns once, since it cannot evict.
+cache; one handed another kind of cache warns once, since it cannot evict.
+
+The cache is the fast one (:class:`~h2o_vllm.hf.fast_cache.FastH2OCache`: fixed buffers
+written in place, decisions on the device); ``fast=False`` (to ``enable_*`` or to
+``make_cache``) gives the reference :class:`~h2o_vllm.hf.cache.H2OCache`, which decides
+the same.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import warnings
 
 from h2o_vllm.hf import attention
 from h2o_vllm.hf.cache import H2OCache
+from h2o_vllm.hf.fast_cache import FastH2OCache
 from h2o_vllm.policy import Budget, PolicyConfig
 
 _STATE = "_h2o_vllm_state"
@@ -44,28 +50,32 @@ def enable_h2o_llm(
     score_norm: str = "sum",
     prompt_window: int | None = None,
     score_reduce: str = "sum",
+    fast: bool = True,
 ):
     """H2O: keep ``n_sink`` first tokens, ``recent_window`` last ones and
     ``max_capacity - n_sink - recent_window`` heavy hitters.
 
     ``per_layer=True, per_head=True`` decides per layer and KV head, as the paper's code does;
-    the default, one decision for all layers and heads, is what the paged vLLM engine can do."""
+    the default, one decision for all layers and heads, is what the paged vLLM engine can do.
+    ``fast=False``: the reference cache instead of the fast one (the same decisions)."""
     if max_capacity < n_sink + recent_window:
         raise ValueError(f"max_capacity ({max_capacity}) must hold n_sink + recent_window ({n_sink} + {recent_window})")
     config = PolicyConfig(
         "h2o", Budget(tokens=max_capacity), n_sink, recent_window, block_size, score_norm, prompt_window, score_reduce
     )
-    return enable_policy(model, config, per_layer=per_layer, per_head=per_head)
+    return enable_policy(model, config, per_layer=per_layer, per_head=per_head, fast=fast)
 
 
-def enable_streaming_llm(model, n_sink: int = 8, window_size: int = 256, *, block_size: int = 1):
+def enable_streaming_llm(model, n_sink: int = 8, window_size: int = 256, *, block_size: int = 1, fast: bool = True):
     """StreamingLLM: keep ``n_sink`` first tokens and the last ``window_size`` ones."""
     config = PolicyConfig("streaming", Budget(tokens=n_sink + window_size), n_sink, window_size, block_size)
-    return enable_policy(model, config)
+    return enable_policy(model, config, fast=fast)
 
 
-def enable_policy(model, config: PolicyConfig, *, per_layer: bool = False, per_head: bool = False):
-    """Any configuration of the policy core. Re-enabling replaces the previous setting."""
+def enable_policy(model, config: PolicyConfig, *, per_layer: bool = False, per_head: bool = False, fast: bool = True):
+    """Any configuration of the policy core. Re-enabling replaces the previous setting.
+
+    ``fast=True`` (the default) makes :class:`FastH2OCache`s, ``False`` the reference :class:`H2OCache`."""
     attention.register()
     state = getattr(model, _STATE, None)
     if state is None:
@@ -78,7 +88,9 @@ def enable_policy(model, config: PolicyConfig, *, per_layer: bool = False, per_h
     model.set_attn_implementation(attention.h2o_name(state["attn_implementation"]))
     if per_head and not per_layer:
         raise ValueError("per_head needs per_layer=True")
-    state["make_cache"] = lambda: H2OCache.for_model(model, config, per_layer=per_layer, per_head=per_head)
+    state["make_cache"] = lambda fast=fast: (FastH2OCache if fast else H2OCache).for_model(
+        model, config, per_layer=per_layer, per_head=per_head
+    )
     original_generate = state["generate"]
 
     @functools.wraps(original_generate)
@@ -131,12 +143,15 @@ def prefill(model, cache: H2OCache, input_ids, chunk_size: int | None = None):
     return out.logits[:, -1]
 
 
-def make_cache(model) -> H2OCache:
-    """A fresh cache with the policy the model was enabled with (for manual forward loops)."""
+def make_cache(model, *, fast: bool | None = None) -> H2OCache:
+    """A fresh cache with the policy the model was enabled with (for manual forward loops).
+
+    ``fast``: None for the kind the model was enabled with, True for a :class:`FastH2OCache`,
+    False for the reference :class:`H2OCache`."""
     state = getattr(model, _STATE, None)
     if state is None:
         raise ValueError("call enable_h2o_llm or enable_streaming_llm on the model first")
-    return state["make_cache"]()
+    return state["make_cache"]() if fast is None else state["make_cache"](fast)
 
 
 def disable_eviction(model):

@@ -1,0 +1,10 @@
+"""GPU kernels for paged H2O, each beside the plain PyTorch it must equal.
+
+- :mod:`triton_scoring`: per-block attention mass of the scored query rows over a
+  paged K cache (from q and the attention's log-sum-exp), and block-table
+  compaction into persistent buffers, for vLLM's CUDA path
+  (see docs/cuda-integration-plan.md).
+
+Nothing is imported here: ``triton_scoring`` imports torch, and Triton only if it
+is installed (``triton_scoring.TRITON_AVAILABLE``).
+"""
