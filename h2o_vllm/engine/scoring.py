@@ -2,7 +2,8 @@
 
 vLLM's CPU attention kernel returns no probabilities, so for the query rows the
 scheduler asked to score we recompute ``softmax(scale * q K^T)`` over the keys
-the kernel attended (read back from the paged cache), sum it over the tokens of
+the kernel attended (read back from the paged cache; by the fused operator of
+``fused.py`` where it loads, else by PyTorch operators), sum it over the tokens of
 each block, and combine over heads, layers and query rows: summed (the paper), or
 for ``score_reduce="max"`` requests the largest head-and-layer value per query
 row, then summed over rows. One :class:`StepScorer` lives for one step.
@@ -305,7 +306,7 @@ class FusedBatch:
     max_offsets: list[int]  # per request, its start in max_out
 
     @classmethod
-    def of(cls, requests: list[ScoredRequest], block_size: int) -> FusedBatch:
+    def of(cls, requests: list[ScoredRequest]) -> FusedBatch:
         seg_rows, seg_blocks, reduce_, row_query, row_visible, row_out, max_offsets = [0], [0], [], [], [], [], []
         max_size = 0
         for req in requests:
@@ -414,7 +415,7 @@ class StepScorer:
         if use_fused and not fused.load():
             raise RuntimeError("the fused scoring operator was asked for and does not load (see the log)")
         if fused.load() if use_fused is None else use_fused:
-            scorer.fused_batch = FusedBatch.of(scorer.prompts + scorer.decodes, block_size)
+            scorer.fused_batch = FusedBatch.of(scorer.prompts + scorer.decodes)
         else:
             for req in scorer.prompts:
                 req.total = req.reduction.prompt_total(req.num_rows, req.num_keys, block_size)
