@@ -342,8 +342,9 @@ class FusedBatch:
 
     def totals(self, requests: list[ScoredRequest]) -> None:
         """Hand each request its accumulated total, shaped as its reduction's ``block_scores`` expects."""
+        blocks = self.seg_blocks.tolist()
         for i, req in enumerate(requests):
-            b0, b1 = int(self.seg_blocks[i]), int(self.seg_blocks[i + 1])
+            b0, b1 = blocks[i], blocks[i + 1]
             if req.reduction.name == "max":
                 start = self.max_offsets[i]
                 req.total = self.max_out[start : start + req.num_rows * (b1 - b0)].view(req.num_rows, b1 - b0)
@@ -412,9 +413,11 @@ class StepScorer:
             (scorer.decodes if scored.num_rows == 1 else scorer.prompts).append(scored)
         if not scorer.prompts and not scorer.decodes:
             return None
-        if use_fused and not fused.load():
+        if use_fused is None:
+            use_fused = fused.load()
+        elif use_fused and not fused.load():
             raise RuntimeError("the fused scoring operator was asked for and does not load (see the log)")
-        if fused.load() if use_fused is None else use_fused:
+        if use_fused:
             scorer.fused_batch = FusedBatch.of(scorer.prompts + scorer.decodes)
         else:
             for req in scorer.prompts:

@@ -258,31 +258,42 @@ struct Item {
   int64_t seg, row_begin, row_end;
 };
 
+// One call's requests (see score_layer's arguments) and where their scores go.
+struct Batch {
+  const int64_t *seg_blocks, *seg_reduce, *block_ids, *row_query, *row_visible, *row_out;
+  std::vector<Item> items;  // (request, up to kTileRows rows): the units of parallel work
+  int64_t total_blocks;
+  float scale;
+  double* sum_out;
+  float* max_out;
+};
+
 template <typename Q, typename P, typename Kernel>
-void score(const Q* query, const P* pages, const Layout& L, float scale, const int64_t* seg_rows,
-           const int64_t* seg_blocks, const int64_t* seg_reduce, const int64_t* block_ids, const int64_t* row_query,
-           const int64_t* row_visible, const int64_t* row_out, const std::vector<Item>& items, double* sum_out,
-           float* max_out, int64_t total_blocks) {
+void score(const Q* query, const P* pages, const Layout& L, const Batch& B) {
+  const int64_t* seg_blocks = B.seg_blocks;
+  const int64_t* row_query = B.row_query;
+  const int64_t* row_visible = B.row_visible;
+  const float scale = B.scale;
   const int64_t group = L.heads / L.kv_heads;
   const int64_t bs = L.block_size;
   const int num_threads = at::get_num_threads();
   std::vector<std::vector<double>> partial(num_threads);  // each thread's sum_out contribution
 
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(B.items.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<double>& acc = partial[at::get_thread_num()];
-    if (acc.empty()) acc.assign(total_blocks, 0.0);
+    if (acc.empty()) acc.assign(B.total_blocks, 0.0);
     Kernel kernel(L);
     std::vector<const Q*> q_rows;
     std::vector<float> logits, best, token_mass, head_mass;
     for (int64_t it = begin; it < end; ++it) {
-      const Item& item = items[it];
+      const Item& item = B.items[it];
       const int64_t rows = item.row_end - item.row_begin;
       const int64_t nv = rows * group;  // query vectors sharing one KV head: row-major (row, head in group)
       const int64_t visible_max = row_visible[item.row_end - 1];  // rows are in position order
       const int64_t blocks = (visible_max + bs - 1) / bs;
       const int64_t first_block = seg_blocks[item.seg];
       const int64_t seg_num_blocks = seg_blocks[item.seg + 1] - first_block;
-      const bool is_max = seg_reduce[item.seg] != 0;
+      const bool is_max = B.seg_reduce[item.seg] != 0;
       q_rows.resize(nv);
       logits.resize(nv * blocks * bs);
       head_mass.resize(seg_num_blocks);
@@ -297,7 +308,7 @@ void score(const Q* query, const P* pages, const Layout& L, float scale, const i
                 query + row_query[item.row_begin + r] * L.q_stride_token + (kh * group + g) * L.q_stride_head;
         kernel.queries(q_rows.data(), nv, scale);
         for (int64_t b = 0; b < blocks; ++b) {
-          kernel.page(pages, block_ids[first_block + b], kh);
+          kernel.page(pages, B.block_ids[first_block + b], kh);
           kernel.logits(nv, logits.data() + b * bs, blocks * bs);
         }
         for (int64_t r = 0; r < rows; ++r) {
@@ -318,7 +329,7 @@ void score(const Q* query, const P* pages, const Layout& L, float scale, const i
       }
       if (is_max) {
         for (int64_t r = 0; r < rows; ++r) {
-          float* out = max_out + row_out[item.row_begin + r];
+          float* out = B.max_out + B.row_out[item.row_begin + r];
           const float* row_best = best.data() + r * seg_num_blocks;
           for (int64_t b = 0; b < seg_num_blocks; ++b) out[b] = std::max(out[b], row_best[b]);
         }
@@ -329,42 +340,29 @@ void score(const Q* query, const P* pages, const Layout& L, float scale, const i
     }
   });
   for (const auto& acc : partial)
-    for (int64_t i = 0; i < static_cast<int64_t>(acc.size()); ++i) sum_out[i] += acc[i];
+    for (int64_t i = 0; i < static_cast<int64_t>(acc.size()); ++i) B.sum_out[i] += acc[i];
 }
 
 template <typename Q, typename P>
-void score(const Q* query, const P* pages, const Layout& L, float scale, const int64_t* seg_rows,
-           const int64_t* seg_blocks, const int64_t* seg_reduce, const int64_t* block_ids, const int64_t* row_query,
-           const int64_t* row_visible, const int64_t* row_out, const std::vector<Item>& items, double* sum_out,
-           float* max_out, int64_t total_blocks) {
-#ifdef __AVX512BF16__
+void score(const Q* query, const P* pages, const Layout& L, const Batch& B) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
   if constexpr (std::is_same_v<Q, c10::BFloat16> && std::is_same_v<P, c10::BFloat16>) {
-    if (Bf16Logits::applies(L))
-      return score<Q, P, Bf16Logits>(query, pages, L, scale, seg_rows, seg_blocks, seg_reduce, block_ids, row_query,
-                                     row_visible, row_out, items, sum_out, max_out, total_blocks);
+    if (Bf16Logits::applies(L)) return score<Q, P, Bf16Logits>(query, pages, L, B);
   }
 #endif
-  score<Q, P, FloatLogits<Q, P>>(query, pages, L, scale, seg_rows, seg_blocks, seg_reduce, block_ids, row_query,
-                                 row_visible, row_out, items, sum_out, max_out, total_blocks);
+  score<Q, P, FloatLogits<Q, P>>(query, pages, L, B);
 }
 
 template <typename Q>
-void dispatch_pages(const at::Tensor& query, const at::Tensor& pages, const Layout& L, float scale,
-                    const int64_t* seg_rows, const int64_t* seg_blocks, const int64_t* seg_reduce,
-                    const int64_t* block_ids, const int64_t* row_query, const int64_t* row_visible,
-                    const int64_t* row_out, const std::vector<Item>& items, double* sum_out, float* max_out,
-                    int64_t total_blocks) {
+void dispatch_pages(const at::Tensor& query, const at::Tensor& pages, const Layout& L, const Batch& B) {
   const Q* q = reinterpret_cast<const Q*>(query.const_data_ptr());
   switch (pages.scalar_type()) {
     case at::kFloat:
-      return score(q, pages.const_data_ptr<float>(), L, scale, seg_rows, seg_blocks, seg_reduce, block_ids,
-                   row_query, row_visible, row_out, items, sum_out, max_out, total_blocks);
+      return score(q, pages.const_data_ptr<float>(), L, B);
     case at::kBFloat16:
-      return score(q, pages.const_data_ptr<c10::BFloat16>(), L, scale, seg_rows, seg_blocks, seg_reduce,
-                   block_ids, row_query, row_visible, row_out, items, sum_out, max_out, total_blocks);
+      return score(q, pages.const_data_ptr<c10::BFloat16>(), L, B);
     case at::kHalf:
-      return score(q, pages.const_data_ptr<c10::Half>(), L, scale, seg_rows, seg_blocks, seg_reduce, block_ids,
-                   row_query, row_visible, row_out, items, sum_out, max_out, total_blocks);
+      return score(q, pages.const_data_ptr<c10::Half>(), L, B);
     default:
       TORCH_CHECK(false, "h2o_vllm::score_layer: unsupported key page dtype ", pages.scalar_type());
   }
@@ -390,32 +388,27 @@ void score_layer(const at::Tensor& query, const at::Tensor& pages, double scale,
   TORCH_CHECK(pages.size(2) == L.head_dim * block_size, "page size != head_dim * block_size");
   TORCH_CHECK(sum_out.numel() == block_ids.numel(), "sum_out must hold one score per block");
 
+  Batch B{seg_blocks.const_data_ptr<int64_t>(),
+          seg_reduce.const_data_ptr<int64_t>(),
+          block_ids.const_data_ptr<int64_t>(),
+          row_query.const_data_ptr<int64_t>(),
+          row_visible.const_data_ptr<int64_t>(),
+          row_out.const_data_ptr<int64_t>(),
+          {},
+          block_ids.numel(),
+          static_cast<float>(scale),
+          sum_out.data_ptr<double>(),
+          max_out.data_ptr<float>()};
   const int64_t* sr = seg_rows.const_data_ptr<int64_t>();
-  const int64_t num_segs = seg_reduce.numel();
-  std::vector<Item> items;
-  for (int64_t s = 0; s < num_segs; ++s)
-    for (int64_t r = sr[s]; r < sr[s + 1]; r += kTileRows) items.push_back({s, r, std::min(r + kTileRows, sr[s + 1])});
-
-  const int64_t* args[] = {sr,
-                           seg_blocks.const_data_ptr<int64_t>(),
-                           seg_reduce.const_data_ptr<int64_t>(),
-                           block_ids.const_data_ptr<int64_t>(),
-                           row_query.const_data_ptr<int64_t>(),
-                           row_visible.const_data_ptr<int64_t>(),
-                           row_out.const_data_ptr<int64_t>()};
-  double* so = sum_out.data_ptr<double>();
-  float* mo = max_out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
+  for (int64_t s = 0; s < seg_reduce.numel(); ++s)
+    for (int64_t r = sr[s]; r < sr[s + 1]; r += kTileRows) B.items.push_back({s, r, std::min(r + kTileRows, sr[s + 1])});
   switch (query.scalar_type()) {
     case at::kFloat:
-      return dispatch_pages<float>(query, pages, L, sc, args[0], args[1], args[2], args[3], args[4], args[5],
-                                   args[6], items, so, mo, block_ids.numel());
+      return dispatch_pages<float>(query, pages, L, B);
     case at::kBFloat16:
-      return dispatch_pages<c10::BFloat16>(query, pages, L, sc, args[0], args[1], args[2], args[3], args[4],
-                                           args[5], args[6], items, so, mo, block_ids.numel());
+      return dispatch_pages<c10::BFloat16>(query, pages, L, B);
     case at::kHalf:
-      return dispatch_pages<c10::Half>(query, pages, L, sc, args[0], args[1], args[2], args[3], args[4], args[5],
-                                       args[6], items, so, mo, block_ids.numel());
+      return dispatch_pages<c10::Half>(query, pages, L, B);
     default:
       TORCH_CHECK(false, "h2o_vllm::score_layer: unsupported query dtype ", query.scalar_type());
   }
