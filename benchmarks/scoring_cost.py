@@ -7,8 +7,9 @@ is timed twice: the whole call (vLLM's CPU kernel, then our scoring) and the sco
 (``StepScorer.score_layer``); the kernel's time is the difference. Calls are split by step:
 *prompt* steps (at least one prompt chunk scored) and *decode* steps (only single rows).
 Besides the layer calls, the H2O work done once per step is timed: the scheduler's
-``schedule`` and ``update_from_output`` (vLLM's own work included) and the attention
-metadata builder's ``build`` (compaction, the step's scorer). StreamingLLM at the same
+``schedule`` and ``update_from_output`` (vLLM's own work included), the attention
+metadata builder's ``build`` (compaction, the step's scorer) and the scorer's ``collect``
+(the step's scores handed to the scheduler). StreamingLLM at the same
 budget does the same eviction work without scores: the difference in wall time between
 H2O and StreamingLLM is what scoring costs the whole step. H2O scores with the fused
 operator (``h2o_vllm/engine/fused.py``); a config name ending in ``+pytorch`` scores with
@@ -54,6 +55,7 @@ class LayerTimer:
             (H2OScheduler, "schedule"),
             (H2OScheduler, "update_from_output"),
             (attention.H2OCPUAttentionMetadataBuilder, "build"),
+            (scoring.StepScorer, "collect"),
         ):
             self._originals.append((cls, name, getattr(cls, name)))
             setattr(cls, name, self._timed(f"{cls.__name__}.{name}", getattr(cls, name)))
@@ -169,11 +171,16 @@ def table(rows: list[dict]) -> str:
 
 def step_table(rows: list[dict]) -> str:
     """Wall time and the once-per-step work, per configuration (seconds over the whole run)."""
-    keys = ["H2OScheduler.schedule", "H2OScheduler.update_from_output", "H2OCPUAttentionMetadataBuilder.build"]
+    keys = [
+        "H2OScheduler.schedule",
+        "H2OScheduler.update_from_output",
+        "H2OCPUAttentionMetadataBuilder.build",
+        "StepScorer.collect",
+    ]
     lines = [
         "| config | wall s | scoring in layer calls s | scheduler.schedule s | scheduler.update_from_output s "
-        "| builder.build s |",
-        "|" + "---|" * 6,
+        "| builder.build s | scorer.collect s |",
+        "|" + "---|" * 7,
     ]
     for r in rows:
         scoring = r["prompt"]["scoring_s"] + r["decode"]["scoring_s"]
