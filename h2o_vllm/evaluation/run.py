@@ -38,9 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base-url", help="server root, e.g. http://127.0.0.1:8000 (default: start h2o-vllm serve on loopback)"
     )
-    p.add_argument("--model", default=None, help="served model name (default: the default model's, smollm2-135m)")
     p.add_argument(
-        "--tokenizer", default=None, help="tokenizer folder for building prompts (default: the default model's)"
+        "--model",
+        default=None,
+        help="served model name (default: the default model's, smollm2-135m); a model h2o-vllm builds "
+        "(qwen2.5-coder-0.5b) is also what a started server serves",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder for building prompts (default: the model's, for a model h2o-vllm builds; "
+        "else the default model's)",
     )
     p.add_argument("--api-key", default=None)
     p.add_argument("--scenarios", nargs="+", default=list(scenarios.SCENARIOS), choices=scenarios.SCENARIOS)
@@ -157,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from transformers import AutoTokenizer
 
-    from h2o_vllm.assets import DEFAULT_SERVED_NAME, prepare_default_model
+    from h2o_vllm import assets
     from h2o_vllm.evaluation import client, report
 
-    model = args.model or DEFAULT_SERVED_NAME
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or str(prepare_default_model(log=lambda *_: None).path))
+    model = args.model or assets.DEFAULT_SERVED_NAME
+    # A model h2o-vllm builds brings its own tokenizer; any other needs --tokenizer (else the default's).
+    known = assets.MODELS.get(model.lower())
+    tokenizer_dir = args.tokenizer or str(assets.prepare_model(known, log=lambda *_: None).path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     try:
         items = build_items(args, tokenizer)
     except ValueError as err:
@@ -194,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         from h2o_vllm.local_server import ServerProcess
 
         serve_args = ["--max-model-len", str(max_context(items)), *shlex.split(args.serve_args)]
+        if known is not None:
+            serve_args = ["--model", known.name, *serve_args]
         args.out.mkdir(parents=True, exist_ok=True)
         print(
             f"[eval] starting h2o-vllm serve {' '.join(serve_args)} (log: {args.out / 'server.log'})",
