@@ -219,7 +219,7 @@ def save_results(path: Path, entries: list[dict]) -> None:
     path.write_text(json.dumps(entries, indent=1) + "\n")
 
 
-def write_table(entries: list[dict], out: Path) -> str:
+def write_table(entries: list[dict], out: Path, model_title: str) -> str:
     order = {"essays": 0, "books": 1}
     corpora = sorted({e["corpus"] for e in entries}, key=lambda c: order.get(c, 9))
     lengths = sorted({e["length"] for e in entries})
@@ -253,7 +253,7 @@ def write_table(entries: list[dict], out: Path) -> str:
         )
     )
     text = (
-        "Streaming perplexity (lower is better) of SmolLM2-135M-Instruct in float32, token by token: each token\n"
+        f"Streaming perplexity (lower is better) of {model_title} in float32, token by token: each token\n"
         "is scored under the cache its policy had left after the previous one. Columns: corpus and number of\n"
         "tokens scored (N). Budget: KV tokens kept; P% rows were run once per N with a budget of P% of N.\n"
         f"tok/s: the configuration alone, batch of one, over the first {timing} essay tokens. Peak KV: one\n"
@@ -271,7 +271,11 @@ def main() -> int:
     parser.add_argument("--corpora", nargs="+", default=["essays", "books"], choices=["essays", "books"])
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--report-at", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--model", type=Path, default=None, help="default: the prepared default model")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a model h2o-vllm builds (qwen2.5-coder-0.5b) or a folder; default: the default model",
+    )
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
@@ -301,7 +305,9 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = [parse_config(c, args.max_tokens) for c in args.configs]
-    model_dir = args.model or assets.prepare_default_model().path
+    known = assets.MODELS.get((args.model or assets.DEFAULT_SERVED_NAME).lower())
+    model_dir = assets.prepare_model(known).path if known else Path(args.model)
+    model_title = known.title if known else model_dir.name
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = []
     for corpus in args.corpora:
@@ -332,7 +338,7 @@ def main() -> int:
                 if e["config"] == spec.name:
                     e.update(tokens_per_s=speed, timing_tokens=args.timing_tokens, timing_command=command)
         save_results(results_path, entries)
-        print(write_table(entries, args.out), flush=True)
+        print(write_table(entries, args.out, model_title), flush=True)
         return 0
     for group in pass_groups(specs, args.max_tokens, args.one_pass):
         names = ", ".join(spec.name for spec in group)
@@ -370,7 +376,7 @@ def main() -> int:
                         }
                     )
         save_results(results_path, entries)
-        print(write_table(entries, args.out), flush=True)
+        print(write_table(entries, args.out, model_title), flush=True)
     return 0
 
 
