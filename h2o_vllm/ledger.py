@@ -1,8 +1,10 @@
 """Per-sequence bookkeeping of logical blocks: accumulated score, visibility, residency.
 
-Engine-agnostic (numpy only). Engines add attention mass as they compute it and
-ask the policy which blocks to drop; the ledger remembers what is gone so a
-block is never evicted twice and never scored again.
+Engine-agnostic (numpy only). Engines add what the request's policy ranks by as
+they compute it (attention mass every step, or key norms once as each key is
+written; see ``EvictionPolicy.score_source``) and ask the policy which blocks to
+drop; the ledger remembers what is gone so a block is never evicted twice and
+never scored again.
 """
 
 from __future__ import annotations
@@ -36,14 +38,14 @@ class BlockLedger:
             self.resident = np.concatenate([self.resident, np.ones(extra, dtype=bool)])
 
     def add(self, token_positions: np.ndarray, mass: np.ndarray, visibility: np.ndarray | None = None) -> None:
-        """Add attention mass received by tokens at logical ``token_positions``."""
+        """Add scores (attention mass, or key norms) of tokens at logical ``token_positions``."""
         blocks = np.asarray(token_positions, dtype=np.int64) // self.block_size
         np.add.at(self.scores, blocks, np.asarray(mass, dtype=np.float64))
         if visibility is not None:
             np.add.at(self.visibility, blocks, np.asarray(visibility, dtype=np.float64))
 
     def add_blocks(self, blocks: np.ndarray, mass: np.ndarray, visibility: np.ndarray | None = None) -> None:
-        """Add attention mass already summed per logical block (the paged engine's unit)."""
+        """Add scores already summed per logical block (the paged engine's unit)."""
         blocks = np.asarray(blocks, dtype=np.int64)
         np.add.at(self.scores, blocks, np.asarray(mass, dtype=np.float64))
         if visibility is not None:

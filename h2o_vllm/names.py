@@ -1,7 +1,7 @@
 """One name grammar for a configuration, used by aliases, the evaluation and the benchmarks.
 
     NAME    := "full" | POLICY ["_" BUDGET] {"_" OPTION}
-    POLICY  := "h2o" | "streaming"
+    POLICY  := "h2o" | "keynorm" | "streaming"
     BUDGET  := P% | a fraction up to 1 (0.2) | a token count (256)
     OPTION  := sinkN            N sink tokens
              | recentN          N recent tokens
@@ -12,16 +12,17 @@
              | bN               blocks of N tokens
              | layer | head     transformers only: per-layer, or per-layer-and-KV-head decisions
 
-Examples: ``h2o_20%``, ``h2o_20%_window8_max``, ``streaming_256``, ``h2o_1024_sink32_recent64``.
+Examples: ``h2o_20%``, ``h2o_20%_window8_max``, ``streaming_256``, ``keynorm_20%``,
+``h2o_1024_sink32_recent64``.
 A name without a budget (``h2o_window8_max``) is a *family*: the evaluation
 crosses families with budgets. What a name leaves out comes from a base
 configuration (the server's defaults, or a benchmark's).
 
-Older spellings stay accepted: ``h2o-0.2`` and ``streaming-256`` (model-name
-aliases), ``h2o_tokens_4096`` (engine capacity benchmark), ``h2o-window``, ``h2o-window-max`` and ``h2o-mean`` (evaluation
-policies, with an ``_P%`` budget after them), ``h2o_S_R_C`` and ``streaming_S_W``
-(sinks, recent and capacity of the perplexity benchmark), ``baseline`` and
-``none`` for ``full``.
+Older spellings stay accepted: ``h2o-0.2``, ``streaming-256`` and ``keynorm-0.2``
+(model-name aliases), ``h2o_tokens_4096`` (engine capacity benchmark), ``h2o-window``,
+``h2o-window-max`` and ``h2o-mean`` (evaluation policies, with an ``_P%`` budget after
+them), ``h2o_S_R_C`` and ``streaming_S_W`` (sinks, recent and capacity of the perplexity
+benchmark), ``baseline`` and ``none`` for ``full``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ import re
 from dataclasses import dataclass, field
 
 from h2o_vllm.policy import Budget, PolicyConfig, PolicyConfigError
+
+# The policies a name may start with ("full" is policy "none").
+_POLICIES = ("h2o", "keynorm", "streaming")
+_POLICY = "|".join(_POLICIES)
 
 # Canonical order of the options in a name.
 _OPTIONS = (
@@ -135,9 +140,9 @@ def _legacy(name: str, window: int) -> str:
     family, _, budget = name.partition("_")
     if family in _LEGACY_FAMILIES:  # h2o-window-max_20% -> h2o_20%_window8_max
         return "_".join(p for p in ("h2o", budget, _LEGACY_FAMILIES[family].format(w=window)) if p)
-    if m := re.fullmatch(r"(h2o|streaming)-([^_]+)", name):  # model-name aliases: h2o-0.2
+    if m := re.fullmatch(rf"({_POLICY})-([^_]+)", name):  # model-name aliases: h2o-0.2
         return f"{m.group(1)}_{m.group(2)}"
-    if m := re.fullmatch(r"(h2o|streaming)_tokens_(\d+)", name):  # the engine capacity benchmark: h2o_tokens_4096
+    if m := re.fullmatch(rf"({_POLICY})_tokens_(\d+)", name):  # the engine capacity benchmark: h2o_tokens_4096
         return f"{m.group(1)}_{m.group(2)}"
     if m := re.fullmatch(r"h2o_(\d+)_(\d+)_(\d+)((?:_\w+)?)", name):  # sinks, recent, capacity
         return f"h2o_{m.group(3)}_sink{m.group(1)}_recent{m.group(2)}{m.group(4)}"
@@ -154,8 +159,8 @@ def parse_name(name: str, base: PolicyConfig | None = None, *, window: int = DEF
     if text == "full":
         return NamedConfig(base.replace(policy="none"), frozenset({"policy"}))
     policy, *parts = text.split("_")
-    if policy not in ("h2o", "streaming"):
-        raise ConfigNameError(f"configuration {name!r}: it must start with h2o, streaming or be full")
+    if policy not in _POLICIES:
+        raise ConfigNameError(f"configuration {name!r}: it must start with {', '.join(_POLICIES)} or be full")
     changes: dict = {"policy": policy}
     found: dict[str, str | None] = {}
     if parts and re.fullmatch(r"\d+(?:\.\d+)?%?", parts[0]):

@@ -21,6 +21,12 @@ Rules shared by every policy:
 
 Tie-breaking is deterministic: among equal scores, the older block (lower
 index) is evicted first, so a policy's choice depends on the scores only.
+
+What a block's score is depends on the policy's ``score_source``: ``"attention"``
+(H2O: the attention mass its tokens receive, added by every query that sees
+them), ``"key_norm"`` (key-norm eviction: the L2 norms of its tokens' keys,
+added once, when each key is written) or None (StreamingLLM: positions only).
+Engines compute only what a request's policy reads.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ SCORE_REDUCE = ("sum", "max")
 # When a prompt is compressed: "whole" once it is all in the cache (the paper), "chunked" after
 # every prefill chunk, so its KV stays near the budget from its first tokens.
 PREFILL_MODES = ("whole", "chunked")
+# What a policy ranks blocks by (EvictionPolicy.score_source); None: positions only.
+ATTENTION, KEY_NORM = "attention", "key_norm"
+SCORE_SOURCES = (None, ATTENTION, KEY_NORM)
 
 
 class PolicyConfigError(ValueError):
@@ -145,6 +154,12 @@ class PolicyConfig:
                 raise PolicyConfigError(name, f"must be an integer >= {minimum}, got {value!r}")
         if self.score_norm not in SCORE_NORMS:
             raise PolicyConfigError("score_norm", f"must be 'sum' or 'mean', got {self.score_norm!r}")
+        if self.score_norm == "mean" and self.score_source == KEY_NORM:
+            raise PolicyConfigError(
+                "score_norm",
+                f"'mean' divides attention by the queries that saw a block; {self.policy} ranks by key norms "
+                "(each key counted once): use 'sum'",
+            )
         if self.score_reduce not in SCORE_REDUCE:
             choices = ", ".join(repr(r) for r in SCORE_REDUCE)
             raise PolicyConfigError("score_reduce", f"must be one of {choices}, got {self.score_reduce!r}")
@@ -157,9 +172,19 @@ class PolicyConfig:
         return dataclasses.replace(self, **changes)
 
     @property
+    def score_source(self) -> str | None:
+        """What this policy ranks blocks by: "attention", "key_norm" or None (positions only)."""
+        return POLICIES[self.policy].score_source
+
+    @property
     def needs_scores(self) -> bool:
         """Whether this policy ranks blocks by attention scores (engines skip scoring otherwise)."""
-        return POLICIES[self.policy].needs_scores
+        return self.score_source == ATTENTION
+
+    @property
+    def needs_key_norms(self) -> bool:
+        """Whether this policy ranks blocks by their keys' norms (engines compute them only then)."""
+        return self.score_source == KEY_NORM
 
     def recent_tokens(self, num_tokens: int) -> int:
         if self.n_recent is not None:
@@ -239,10 +264,18 @@ class PolicyConfig:
         - "whole" with every prompt row scoring (the paper): no limit. The rows that run (those
           after the hit) score, so a hit of H tokens decides as a miss with ``prompt_window``
           ``num_prompt_tokens - H`` would;
-        - StreamingLLM ("whole"): no limit, its choice depends on positions only.
+        - StreamingLLM ("whole"): no limit, its choice depends on positions only;
+        - key norms (either prefill): no hit at all (0). A hit skips computing its tokens' keys,
+          so their norms would be missing from the ledger and the hit blocks would look the
+          least important of all; a hit decides as a miss does only if the request computes
+          every key itself. (Remembering each cached block's norms would need a store keyed
+          by block hash that lives as long as the prefix cache's blocks; the request still
+          offers its blocks to the prefix cache for requests of other policies.)
         Hits are whole blocks, so every limit is a multiple of ``block_size``.
         """
         bs = self.block_size
+        if self.needs_key_norms:
+            return 0
         if self.prefill == "chunked":
             return self.kept_blocks(longest_tokens) * bs
         if self.needs_scores and self.prompt_window is not None:
@@ -266,7 +299,7 @@ class SequenceView:
 
     num_tokens: int  # logical tokens with KV written (positions 0 .. num_tokens-1)
     resident: np.ndarray  # bool: the block's KV is still in memory
-    scores: np.ndarray  # accumulated attention mass per block (summed over layers, heads, queries)
+    scores: np.ndarray  # accumulated score per block: attention mass or key norms (see EvictionPolicy.score_source)
     visibility: np.ndarray | None = None  # number of (query, token) pairs that could attend each block
 
     @classmethod
@@ -297,7 +330,8 @@ class EvictionPolicy(ABC):
     """One eviction rule. Subclasses only say in which order candidates go."""
 
     name: ClassVar[str]
-    needs_scores: ClassVar[bool] = False  # ranks by attention scores: engines compute them only then
+    # What the scores it ranks by are (one of SCORE_SOURCES); engines compute them only for such policies.
+    score_source: ClassVar[str | None] = None
 
     def __init__(self, config: PolicyConfig):
         self.config = config
@@ -346,7 +380,7 @@ class H2O(EvictionPolicy):
     """Sinks + recent window + heavy hitters: the lowest accumulated score goes first."""
 
     name = "h2o"
-    needs_scores = True
+    score_source = ATTENTION
 
     def block_scores(self, view: SequenceView) -> np.ndarray:
         if self.config.score_norm == "mean":
@@ -361,7 +395,28 @@ class H2O(EvictionPolicy):
         return candidates[np.lexsort((candidates, scores))]
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (H2O, StreamingLLM, NoEviction)}
+class KeyNorm(EvictionPolicy):
+    """Sinks + recent window + the blocks of lowest key norm (after PagedEviction, arXiv 2509.04377).
+
+    A block's score is the sum, over layers, KV heads and its tokens, of the L2 norms of
+    its keys as stored in the cache (after RoPE), each key counted once, when written: no
+    attention scores, so nothing to recompute and no kernel that must return probabilities.
+    Keys of low norm tend to receive more attention (the premise of L2-norm eviction), so
+    the highest sum goes first; among ties the older block. Only full blocks are
+    evictable, so the sum ranks as a mean would (``score_norm="mean"`` is refused;
+    ``prompt_window`` and ``score_reduce`` shape attention scoring and are ignored).
+    """
+
+    name = "keynorm"
+    score_source = KEY_NORM
+
+    def eviction_order(self, view, candidates):
+        scores = view.scores[candidates]
+        # lexsort: last key is primary. Highest score first; among ties the lower (older) index.
+        return candidates[np.lexsort((candidates, -scores))]
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (H2O, KeyNorm, StreamingLLM, NoEviction)}
 
 
 def make_policy(config: PolicyConfig) -> EvictionPolicy:

@@ -93,14 +93,16 @@ class Field:
 
 
 FIELDS = (
-    Field("policy", "policy", _text, "h2o, streaming or none (the full cache)"),
+    Field("policy", "policy", _text, "h2o, keynorm, streaming or none (the full cache)"),
     Field(
         "budget", "budget", Budget.parse, "KV kept per sequence: tokens (1024) or a fraction (0.2, 20%)", _budget_value
     ),
     Field("sink", "n_sink", _integer, "sink tokens kept at the start"),
     Field("recent", "n_recent", _optional_integer, "recent tokens kept; default: half of what the budget leaves"),
     Field("prompt_window", "prompt_window", _window, "score the prompt with its last W query rows; 0 or unset: all"),
-    Field("score_norm", "score_norm", _text, "sum (the paper) or mean (divided by how many queries saw a block)"),
+    Field(
+        "score_norm", "score_norm", _text, "sum (the paper) or mean (divided by how many queries saw a block; h2o only)"
+    ),
     Field("score_reduce", "score_reduce", _text, "sum (the paper) or max (each query's largest head-and-layer mass)"),
     Field("prefill", "prefill", _text, "whole (compress a prompt once it is prefilled) or chunked (after each chunk)"),
 )

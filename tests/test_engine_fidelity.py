@@ -4,9 +4,11 @@ Budget 256 tokens (25% of a 1024-token prompt), 128 new tokens, block size 32,
 scores shared across layers, float32. The reference is ``H2OCache`` (issue #3),
 which shares only the policy core with the engine: its scores come from
 transformers' attention, the engine's from paged KV. Variants: an observation
-window (per-request ``h2o_prompt_window``), ``h2o_score_reduce="max"``, and
+window (per-request ``h2o_prompt_window``), ``h2o_score_reduce="max"``,
 ``h2o_prefill="chunked"`` (compressed after each prefill chunk; the reference is fed the
-engine's chunks).
+engine's chunks), and key-norm eviction (per-request ``h2o_policy="keynorm"``, whole and
+chunked: the engine sums the norms of the keys its attention writes, the reference those
+of transformers' keys).
 """
 
 import pytest
@@ -62,6 +64,11 @@ RUN_ARGS = {
         {"h2o_prefill": "chunked", "h2o_prompt_window": WINDOW, "h2o_score_reduce": "max"},
     ),
     **{f"long{i}-chunked": (NUM_PROMPTS + i, {"h2o_prefill": "chunked"}) for i in range(3)},
+    # Key-norm eviction on an engine whose default is H2O: the policy is per request.
+    "prompt0-keynorm": (0, {"h2o_policy": "keynorm"}),
+    "prompt1-keynorm": (1, {"h2o_policy": "keynorm"}),
+    "prompt2-keynorm-chunked": (2, {"h2o_policy": "keynorm", "h2o_prefill": "chunked"}),
+    "long1-keynorm-chunked": (NUM_PROMPTS + 1, {"h2o_policy": "keynorm", "h2o_prefill": "chunked"}),
 }
 RUNS = list(RUN_ARGS)
 CHUNKED = [name for name in RUNS if "chunked" in name]
@@ -160,6 +167,14 @@ def test_engine_evicts_the_reference_blocks(reference, engine, index):
 def test_observation_window_and_max_change_the_choice(reference):
     assert reference[RUNS.index(f"prompt0-window{WINDOW}")]["evicted"] != reference[0]["evicted"]
     assert reference[RUNS.index("prompt2-max")]["evicted"] != reference[2]["evicted"]
+
+
+@pytest.mark.parametrize("prompt", [0, 1])
+def test_keynorm_requests_evict_by_key_norm_not_by_the_engines_default(reference, engine, prompt):
+    keynorm = RUNS.index(f"prompt{prompt}-keynorm")
+    assert engine[keynorm]["evicted"] != engine[prompt]["evicted"]  # the engine's default, H2O
+    evicted = reference[keynorm]["evicted"]
+    assert sorted(evicted) != list(range(1, len(evicted) + 1))  # not StreamingLLM's oldest first
 
 
 @pytest.mark.parametrize("name", CHUNKED)

@@ -2,7 +2,7 @@
 
 ``FastH2OCache`` (fixed buffers written in place, scores and decisions on the device)
 against ``H2OCache`` (tensors repacked at every eviction, ledgers on the host): the
-logits at every step and the evicted positions, for H2O and StreamingLLM, on a batch
+logits at every step and the evicted positions, for H2O, key norms and StreamingLLM, on a batch
 of 3 left-padded prompts of different lengths, at budgets where eviction happens.
 A random 2-layer Llama with 4 query heads sharing 2 KV heads, float32, built here.
 """
@@ -97,14 +97,14 @@ def _assert_same(model, config, layout="shared", device="cpu", tolerance=5e-5):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("policy", ["h2o", "streaming"])
+@pytest.mark.parametrize("policy", ["h2o", "keynorm", "streaming"])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_fast_cache_equals_the_reference(impl, policy, layout):
     _assert_same(_model(impl), _config(policy), layout)
 
 
 @pytest.mark.parametrize("layout", ["shared", "per_head"])
-@pytest.mark.parametrize("policy", ["h2o", "streaming"])
+@pytest.mark.parametrize("policy", ["h2o", "keynorm", "streaming"])
 def test_fast_cache_equals_the_reference_in_blocks(policy, layout):
     _assert_same(_model("sdpa"), _config(policy, block_size=4), layout)
 
@@ -124,16 +124,22 @@ def test_fast_cache_equals_the_reference_for_every_scoring_option(changes):
     _assert_same(_model("eager"), _config("h2o", block_size=4, **changes), "per_head")
 
 
-def test_h2o_and_streaming_keep_different_tokens():
+def test_fast_keynorm_equals_the_reference_with_a_fraction_budget_in_blocks():
+    changes = {"budget": Budget(fraction=0.3), "n_recent": None}
+    _assert_same(_model("eager"), _config("keynorm", block_size=4, **changes), "per_head")
+    _assert_same(_model("sdpa"), _config("keynorm", **changes), "shared")
+
+
+def test_h2o_keynorm_and_streaming_keep_different_tokens():
     """The equality tests compare decisions that depend on the scores, not on positions only."""
     model = _model("sdpa")
     ids, mask = _prompts()
     kept = {}
-    for policy in ("h2o", "streaming"):
+    for policy in ("h2o", "keynorm", "streaming"):
         cache = FastH2OCache.for_model(model, _config(policy))
         kept[policy] = _decode(model, cache, ids, mask)[1][-1][0]
-    assert kept["h2o"] != kept["streaming"]
-    assert all(len(row) == 12 for row in kept["h2o"])
+    assert kept["h2o"] != kept["streaming"] and kept["keynorm"] not in (kept["h2o"], kept["streaming"])
+    assert all(len(row) == 12 for row in kept["h2o"] + kept["keynorm"])
 
 
 def test_decoding_writes_in_place_into_buffers_of_budget_plus_margin():
@@ -177,7 +183,7 @@ def test_seed_api_generates_with_the_fast_cache_as_with_the_reference():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("policy", ["h2o", "streaming"])
+@pytest.mark.parametrize("policy", ["h2o", "keynorm", "streaming"])
 def test_fast_cache_equals_the_reference_on_cuda(policy):
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 as on the CPU
     _assert_same(_model("sdpa"), _config(policy), "per_layer", device="cuda", tolerance=1e-4)

@@ -15,6 +15,7 @@ from h2o_vllm.policy import Budget, PolicyConfig
         ("h2o_20%_window8_max", dict(budget=Budget(fraction=0.2), prompt_window=8, score_reduce="max")),
         ("h2o_0.5_mean_b32", dict(budget=Budget(fraction=0.5), score_norm="mean", block_size=32)),
         ("streaming_512", dict(policy="streaming", budget=Budget(tokens=512))),
+        ("keynorm_20%_chunked", dict(policy="keynorm", budget=Budget(fraction=0.2), prefill="chunked")),
         ("full", dict(policy="none")),
     ],
 )
@@ -28,6 +29,8 @@ def test_names_set_what_they_say_over_the_base(name, expected):
     [
         ("h2o-0.2", "h2o_20%"),  # model-name aliases
         ("streaming-256", "streaming_256"),
+        ("keynorm-0.2", "keynorm_20%"),
+        ("keynorm_tokens_4096", "keynorm_4096"),  # the engine capacity benchmark's spelling
         ("h2o-window-max_20%", "h2o_20%_window8_max"),  # the first wave's evaluation policies
         ("h2o-window_10%", "h2o_10%_window8"),
         ("h2o-mean_50%", "h2o_50%_mean"),
@@ -44,7 +47,13 @@ def test_older_spellings_parse_to_the_same_configuration(old, new):
 
 
 def test_canonical_names_round_trip_and_families_drop_the_budget():
-    for name in ["h2o_20%_window8_max", "h2o_1024_sink32_recent64", "h2o_20%_r75_mean_layer", "streaming_10%"]:
+    for name in [
+        "h2o_20%_window8_max",
+        "h2o_1024_sink32_recent64",
+        "h2o_20%_r75_mean_layer",
+        "streaming_10%",
+        "keynorm_20%_sink64_head",
+    ]:
         assert names.parse_name(name).name == name
     named = names.parse_name("h2o_window8_max")
     assert not named.has_budget and named.family == "h2o_window8_max"
@@ -52,7 +61,9 @@ def test_canonical_names_round_trip_and_families_drop_the_budget():
     assert names.parse_name("h2o-window-max", window=16).name == "h2o_window16_max"
 
 
-@pytest.mark.parametrize("bad", ["lru_20%", "h2o_20%_foo", "h2o_20%_max_max", "h2o_0", "h2o-x", "h2o_20%_window0"])
+@pytest.mark.parametrize(
+    "bad", ["lru_20%", "h2o_20%_foo", "h2o_20%_max_max", "h2o_0", "h2o-x", "h2o_20%_window0", "keynorm_20%_mean"]
+)
 def test_bad_names_are_refused_with_the_name(bad):
     with pytest.raises(names.ConfigNameError, match=bad):
         names.parse_name(bad)
@@ -81,6 +92,23 @@ def test_values_are_checked_in_one_place_whatever_the_form():
 def test_needs_scores_is_the_policys_kind():
     assert PolicyConfig("h2o").needs_scores
     assert not PolicyConfig("streaming").needs_scores and not PolicyConfig("none").needs_scores
+    assert not PolicyConfig("keynorm").needs_scores and PolicyConfig("keynorm").needs_key_norms
+
+
+def test_keynorm_in_every_form():
+    """A model-name alias, a request's extra args, the policy choices; mean is refused naming the field."""
+    assert aliases.split_alias("m@keynorm-0.2") == ("m", {"h2o_policy": "keynorm", "h2o_budget": 0.2})
+    base, args = aliases.split_alias("m@keynorm_20%_chunked")
+    assert settings.for_request(ENGINE_DEFAULTS, args) == ENGINE_DEFAULTS.replace(
+        policy="keynorm", budget=Budget(fraction=0.2), prefill="chunked"
+    )
+    with pytest.raises(settings.H2OSettingError, match="keynorm") as info:
+        settings.for_request(ENGINE_DEFAULTS, {"h2o_policy": "lru"})
+    assert info.value.param == "h2o_policy"
+    with pytest.raises(settings.H2OSettingError) as info:
+        settings.for_request(ENGINE_DEFAULTS, {"h2o_policy": "keynorm", "h2o_score_norm": "mean"})
+    assert info.value.param == "h2o_score_norm"
+    assert "keynorm" in next(f.help for f in settings.FIELDS if f.name == "policy")
 
 
 def test_aliases_take_any_name_of_the_grammar():

@@ -11,7 +11,7 @@ from h2o_vllm.policy import Budget, PolicyConfig, SequenceView, make_policy, pro
 
 
 @st.composite
-def scenarios(draw, policy=st.sampled_from(["h2o", "streaming", "none"])):
+def scenarios(draw, policy=st.sampled_from(["h2o", "keynorm", "streaming", "none"])):
     block_size = draw(st.sampled_from([1, 2, 4, 16, 32]))
     num_tokens = draw(st.integers(1, 40 * block_size))
     num_blocks = -(-num_tokens // block_size)
@@ -19,13 +19,14 @@ def scenarios(draw, policy=st.sampled_from(["h2o", "streaming", "none"])):
         budget = Budget(fraction=draw(st.floats(0.01, 1.0)))
     else:
         budget = Budget(tokens=draw(st.integers(1, 2 * num_tokens)))
+    name = draw(policy)
     cfg = PolicyConfig(
-        policy=draw(policy),
+        policy=name,
         budget=budget,
         n_sink=draw(st.integers(0, 3 * block_size)),
         n_recent=draw(st.one_of(st.none(), st.integers(0, 6 * block_size))),
         block_size=block_size,
-        score_norm=draw(st.sampled_from(["sum", "mean"])),
+        score_norm="sum" if name == "keynorm" else draw(st.sampled_from(["sum", "mean"])),
     )
     # Coarse scores so that ties happen often.
     scores = np.array(draw(st.lists(st.integers(0, 5), min_size=num_blocks, max_size=num_blocks)), dtype=float)
@@ -74,7 +75,7 @@ def test_sinks_recent_and_unfilled_blocks_are_never_evicted(case):
 
 
 @settings(max_examples=400, deadline=None)
-@given(scenarios(policy=st.sampled_from(["h2o", "streaming"])), st.integers(1, 64))
+@given(scenarios(policy=st.sampled_from(["h2o", "keynorm", "streaming"])), st.integers(1, 64))
 def test_larger_budget_never_evicts_what_a_smaller_one_keeps(case, extra_tokens):
     cfg, view = case
     if cfg.n_recent is None:  # the default recent window grows with the budget; pin it
@@ -110,6 +111,40 @@ def test_streaming_keeps_sinks_and_the_most_recent_blocks():
     view = SequenceView.fresh(10 * 32 + 5, 32, scores=np.arange(11)[::-1])  # scores are ignored
     # 11 blocks (the last holds 5 tokens), budget 4: keep block 0 (sinks) and the 3 newest (8, 9, 10)
     assert make_policy(cfg).select(view) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_keynorm_evicts_highest_norms_and_breaks_ties_towards_older_blocks():
+    cfg = PolicyConfig("keynorm", Budget(tokens=5), n_sink=1, n_recent=1, block_size=1)
+    view = SequenceView.fresh(10, 1, scores=[0, 9, 3, 9, 7, 0.5, 8, 2, 6, 99])
+    # 10 resident, budget 5 -> evict 5 of blocks 1..8 (0 is the sink, 9 recent): 9 (1), 9 (3), 8 (6), 7 (4), 6 (8)
+    assert make_policy(cfg).select(view) == [1, 3, 4, 6, 8]
+    # H2O ranks the other way: the lowest go, 0.5 (5), 2 (7), 3 (2), 6 (8), 7 (4).
+    assert make_policy(cfg.replace(policy="h2o")).select(view) == [2, 4, 5, 7, 8]
+
+
+def test_keynorm_keeps_sinks_recent_window_and_the_partly_written_block():
+    cfg = PolicyConfig("keynorm", Budget(tokens=3 * 32), n_sink=32, n_recent=32, block_size=32)
+    # 6 blocks, the last partly written: sinks (0), recent (4, and 5: partial) are kept whatever their norms.
+    view = SequenceView.fresh(5 * 32 + 3, 32, scores=[100, 1, 2, 3, 100, 100])
+    assert make_policy(cfg).select(view) == [1, 2, 3]
+    view.resident[2] = False  # an evicted block is never chosen again; one more goes to reach the budget
+    assert make_policy(cfg).select(view) == [1, 3]
+
+
+def test_keynorm_settings():
+    """Key norms are not attention: no visibility to divide by (``mean`` is refused), no prefix hit
+    (a hit's keys are never computed, so their norms would be missing); window and reduce are ignored."""
+    config = PolicyConfig("keynorm")
+    assert config.score_source == "key_norm" and config.needs_key_norms and not config.needs_scores
+    assert PolicyConfig("h2o").score_source == "attention" and not PolicyConfig("h2o").needs_key_norms
+    assert PolicyConfig("streaming").score_source is None and PolicyConfig("none").score_source is None
+    with pytest.raises(ValueError, match="score_norm.*key norms"):
+        PolicyConfig("keynorm", score_norm="mean")
+    for prefill in ("whole", "chunked"):
+        assert PolicyConfig("keynorm", block_size=32, prefill=prefill).max_prefix_hit(1000, 1200) == 0
+    windowed = PolicyConfig("keynorm", prompt_window=8, score_reduce="max")
+    view = SequenceView.fresh(10, 1, scores=[0, 9, 3, 9, 7, 0.5, 8, 2, 6, 99])
+    assert make_policy(windowed.replace(budget=Budget(tokens=5), n_sink=1, n_recent=1)).select(view) == [1, 3, 4, 6, 8]
 
 
 def test_mean_normalisation_ranks_by_attention_per_query():
@@ -165,7 +200,7 @@ def test_which_query_rows_score_whole_and_chunked():
 
 
 @given(
-    st.sampled_from(["h2o", "streaming"]),
+    st.sampled_from(["h2o", "keynorm", "streaming"]),
     st.sampled_from(["whole", "chunked"]),
     st.none() | st.integers(1, 300),
     st.integers(1, 3000),
@@ -177,7 +212,9 @@ def test_a_prefix_cache_hit_never_takes_rows_a_decision_needs(policy, prefill, w
     chunk stays within the peak; otherwise vLLM's hit."""
     config = PolicyConfig(policy, block_size=32, prefill=prefill, prompt_window=window, budget=Budget(fraction=0.2))
     cap = config.max_prefix_hit(prompt, prompt + new)
-    if prefill == "chunked":
+    if policy == "keynorm":
+        assert cap == 0  # every key's norm must be computed
+    elif prefill == "chunked":
         assert cap == config.kept_blocks(prompt + new) * 32
     elif policy == "h2o" and window is not None:
         assert cap % 32 == 0 and 0 <= cap <= max(0, prompt - window) < cap + 32
@@ -203,7 +240,12 @@ def test_chunked_prefill_compresses_after_every_chunk():
 
 
 @settings(max_examples=300, deadline=None)
-@given(scenarios(policy=st.sampled_from(["h2o", "streaming"])), st.integers(1, 12), st.integers(1, 4), st.randoms())
+@given(
+    scenarios(policy=st.sampled_from(["h2o", "keynorm", "streaming"])),
+    st.integers(1, 12),
+    st.integers(1, 4),
+    st.randoms(),
+)
 def test_chunked_prefill_never_holds_more_than_its_peak(case, chunk_blocks, new_blocks, rng):
     """Prefill a prompt chunk by chunk, evicting after each, then decode: the blocks held never
     exceed ``peak_blocks`` (what admission reserves) nor ``most_blocks`` (what the door checks)."""

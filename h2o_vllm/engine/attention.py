@@ -4,7 +4,7 @@ Registered in place of ``CPU_ATTN`` by the H2O worker only, so a vanilla engine 
 the same environment never sees it. The kernel itself is untouched: the builder
 hands it a block table without holes and shorter sequence lengths (cached keys
 are already rotated, so RoPE does not care which tokens are missing), and the
-impl scores after the kernel ran.
+impl scores after the kernel ran, and sums the new keys' norms for key-norm requests.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from h2o_vllm.engine import scoring
 from h2o_vllm.patches import engine_seams
 
 SCORER_ATTR = "h2o_scorer"  # on the attention metadata: the step's scorer, read by every layer
+KEY_NORMS_ATTR = "h2o_key_norms"  # likewise: the step's KeyNormSums
 
 
 class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -30,7 +31,7 @@ class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         step = self.h2o_step
         cm = common_attn_metadata
-        if step is None or (not step.with_holes and not step.scores):
+        if step is None or (not step.with_holes and not step.scores and not step.key_norms):
             return super().build(common_prefix_len, cm, fast_build)
         num_reqs = cm.num_reqs
         block_size = engine_seams.attention_builder_block_size(self)
@@ -51,6 +52,9 @@ class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 step, compaction, cm.query_start_loc_cpu, logical_lens, block_size, layout
             )
             setattr(metadata, SCORER_ATTR, step.scorer)
+        if step.key_norms:
+            step.key_norm_sums = scoring.KeyNormSums.for_step(step, cm.query_start_loc_cpu, logical_lens, block_size)
+            setattr(metadata, KEY_NORMS_ATTR, step.key_norm_sums)
         return metadata
 
 
@@ -61,9 +65,14 @@ class H2OCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         output = super().forward(
             layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
         )
-        scorer = getattr(attn_metadata, SCORER_ATTR, None) if attn_metadata is not None else None
+        if attn_metadata is None:
+            return output
+        scorer = getattr(attn_metadata, SCORER_ATTR, None)
         if scorer is not None:
             scorer.score_layer(query, engine_seams.key_pages(kv_cache), engine_seams.attention_impl_scale(self))
+        key_norms = getattr(attn_metadata, KEY_NORMS_ATTR, None)
+        if key_norms is not None and key is not None:  # the keys this layer writes (rotated, as cached)
+            key_norms.add_layer(key)
         return output
 
 

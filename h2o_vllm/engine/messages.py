@@ -33,17 +33,21 @@ class StepPlan:
     # Requests whose attention is scored. Requests not listed are not scored at all
     # (policies that need no scores cost nothing).
     scores: dict[str, ScoreRequest] = field(default_factory=dict)
+    # Requests whose new keys' L2 norms are summed per block this step (key-norm eviction).
+    key_norms: set[str] = field(default_factory=set)
 
 
 @dataclass
 class BlockScores:
-    """Worker -> scheduler: attention mass one request's blocks received in one step.
+    """Worker -> scheduler: what one request's blocks scored in one step, to add to its ledger.
 
-    Summed over layers, heads and the scored queries (or, for ``score_reduce="max"``,
-    each query's largest block mass over layers and heads, summed over queries); ``visibility`` counts the
-    (query, token) pairs that could see each block, also summed over layers.
+    Attention (h2o): the mass summed over layers, heads and the scored queries (or, for
+    ``score_reduce="max"``, each query's largest block mass over layers and heads, summed
+    over queries); ``visibility`` counts the (query, token) pairs that could see each
+    block, also summed over layers. Key norms (keynorm): the L2 norms of the keys written
+    this step, summed over layers and KV heads, and no visibility.
     """
 
     blocks: np.ndarray  # logical block indices
     mass: np.ndarray
-    visibility: np.ndarray
+    visibility: np.ndarray | None = None

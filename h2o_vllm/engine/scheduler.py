@@ -7,9 +7,12 @@ freed blocks go straight back to the pool, so the same step can give them to
 running requests that need a new block and to waiting requests. With prefix
 caching on (vLLM's default), a request offers the prefix cache only the blocks it
 computed before its first eviction, and takes from it only what leaves its
-decisions unchanged (see :meth:`PolicyConfig.max_prefix_hit`). The evictions
-and the rows to score travel to the workers on the step's ``SchedulerOutput``;
-the scores come back on the ``ModelRunnerOutput``.
+decisions unchanged (see :meth:`PolicyConfig.max_prefix_hit`). The evictions,
+the rows to score (H2O) and the requests whose new keys' norms to sum (key-norm
+eviction) travel to the workers on the step's ``SchedulerOutput``; the scores
+come back on the ``ModelRunnerOutput`` and are added to the ledgers: attention
+mass for every scored row of every step, a key's norm once, in the step that
+writes it.
 
 Enabled with ``--scheduler-cls h2o_vllm.engine.scheduler.H2OScheduler`` (see
 :func:`h2o_vllm.engine.settings.engine_kwargs`).
@@ -69,6 +72,7 @@ class RequestEviction:
         self.num_prompt_tokens = num_prompt_tokens
         self.can_evict = config.can_evict(num_prompt_tokens, max_tokens)
         self.needs_scores = self.can_evict and config.needs_scores
+        self.needs_key_norms = self.can_evict and config.needs_key_norms
         # Set at the first eviction: the blocks below it were computed over the full context
         # and may be shared through the prefix cache; nothing at or above it is ever offered.
         self.cache_cap_tokens: int | None = None
@@ -225,6 +229,8 @@ class H2OScheduler(Scheduler):
                 end = request.num_computed_tokens
                 first = state.config.first_scored_position(end - num_scheduled, end, state.num_prompt_tokens)
                 plan.scores[req_id] = ScoreRequest(first, state.config.score_reduce)
+            elif state.needs_key_norms:
+                plan.key_norms.add(req_id)  # every token it runs this step writes a key
             counters = state.counters
             if counters.cached_prefix_tokens is None:  # first scheduled since (re)admission
                 counters.cached_prefix_tokens = request.num_computed_tokens - num_scheduled

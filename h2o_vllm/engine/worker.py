@@ -1,5 +1,5 @@
 """Worker side: apply the scheduler's evictions, describe the step to the attention
-builders, and send the step's scores back with the sampled tokens.
+builders, and send the step's scores (and key norms) back with the sampled tokens.
 
 Enabled with ``--worker-cls h2o_vllm.engine.worker.H2OCPUWorker`` (see
 :func:`h2o_vllm.engine.settings.engine_kwargs`).
@@ -38,7 +38,7 @@ class H2OCPUModelRunner(CPUModelRunner):
             for req_id, blocks in plan.evictions.items():
                 engine_seams.punch_worker_holes(self, req_id, blocks)
                 with_holes.add(req_id)
-            context = StepContext(engine_seams.batch_req_ids(self), plan.scores, set(with_holes))
+            context = StepContext(engine_seams.batch_req_ids(self), plan.scores, set(with_holes), plan.key_norms)
         self._h2o_step(context)
         return result
 
@@ -60,11 +60,15 @@ class H2OCPUModelRunner(CPUModelRunner):
         self._h2o_step(None)  # warm-up and profiling runs between steps see a plain table
         if (
             context is not None
-            and context.scorer is not None
+            and (context.scorer is not None or context.key_norm_sums is not None)
             and isinstance(output, ModelRunnerOutput)
             and output is not EMPTY_MODEL_RUNNER_OUTPUT
         ):
-            setattr(output, SCORES_ATTR, context.scorer.collect())
+            scores = {}  # attention scores and key norms go to different requests
+            for source in (context.scorer, context.key_norm_sums):
+                if source is not None:
+                    scores.update(source.collect())
+            setattr(output, SCORES_ATTR, scores)
         return output
 
 

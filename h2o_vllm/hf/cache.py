@@ -18,6 +18,11 @@ does): the cache then treats (row, KV head) pairs as its rows, each with its
 own ledger and decisions, and hands attention ``[batch, kv_heads, ...]`` views.
 A KV head's score sums the query heads that share it (grouped-query attention).
 
+Key-norm eviction (``policy="keynorm"``) needs no attention weights: when a layer's new
+keys are in the cache (rotated, as stored), the L2 norm of each token's key is added to
+its block's score once, summed over the layer's KV heads (each KV head alone with
+``per_head=True``) and, with shared decisions, over layers, as attention mass is.
+
 The configuration's ``score_reduce`` says how heads (and, with shared decisions, layers) are
 combined: ``"sum"`` adds every head's attention mass (the paper); ``"max"``
 takes, for each query, the largest mass any one head gives a block, then sums
@@ -36,7 +41,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from h2o_vllm.ledger import BlockLedger
-from h2o_vllm.policy import PolicyConfig, make_policy
+from h2o_vllm.policy import ATTENTION, KEY_NORM, PolicyConfig, make_policy
 
 # update() and the attention call of the same layer run back to back on one thread;
 # this is how the attention function finds the cache it belongs to.
@@ -125,7 +130,7 @@ class CacheStats:
 
 
 class H2OCache(Cache):
-    """KV cache that applies an eviction policy (h2o, streaming, none) as it goes."""
+    """KV cache that applies an eviction policy (h2o, keynorm, streaming, none) as it goes."""
 
     def __init__(
         self,
@@ -150,6 +155,7 @@ class H2OCache(Cache):
             raise ValueError("the scored rows of one H2OCache must share prompt_window and score_reduce")
         # How attention is scored (prompt window, score reduction): the scored rows' common settings.
         self.scoring: PolicyConfig | None = scored[0] if scored else None
+        self.key_norms = any(c.needs_key_norms for c in configs)  # some row ranks by its keys' norms
         self.evicts = any(c.policy != "none" for c in configs)
         self.per_layer = per_layer
         self.per_head = per_head
@@ -161,6 +167,7 @@ class H2OCache(Cache):
         self.prompt_tokens = 0
         self.ledgers: list[list[BlockLedger]] = []  # [score group][row]
         self.policies = []  # one per row, made at the first forward when the batch size is known
+        self.row_sources: list[str | None] = []  # per row: what its policy ranks by (policy.SCORE_SOURCES)
         self.stats = CacheStats()
 
     @classmethod
@@ -234,6 +241,8 @@ class H2OCache(Cache):
             self._grow_ledgers(layer, layer_idx)
             if self.scoring is not None:
                 self._score(module, layer, layer_idx, query, key, weights, first_query, scaling)
+            if self.key_norms:
+                self._add_key_norms(layer, layer_idx, q_len)
             last_layer = layer_idx == len(self.layers) - 1
             if self.per_layer:
                 self._evict(layer_idx, [layer])
@@ -254,6 +263,7 @@ class H2OCache(Cache):
         configs = [c for c in configs for _ in range(self.rows_per_sequence)]
         batch *= self.rows_per_sequence
         self.policies = [make_policy(c) for c in configs]
+        self.row_sources = [c.score_source for c in configs]
         self.ledgers = [[BlockLedger(c.block_size) for c in configs] for _ in range(groups)]
         self.stats.per_row_evicted = [[] for _ in range(batch)]
 
@@ -310,12 +320,25 @@ class H2OCache(Cache):
                 per_head.scatter_add_(2, blocks.expand_as(probs[row]), probs[row])
                 rows = self._row_max[row][start - row_start : end - row_start]
                 torch.maximum(rows, per_head[..., :-1].amax(dim=0), out=rows)
-        for row, ledger in enumerate(ledgers):
+        scored = [row for row, source in enumerate(self.row_sources) if source == ATTENTION]
+        for row in scored:
             real = logical[row] >= 0
-            ledger.add(logical[row][real].cpu().numpy(), mass[row, real].numpy(), visibility[row, real].numpy())
+            ledgers[row].add(logical[row][real].cpu().numpy(), mass[row, real].numpy(), visibility[row, real].numpy())
         if use_max and (self.per_layer or layer_idx == len(self.layers) - 1):
-            for ledger, row_max in zip(ledgers, self._row_max):
-                ledger.add_blocks(np.arange(ledger.num_blocks), row_max.sum(dim=0).double().numpy())
+            for row in scored:
+                ledger = ledgers[row]
+                ledger.add_blocks(np.arange(ledger.num_blocks), self._row_max[row].sum(dim=0).double().numpy())
+
+    def _add_key_norms(self, layer: EvictingLayer, layer_idx: int, q_len: int) -> None:
+        """Add the L2 norms of this forward's keys (the layer's last ``q_len`` slots, just appended) to their
+        blocks, summed over the row's KV heads: each key is counted once per layer, when it is written."""
+        norms = _key_norms(layer.keys[:, :, -q_len:])  # [rows, q]
+        logical = layer.positions[:, -q_len:] - self.padding[:, None]  # < 0: padding
+        ledgers = self.ledgers[layer_idx if self.per_layer else 0]
+        for row, source in enumerate(self.row_sources):
+            if source == KEY_NORM:
+                real = logical[row] >= 0
+                ledgers[row].add(logical[row][real].cpu().numpy(), norms[row, real].cpu().numpy())
 
     def _evict(self, group: int, layers: list[EvictingLayer]) -> None:
         decisions = [ledger.evict(policy) for ledger, policy in zip(self.ledgers[group], self.policies)]
@@ -336,6 +359,11 @@ class H2OCache(Cache):
                     gone = torch.as_tensor(blocks, dtype=torch.long)
                     keep[row] &= ~torch.isin(logical[row] // self.ledgers[group][row].block_size, gone)
             layer.keep_only(keep)
+
+
+def _key_norms(keys: torch.Tensor) -> torch.Tensor:
+    """[rows, kv_heads, q, head_dim] keys -> [rows, q] float64: each token's key L2 norm, summed over KV heads."""
+    return torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float64).sum(dim=1)
 
 
 def _rows_per_head(t: torch.Tensor, rows_per_sequence: int) -> torch.Tensor:

@@ -7,8 +7,8 @@ of the budget plus a small margin, and a new token's key and value overwrite an 
 slot in place instead of the tensors being repacked. Slots are in no positional order,
 which attention does not mind: keys are cached already rotated, and a mask hides empty,
 evicted and padding slots. Nothing is copied to the host while decoding: the attention
-mass is summed into per-slot scores on the device, and the policy's choice is made
-there too (:class:`DevicePolicy`).
+mass (or, for key-norm eviction, each new key's L2 norm, once) is summed into per-page
+scores on the device, and the policy's choice is made there too (:class:`DevicePolicy`).
 
 Slots come in *pages* of ``block_size`` slots, one logical block per page (one token
 per page at ``block_size=1``, the paper's token-level H2O), so evicting a block frees a
@@ -216,8 +216,8 @@ class DevicePolicy:
     """:meth:`EvictionPolicy.select` for every row of a table at once, on the device.
 
     Same rules, same order: only held, full, unprotected blocks go, the lowest score
-    (H2O) or the oldest (StreamingLLM) first, ties to the older block, until each row
-    holds its budget.
+    (H2O), the highest (key norms) or the oldest (StreamingLLM) first, ties to the older
+    block, until each row holds its budget.
     """
 
     def __init__(self, config: PolicyConfig):
@@ -255,6 +255,9 @@ class DevicePolicy:
         return candidate & (rank < excess[..., None])
 
     def _key(self, blocks, scores, visibility) -> torch.Tensor:
+        """What the candidates are sorted by, ascending (ties: the older block)."""
+        if self.config.needs_key_norms:  # the highest norm first
+            return -scores
         if not self.config.needs_scores:  # StreamingLLM: the oldest first
             return blocks.double()
         if self.config.score_norm == "mean":
@@ -495,6 +498,8 @@ class FastH2OCache(H2OCache):
             if pages > table.pages:
                 table.grow(pages)
             table.assign(first_query, q_len)
+        if self.key_norms:
+            self._add_key_norms_to(table, layer.pending[0], first_query)
         layer.write()
         mask = _attention_mask(table.allowed, query, additive_mask)
         out, weights = base_attention(
@@ -561,6 +566,17 @@ class FastH2OCache(H2OCache):
         table.add(mass, visibility)
         if use_max and (self.per_layer or layer_idx == len(self.layers) - 1):
             table.scores += table.row_max.sum(dim=2).double()
+
+    def _add_key_norms_to(self, table: SlotTable, keys: torch.Tensor, first_query: int) -> None:
+        """Add the L2 norms of this forward's keys [batch, kv_heads, q, head_dim] to the pages they are written to,
+        summed over KV heads (each KV head alone with per-head decisions), as H2OCache._add_key_norms does."""
+        batch, kv_heads, q_len, _ = keys.shape
+        groups = table.positions.shape[1]
+        norms = torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float64)  # [batch, kv_heads, q]
+        norms = norms.view(batch, groups, kv_heads // groups, q_len).sum(dim=2)
+        q_pos = torch.arange(first_query, first_query + q_len, device=keys.device)
+        norms = norms * (q_pos[None, :] >= self.padding[:, None])[:, None, :]  # padding tokens count nothing
+        table.scores.scatter_add_(-1, table.new_slots // table.block_size, norms)
 
     def _decide(self, group: int, layers: list[FastLayer]) -> None:
         """Evict what the policy says, on the device; shrink the buffers after a forward that grew them."""
