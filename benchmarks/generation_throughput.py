@@ -102,18 +102,19 @@ SHAPE_GROUPS = {"tiny": ["tiny-llama", "tiny-pythia"]}
 class Policy:
     """One row of the table: the full cache, or an evicting policy at a budget."""
 
-    name: str  # "full", "h2o", "streaming"
+    name: str  # "full", "h2o", "streaming", "keynorm"
 
     def label(self, share: float) -> str:
-        return {"full": "full", "h2o": f"H2O {share:.0%}", "streaming": f"StreamingLLM {share:.0%}"}[self.name]
+        labels = {"full": "full", "h2o": "H2O", "streaming": "StreamingLLM", "keynorm": "key-norm"}
+        return labels[self.name] if self.name == "full" else f"{labels[self.name]} {share:.0%}"
 
     def config(self, budget: int, sink: int):
         from h2o_vllm.policy import Budget, PolicyConfig
 
         if self.name == "full":
             return None
-        if self.name == "h2o":  # sinks, then half recent window and half heavy hitters
-            return PolicyConfig("h2o", Budget(tokens=budget), n_sink=sink)
+        if self.name in ("h2o", "keynorm"):  # sinks, then half recent window and half kept by score
+            return PolicyConfig(self.name, Budget(tokens=budget), n_sink=sink)
         return PolicyConfig("streaming", Budget(tokens=budget), n_sink=sink, n_recent=budget - sink)
 
 
@@ -382,7 +383,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="a local model folder instead (CPU default: the default model)")
     parser.add_argument("--dtype", help="default: float16 on CUDA, float32 on CPU")
     parser.add_argument(
-        "--policies", nargs="+", default=["full", "h2o", "streaming"], choices=["full", "h2o", "streaming"]
+        "--policies", nargs="+", default=["full", "h2o", "streaming"], choices=["full", "h2o", "streaming", "keynorm"]
     )
     parser.add_argument("--prompt-tokens", type=int, help="default: 512 on CUDA, 256 on CPU")
     parser.add_argument("--new-tokens", type=int, help="default: 256 on CUDA, 64 on CPU")

@@ -11,6 +11,8 @@ evaluation crosses *families* (names without a budget) with budgets:
                         (``h2o_score_reduce: max``) instead of their sum
     h2o_mean            H2O as the paper scores the prompt, each block's score divided by the
                         number of queries that saw it (``h2o_score_norm: mean``); not run by default
+    keynorm             key-norm eviction: the blocks whose keys have the largest L2 norms go
+                        first (no attention scores); not run by default
 
 so ``h2o_20%_window8_max`` is the last one at 20% of the sequence and
 ``h2o_1024_window8_max`` at 1024 tokens (budgets as :meth:`Budget.parse
