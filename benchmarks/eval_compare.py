@@ -10,6 +10,13 @@ largest difference between two runs of one configuration, over every configurati
 than once (the full cache included). A candidate is *better* or *worse* than the baseline on a
 metric and budget when the difference is larger than that noise, else *within noise*.
 
+Prefix caching (vLLM's default) changes what H2O scoring every prompt row decides: a request
+that takes H prompt tokens from the cache scores only the rows after them, as with a prompt
+window of N - H rows (see ``PolicyConfig.max_prefix_hit``), and an evaluation runs every
+prompt once per configuration, so most prompts hit. Such configurations are taken only from
+runs whose server had prefix caching off (``--serve-args "... --no-enable-prefix-caching"``);
+every other configuration decides the same with and without hits and is taken from any run.
+
 Writes OUT/compare.md (tables per model, the noise, the verdicts) and OUT/compare.json.
 """
 
@@ -47,11 +54,29 @@ def budget_label(entry: dict) -> str:
     return f"{entry['budget']:.0%}" if entry["budget_tokens"] is None else str(entry["budget_tokens"])
 
 
+def prefix_caching_on(run: dict) -> bool:
+    """Whether the run's server cached prefixes (a server the run did not start: assume it did)."""
+    settings = run["settings"]
+    return settings.get("base_url") is not None or "--no-enable-prefix-caching" not in settings.get("serve_args", "")
+
+
+def hits_change_decisions(family: str) -> bool:
+    """Whether a prefix-cache hit changes what ``family`` decides: H2O scoring every prompt row."""
+    from h2o_vllm.evaluation.configs import EvalConfig
+
+    if family == "full":
+        return False
+    config = EvalConfig.of(family, 0.5).named.config
+    return config.needs_scores and config.prompt_window is None
+
+
 def merge(runs: list[dict]) -> tuple[dict, dict]:
     """({(family, budget): {metric: [values, one per run]}}, {metric: noise})."""
     values: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         for entry in run["results"].values():
+            if prefix_caching_on(run) and hits_change_decisions(entry["policy"]):
+                continue
             key = (entry["policy"], budget_label(entry))
             for metric, _, _ in METRICS:
                 value = entry.get(metric)

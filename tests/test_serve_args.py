@@ -49,6 +49,16 @@ def test_defaults_serve_the_default_model_with_h2o_on_loopback(no_model_build):
     assert "--no-enable-prefix-caching" not in argv and "--enable-prefix-caching" not in argv  # vLLM's default
     h2o = json.loads(flag_values(argv, "--additional-config")[0])["h2o"]
     assert h2o["policy"] == "h2o" and h2o["budget"] == serve.DEFAULT_SERVER_BUDGET
+    # the defaults chosen by measurement (results/defaults): an 8-row prompt window and max
+    assert (h2o["prompt_window"], h2o["score_reduce"], h2o["score_norm"]) == (8, "max", "sum")
+
+
+def test_the_papers_scoring_is_one_option_away(no_model_build):
+    import json
+
+    argv = build(["--h2o-prompt-window", "0"], env={"H2O_VLLM_SCORE_REDUCE": "sum"})
+    h2o = json.loads(flag_values(argv, "--additional-config")[0])["h2o"]
+    assert (h2o["prompt_window"], h2o["score_reduce"]) == (None, "sum")
 
 
 def test_user_arguments_win_and_pass_through(no_model_build):
