@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = {
     "perplexity-table": ["results/perplexity/table.md"],
+    "perplexity-qwen-table": ["results/perplexity-qwen/table.md"],
+    "defaults-table": ["results/defaults/compare-intro.md", "results/defaults/compare.md"],
     "hf-fidelity-table": ["results/hf-fidelity/table.md"],
     "load-table": [
         "results/load/kv-intro.md",
@@ -49,6 +51,8 @@ SECTIONS = {
 # section -> the page (relative to the repository root) that holds its markers
 PAGES = {
     "perplexity-table": "results/README.md",
+    "perplexity-qwen-table": "results/README.md",
+    "defaults-table": "results/README.md",
     "hf-fidelity-table": "results/README.md",
     "load-table": "results/README.md",
     "eval-table": "results/README.md",
