@@ -104,14 +104,13 @@ def _serve(argv: list[str]) -> int:
         serve.run_vllm_cli(["serve", "--help"])
         return 0
     try:
-        serve.serve(argv)
+        return serve.serve(argv)
     except serve.ServeArgumentError as err:
         print(f"h2o-vllm serve: error: {err}", file=sys.stderr)
         return 2
     except (assets.ModelPackageMissing, assets.UnknownModel) as err:
         print(f"h2o-vllm: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 def _eval(argv: list[str]) -> int:

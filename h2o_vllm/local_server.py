@@ -56,13 +56,18 @@ class ServerProcess:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "h2o_vllm.cli", "serve", *self.args]
 
-    def start(self) -> ServerProcess:
+    def launch(self) -> ServerProcess:
+        """Start the process and return at once (:meth:`start` also waits until it is healthy)."""
         # Open for the server's lifetime; stop() closes it.
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        # Own process group, so stop() reaches the engine core and workers too.
+        # Own session and process group, so stop() reaches the engine core and workers too.
         self.proc = subprocess.Popen(
             self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        return self
+
+    def start(self) -> ServerProcess:
+        self.launch()
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -14,7 +14,11 @@ user left out:
 - the H2O engine (``--scheduler-cls``, ``--worker-cls``, ``--block-size 32``,
   ``--additional-config '{"h2o": ...}'``) with the server-wide defaults below, unless
   ``--no-h2o``; prefix caching is vLLM's (on unless ``--no-enable-prefix-caching``);
-- model-name aliases that select a policy and budget (``smollm2-135m@h2o-0.2``).
+- model-name aliases that select a policy and budget (``smollm2-135m@h2o-0.2``);
+- ``--shutdown-timeout 20``: on SIGTERM or SIGINT new requests get 503, in-flight ones
+  have 20 s to finish before they are aborted, then every process stops and the
+  server exits 0; if the engine dies, ``/health`` answers 503 for a few seconds and
+  the server exits 1 (patches/server_lifecycle.py; docs/deployment.md).
 
 H2O options: one ``--h2o-NAME`` per field of :data:`h2o_vllm.settings.FIELDS`
 (policy, budget, sink, recent, prompt-window, score-norm, score-reduce, prefill), each also
@@ -38,6 +42,9 @@ DEFAULT_PORT = "8000"
 # KV pool on CPU when the user sets no memory option: 2 GiB holds about 90k tokens
 # of the default model (30 layers x 3 KV heads x 64 dims x K,V x bf16 = 23 KiB/token).
 DEFAULT_CPU_KV_CACHE = "2G"
+# Seconds in-flight requests may take to finish after SIGTERM/SIGINT (vLLM's own default, 0,
+# aborts them at once). Under Kubernetes' default 30 s grace, with room to stop the engine.
+DEFAULT_SHUTDOWN_TIMEOUT = "20"
 _MEMORY_FLAGS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
 
 OFFLINE_ENV = {
@@ -214,6 +221,8 @@ def build_serve_argv(user_args: Sequence[str], *, cpu: bool, log=print, env=os.e
         defaults += ["--port", DEFAULT_PORT]
     if cpu and not any(has_flag(rest, f) for f in _MEMORY_FLAGS) and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         defaults += ["--kv-cache-memory-bytes", DEFAULT_CPU_KV_CACHE]
+    if not has_flag(rest, "--shutdown-timeout"):
+        defaults += ["--shutdown-timeout", DEFAULT_SHUTDOWN_TIMEOUT]
     return ["serve", model, *defaults, *rest]
 
 
@@ -230,12 +239,25 @@ def run_vllm_cli(argv: Sequence[str]) -> None:
     vllm_main()
 
 
-def serve(user_args: Sequence[str]) -> None:
+ENGINE_DIED_EXIT_CODE = 1
+
+
+def serve(user_args: Sequence[str]) -> int:
+    """Run the server until it stops; the exit code (1 if its engine died)."""
     from h2o_vllm.metrics import METRICS_FILE_ENV
+    from h2o_vllm.patches import server_lifecycle
 
     argv = build_serve_argv(user_args, cpu=is_cpu_build())
     if "--scheduler-cls" in argv:
         # The engine core writes H2O's counters here; the API server's /metrics reads them.
         os.environ.setdefault(METRICS_FILE_ENV, _metrics_file())
     print("h2o-vllm: vllm " + " ".join(argv), flush=True)
-    run_vllm_cli(argv)
+    server_lifecycle.install()
+    try:
+        run_vllm_cli(argv)
+    finally:
+        server_lifecycle.reap_children()
+    if server_lifecycle.engine_died():
+        print("h2o-vllm serve: the engine died (see the log above); exiting with status 1", file=sys.stderr)
+        return ENGINE_DIED_EXIT_CODE
+    return 0

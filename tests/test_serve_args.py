@@ -41,6 +41,7 @@ def test_defaults_serve_the_default_model_with_h2o_on_loopback(no_model_build):
     assert argv[:2] == ["serve", str(no_model_build)]
     assert flag_values(argv, "--host") == ["127.0.0.1"] and flag_values(argv, "--port") == ["8000"]
     assert flag_values(argv, "--kv-cache-memory-bytes") == [serve.DEFAULT_CPU_KV_CACHE]
+    assert flag_values(argv, "--shutdown-timeout") == [serve.DEFAULT_SHUTDOWN_TIMEOUT]
     names = flag_values(argv, "--served-model-name")
     assert names[0] == "smollm2-135m" and "smollm2-135m@h2o-0.2" in names and "smollm2-135m@full" in names
     assert flag_values(argv, "--scheduler-cls") == ["h2o_vllm.engine.scheduler.H2OScheduler"]
@@ -73,7 +74,9 @@ def test_user_arguments_win_and_pass_through(no_model_build):
         "--enforce-eager",
     ]
     argv = build(user + ["--served-model-name", "mine", "--no-h2o"])
-    assert argv == ["serve", str(no_model_build), "--served-model-name", "mine", *user]
+    grace = ["--shutdown-timeout", serve.DEFAULT_SHUTDOWN_TIMEOUT]
+    assert argv == ["serve", str(no_model_build), "--served-model-name", "mine", *grace, *user]
+    assert "--shutdown-timeout" not in build(user + ["--shutdown-timeout=3"])  # the user's grace wins
     argv = build(user + ["--served-model-name", "mine"])
     assert argv[-len(user) :] == user and "mine@h2o-0.5" in flag_values(argv, "--served-model-name")
     for flag in ("--no-enable-prefix-caching", "--enable-prefix-caching"):  # vLLM parses them, with H2O too
@@ -82,7 +85,8 @@ def test_user_arguments_win_and_pass_through(no_model_build):
 
 def test_named_model_is_served_as_given(no_model_build):
     argv = build(["/models/other", "--dtype", "float32", "--no-h2o"], cpu=False)
-    assert argv == ["serve", "/models/other", "--host", "127.0.0.1", "--port", "8000", "--dtype", "float32"]
+    grace = ["--shutdown-timeout", serve.DEFAULT_SHUTDOWN_TIMEOUT]
+    assert argv == ["serve", "/models/other", "--host", "127.0.0.1", "--port", "8000", *grace, "--dtype", "float32"]
     argv = build(["--model=/models/x", "--no-h2o"], cpu=False)
     assert argv[:2] == ["serve", "/models/x"] and "--model=/models/x" not in argv
     argv = build(["--seed", "3", "--model", "/models/y", "--no-h2o"], cpu=False)
