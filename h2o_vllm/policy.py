@@ -88,11 +88,18 @@ class Budget:
         """
         if isinstance(value, Budget):
             return value
+        if not isinstance(value, (str, numbers.Real)):
+            raise ValueError(f"budget must be a number or a string such as '20%', got {value!r}")
         if isinstance(value, str):
             text = value.strip()
-            if text.endswith("%"):
-                return cls(fraction=float(text[:-1]) / 100.0)
-            value = float(text)
+            try:
+                if text.endswith("%"):
+                    return cls(fraction=float(text[:-1]) / 100.0)
+                value = float(text)
+            except ValueError:
+                raise ValueError(
+                    f"budget must be tokens (256), a fraction (0.2) or a percentage ('20%'), got {value!r}"
+                ) from None
         if isinstance(value, bool):
             raise ValueError(f"budget must be a number, got {value!r}")
         if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):

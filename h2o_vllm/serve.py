@@ -244,8 +244,10 @@ ENGINE_DIED_EXIT_CODE = 1
 
 def serve(user_args: Sequence[str]) -> int:
     """Run the server until it stops; the exit code (1 if its engine died)."""
-    from h2o_vllm.metrics import METRICS_FILE_ENV
     from h2o_vllm.patches import server_lifecycle
+
+    server_lifecycle.handle_signals_before_start()
+    from h2o_vllm.metrics import METRICS_FILE_ENV
 
     argv = build_serve_argv(user_args, cpu=is_cpu_build())
     if "--scheduler-cls" in argv:

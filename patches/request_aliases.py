@@ -5,6 +5,11 @@ vLLM builds each OpenAI request's ``SamplingParams`` in the request class's
 request classes and add the alias's ``h2o_*`` values to ``extra_args`` (the
 request's own ``vllm_xargs`` win). The aliases themselves are ordinary extra
 ``--served-model-name`` entries, so vLLM routes and lists them.
+
+The same wrapper refuses ``h2o_*`` fields at the top level of a request (where the
+OpenAI client's ``extra_body={"h2o_budget": 0.2}`` puts them): vLLM keeps unknown
+fields in ``model_extra`` and ignores them, so the request would silently run with
+the server's defaults. They belong in ``vllm_xargs``; the 400 says so.
 """
 
 from __future__ import annotations
@@ -27,8 +32,17 @@ def _wrap(cls) -> None:
         from vllm.exceptions import VLLMValidationError
 
         from h2o_vllm.aliases import split_alias
-        from h2o_vllm.settings import H2OSettingError
+        from h2o_vllm.settings import REQUEST_PREFIX, H2OSettingError
 
+        misplaced = sorted(k for k in (self.model_extra or {}) if k.startswith(REQUEST_PREFIX))
+        if misplaced:
+            raise VLLMValidationError(
+                f"{misplaced[0]}: H2O settings go inside vllm_xargs, e.g. "
+                f'{{"vllm_xargs": {{"{misplaced[0]}": ...}}}} (with the OpenAI client: '
+                f'extra_body={{"vllm_xargs": {{...}}}}); as a top-level field it would be ignored',
+                parameter=misplaced[0],
+                value=self.model_extra[misplaced[0]],
+            )
         try:
             _, alias_args = split_alias(getattr(self, "model", None))
         except H2OSettingError as exc:

@@ -5,7 +5,7 @@ vLLM 0.32 already drains on SIGTERM/SIGINT once the HTTP server runs
 ``EngineClient.shutdown(timeout=vllm_config.shutdown_timeout)``; the engine core
 finishes in-flight requests for up to ``--shutdown-timeout`` seconds and is then
 stopped, by force if it still works). ``h2o-vllm serve`` sets a grace period by default
-(``serve.DEFAULT_SHUTDOWN_TIMEOUT``) and closes five gaps, each measured against
+(``serve.DEFAULT_SHUTDOWN_TIMEOUT``) and closes these gaps, each measured against
 ``--no-h2o`` and found to be vLLM's own behaviour:
 
 - **Signals during start-up.** ``run_server`` (vllm/entrypoints/launchers/api_server/
@@ -36,6 +36,9 @@ stopped, by force if it still works). ``h2o-vllm serve`` sets a grace period by 
   recorded, ``/health`` answers 503 for ``ENGINE_DEATH_LINGER_S`` seconds (vLLM's own
   health route: the engine client is errored), then the server stops and
   ``h2o-vllm serve`` exits 1 (:func:`engine_died`).
+- **Before vLLM starts** (model preparation, imports) :func:`handle_signals_before_start`
+  makes SIGTERM exit 0; without a handler the process dies by the signal (status 143)
+  or, as a container's PID 1, ignores it.
 - **Nothing left behind.** :func:`reap_children` waits (bounded) for the engine core
   and worker processes after vLLM returns, so none outlives the server.
 
@@ -116,6 +119,17 @@ def reap_children(timeout: float = CHILD_EXIT_TIMEOUT_S, terminate: bool = False
             proc.kill()
     psutil.wait_procs(alive, timeout=5)
     return [p.pid for p in procs]
+
+
+def _exit_before_start(signum, frame) -> None:
+    raise SystemExit(0)  # nothing started yet (Python ignores SIGTERM as a container's PID 1)
+
+
+def handle_signals_before_start() -> None:
+    """Exit 0 on SIGTERM/SIGINT until vLLM starts (call first thing: model preparation and
+    vLLM's imports take seconds)."""
+    signal.signal(signal.SIGTERM, _exit_before_start)
+    signal.signal(signal.SIGINT, _exit_before_start)
 
 
 def _stop_during_startup(signum, frame) -> None:

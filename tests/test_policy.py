@@ -171,9 +171,11 @@ def test_budget_parsing(value, expected):
     assert Budget.parse(value) == expected
 
 
-@pytest.mark.parametrize("bad", [0, -3, float("nan"), float("inf"), "abc", 2.5, True, "-10%", "0%"])
+@pytest.mark.parametrize(
+    "bad", [0, -3, float("nan"), float("inf"), "abc", 2.5, True, "-10%", "0%", "x%", [0.2], {"a": 1}, None]
+)
 def test_bad_budgets_are_refused(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="budget"):
         Budget.parse(bad)
 
 

@@ -182,6 +182,9 @@ def test_chats_sharing_a_system_prompt_hit_the_cache_and_evict_shared_blocks(cli
         ({"vllm_xargs": {"h2o_policy": "lru"}}, "h2o_policy"),
         ({"vllm_xargs": {"h2o_sink": -1}}, "h2o_sink"),
         ({"vllm_xargs": {"h2o_budgte": 0.2}}, "h2o_budgte"),
+        ({"vllm_xargs": {"h2o_budget": ["0.2"]}}, "h2o_budget"),
+        ({"h2o_budget": 0.2}, "h2o_budget"),  # outside vllm_xargs vLLM would ignore it
+        ({"h2o_policy": "streaming", "vllm_xargs": {"h2o_budget": 0.2}}, "h2o_policy"),
         ({"model": f"{MODEL}@h2o-0"}, "model"),
         ({"max_tokens": 10**9}, None),
         ({"prompt": "word " * (MAX_MODEL_LEN + 100)}, None),
