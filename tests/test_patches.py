@@ -164,3 +164,37 @@ def test_request_side_seams_still_exist_in_vllm():
 
     assert callable(InputProcessor._validate_params) and callable(InputProcessor.process_inputs)
     assert callable(CompletionRequest.to_sampling_params) and callable(ChatCompletionRequest.to_sampling_params)
+
+
+def test_lifecycle_seams_exist_and_refuse_admission_while_draining(monkeypatch):
+    """The shutdown seam wraps what it names, once; while draining, admission is a 503."""
+    from http import HTTPStatus
+
+    from vllm.entrypoints.launchers import launcher
+    from vllm.entrypoints.launchers.api_server import entry
+    from vllm.entrypoints.serve.exception_handling.handlers import vllm_error
+    from vllm.exceptions import GracefulHTTPError
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from h2o_vllm.patches import server_lifecycle
+
+    wrapped_here = [
+        (entry, "setup_server"),
+        (launcher, "terminate_if_errored"),
+        (vllm_error, "terminate_if_errored"),
+        (AsyncLLM, "check_admission"),
+        (AsyncLLM, "shutdown"),
+    ]
+    for owner, name in wrapped_here:
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
+    monkeypatch.setattr(server_lifecycle, "STATE", server_lifecycle._State())
+    assert server_lifecycle.install() and server_lifecycle.install()  # idempotent
+    wrapped = AsyncLLM.check_admission
+    assert vllm_error.terminate_if_errored is launcher.terminate_if_errored
+    engine = types.SimpleNamespace(scheduler_config=types.SimpleNamespace(max_num_queued_reqs=None))
+    engine.scheduler_config.max_num_queued_tokens = None
+    wrapped(engine)  # admitted: vLLM's own limits are unset
+    server_lifecycle.STATE.draining = True
+    with pytest.raises(GracefulHTTPError) as refused:
+        wrapped(engine)
+    assert refused.value.http_status == HTTPStatus.SERVICE_UNAVAILABLE
