@@ -6,8 +6,9 @@ of policies (the server default, ``@h2o-0.2``, ``@streaming-0.2``, ``@full``, ke
 through ``vllm_xargs``), completions and chats, streamed or not, prompts of 50 to 1,500
 words of essay text, 16 to 256 new tokens, and one request in ten leaves mid-stream.
 Every ``--interval`` seconds a sampler records the resident memory (RSS) of the API
-server, the engine core and the worker processes, and the KV pool's free blocks and
-the requests running (``/metrics``). At the end the clients stop, the pool must be
+server, the engine core and the worker processes, and the KV pool's use and the requests
+running (``/metrics``: H2O's free blocks, and vLLM's own gauges, which also exist with
+``--serve-args --no-h2o --policies default`` for a vanilla comparison). At the end the clients stop, the pool must be
 full again, and the server is stopped with SIGTERM (it must exit 0).
 
 Verdict: for each process, the mean RSS over the last ``--window`` minutes against the
@@ -17,7 +18,7 @@ zero errors; the pool full at the end.
     python benchmarks/soak.py --minutes 30 --out results/soak
 
 Writes OUT/soak.json (every sample, the settings, the verdict), OUT/soak.md and
-OUT/soak.png (memory and free blocks over time).
+OUT/soak.png (memory and the pool's use over time).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from h2o_vllm.assets import DEFAULT_SERVED_NAME as MODEL
 from h2o_vllm.local_server import ServerProcess
 
 POLICIES = {
-    "default": (MODEL, None),
+    "default": (MODEL, None),  # the server's default policy (vLLM's full cache with --no-h2o)
     "h2o_20%": (f"{MODEL}@h2o-0.2", None),
     "streaming_20%": (f"{MODEL}@streaming-0.2", None),
     "full": (f"{MODEL}@full", None),
@@ -62,20 +63,23 @@ def process_roles(pid: int) -> dict[str, psutil.Process]:
     return roles
 
 
-def h2o_metrics(client: httpx.Client) -> dict[str, float]:
-    out = {}
+def server_metrics(client: httpx.Client) -> dict[str, float]:
+    """H2O's series and vLLM's, each summed over its labels."""
+    out: dict[str, float] = {}
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith("h2o_vllm:"):
+        if line.startswith(("h2o_vllm:", "vllm:")):
             name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
+            key = name.split("{")[0]
+            out[key] = out.get(key, 0.0) + float(value)
     return out
 
 
 class Load:
     """``concurrency`` client threads sending mixed requests until stopped."""
 
-    def __init__(self, base_url: str, words: list[str], concurrency: int, seed: int):
+    def __init__(self, base_url: str, words: list[str], concurrency: int, seed: int, policies: list[str]):
         self.base_url, self.words, self.concurrency, self.seed = base_url, words, concurrency, seed
+        self.policies = policies
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.counts: Counter = Counter()
@@ -92,7 +96,7 @@ class Load:
             t.join(600)
 
     def request(self, rng: random.Random) -> dict:
-        policy = rng.choice(list(POLICIES))
+        policy = rng.choice(self.policies)
         model, xargs = POLICIES[policy]
         start = rng.randrange(0, len(self.words) - 1600)
         text = " ".join(self.words[start : start + rng.choice([50, 200, 600, 1500])])
@@ -143,14 +147,21 @@ def sample(t0: float, roles: dict[str, psutil.Process], client: httpx.Client, lo
     for role in ROLES:
         proc = roles.get(role)
         row[f"rss_mib_{role}"] = round(proc.memory_info().rss / 2**20, 1) if proc else None
-    m = h2o_metrics(client)
+    m = server_metrics(client)
+    row["kv_usage"] = m.get("vllm:kv_cache_usage_perc")  # vLLM's: also without H2O
     row["kv_free_blocks"] = m.get("h2o_vllm:kv_free_blocks")
     row["kv_total_blocks"] = m.get("h2o_vllm:kv_total_blocks")
-    row["running"] = sum(v for k, v in m.items() if k.startswith("h2o_vllm:running_requests"))
+    row["running"] = m.get("vllm:num_requests_running", 0.0)
     with load.lock:
         row["requests_done"] = sum(load.counts.values())
         row["errors"] = len(load.errors)
     return row
+
+
+def pool_full(row: dict) -> bool:
+    if row["kv_total_blocks"] is not None:
+        return row["kv_free_blocks"] == row["kv_total_blocks"]
+    return row["kv_usage"] == 0.0  # vanilla vLLM (--no-h2o): its own usage gauge
 
 
 def growth(samples: list[dict], role: str, warmup: float, window: float) -> dict:
@@ -183,9 +194,9 @@ def plot(samples: list[dict], verdict: dict, path: Path) -> None:
         + ", ".join(f"{r.replace('_', ' ')} {verdict['growth'][r]['growth']:+.1%}" for r in ROLES)
     )
     ax1.legend(loc="center right")
-    ax2.plot(t, [s["kv_free_blocks"] for s in samples], label="free KV blocks", color="tab:green")
-    ax2.plot(t, [s["kv_total_blocks"] for s in samples], "--", label="pool", color="0.5")
-    ax2.set_ylabel("KV blocks")
+    ax2.plot(t, [100 * (s["kv_usage"] or 0.0) for s in samples], label="KV pool in use (vLLM's gauge)")
+    ax2.set_ylabel("KV pool in use (%)")
+    ax2.set_ylim(0, 100)
     ax2.set_xlabel("minutes")
     ax2.legend(loc="lower right")
     fig.tight_layout()
@@ -202,6 +213,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/soak"))
     parser.add_argument("--serve-args", default="", help="more h2o-vllm serve arguments")
+    parser.add_argument(
+        "--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES), help="the mix (--no-h2o: full)"
+    )
+    parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="the server's environment")
     args = parser.parse_args(argv)
     if args.minutes < args.warmup + 2 * args.window:
         parser.error("--minutes must cover --warmup plus two --window")
@@ -209,14 +224,15 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     words = essays_text().split()
-    server = ServerProcess(args.serve_args.split(), log_path=args.out / "server.log")
+    env = dict(item.split("=", 1) for item in args.env)
+    server = ServerProcess(args.serve_args.split(), env=env, log_path=args.out / "server.log")
     print(f"[soak] starting {' '.join(server.command)}", flush=True)
     server.start()
     samples: list[dict] = []
     try:
         roles = process_roles(server.proc.pid)
         print(f"[soak] processes: { {r: p.pid for r, p in roles.items()} }", flush=True)
-        load = Load(server.base_url, words, args.concurrency, args.seed)
+        load = Load(server.base_url, words, args.concurrency, args.seed, args.policies)
         with httpx.Client(base_url=server.base_url, timeout=60) as client:
             t0 = time.monotonic()
             load.start()
@@ -225,8 +241,8 @@ def main(argv=None) -> int:
                 s = samples[-1]
                 print(
                     f"[soak] {s['t_min']:6.1f} min  done {s['requests_done']:5d}  errors {s['errors']}  "
-                    f"running {s['running']:.0f}  free {s['kv_free_blocks']:.0f}/{s['kv_total_blocks']:.0f}  "
-                    + "  ".join(f"{r} {s[f'rss_mib_{r}']} MiB" for r in ROLES),
+                    f"running {s['running']:.0f}  free {s['kv_free_blocks']}/{s['kv_total_blocks']}  "
+                    f"usage {s['kv_usage']:.3f}  " + "  ".join(f"{r} {s[f'rss_mib_{r}']} MiB" for r in ROLES),
                     flush=True,
                 )
                 time.sleep(args.interval)
@@ -235,7 +251,7 @@ def main(argv=None) -> int:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 final = sample(t0, roles, client, load)
-                if final["running"] == 0 and final["kv_free_blocks"] == final["kv_total_blocks"]:
+                if final["running"] == 0 and pool_full(final):
                     break
                 time.sleep(1)
             samples.append(final)
@@ -252,7 +268,7 @@ def main(argv=None) -> int:
         "errors": samples[-1]["errors"],
         "outcomes": {f"{p} {o}": n for (p, o), n in sorted(load.counts.items())},
         "error_examples": load.errors[:10],
-        "pool_full_at_end": samples[-1]["kv_free_blocks"] == samples[-1]["kv_total_blocks"],
+        "pool_full_at_end": pool_full(samples[-1]),
         "exit_code_after_sigterm": exit_code,
         "growth": {r: growth(samples[:-1], r, args.warmup, args.window) for r in ROLES},
     }
