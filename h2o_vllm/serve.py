@@ -11,6 +11,8 @@ user left out:
   vLLM's default ``--gpu-memory-utilization`` (a share of CPU memory on CPU)
   refuses to start on small machines;
 - offline hub settings, so nothing is fetched at run time;
+- with ``-tp N`` on a CPU machine with fewer NUMA nodes than ranks, ``VLLM_CPU_OMP_THREADS_BIND``
+  (one share of the CPUs per rank), where vLLM's default binding refuses to start;
 - the H2O engine (``--scheduler-cls``, ``--worker-cls``, ``--block-size 32``,
   ``--additional-config '{"h2o": ...}'``) with the server-wide defaults below, unless
   ``--no-h2o``; prefix caching is vLLM's (on unless ``--no-enable-prefix-caching``);
@@ -31,6 +33,7 @@ read from ``H2O_VLLM_NAME`` (for containers); the server's defaults are :data:`S
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from collections.abc import Sequence
@@ -187,6 +190,43 @@ def served_model_names(rest: list[str]) -> list[str]:
     return []
 
 
+def option_value(args: Sequence[str], *flags: str) -> str | None:
+    """The value of the first of ``flags`` in ``args`` (``-tp 2``, ``--tensor-parallel-size=2``), or None."""
+    for i, arg in enumerate(args):
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg
+        if _flag_name(name) in flags or name in flags:
+            if "=" in arg:
+                return arg.split("=", 1)[1]
+            return args[i + 1] if i + 1 < len(args) else None
+    return None
+
+
+BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def cpu_binding(args: Sequence[str], env=os.environ, cpus=None, numa_nodes=None) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for a tensor-parallel CPU server on a machine with fewer NUMA
+    nodes than ranks, where vLLM's default ("auto": a node per rank) refuses to start: this
+    process's CPUs split into one contiguous share per rank ("0|1" on 2 cores). None where the
+    user set it, there is one rank, or vLLM's default works."""
+    if env.get(BIND_ENV):
+        return None
+    ranks = int(option_value(args, "-tp", "--tensor-parallel-size") or 1)
+    ranks *= int(option_value(args, "-pp", "--pipeline-parallel-size") or 1)
+    if ranks <= 1:
+        return None
+    if numa_nodes is None:
+        numa_nodes = len(glob.glob("/sys/devices/system/node/node[0-9]*")) or 1
+    if numa_nodes >= ranks:
+        return None
+    cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if len(cpus) < ranks:
+        raise ServeArgumentError(f"{ranks} parallel ranks need at least {ranks} CPUs, this process has {len(cpus)}")
+    share = len(cpus) // ranks
+    parts = [cpus[r * share : (r + 1) * share] for r in range(ranks)]
+    return "|".join(str(p[0]) if len(p) == 1 else f"{p[0]}-{p[-1]}" for p in parts)
+
+
 def is_cpu_build() -> bool:
     from h2o_vllm.patches.versions import installed_vllm
 
@@ -209,6 +249,13 @@ def build_serve_argv(user_args: Sequence[str], *, cpu: bool, log=print, env=os.e
         if not cpu:
             raise ServeArgumentError(
                 "the H2O engine runs on vLLM's CPU backend only in this release; serve with --no-h2o on this machine"
+            )
+        dp = option_value(rest, "-dp", "--data-parallel-size")
+        if dp is not None and int(dp) > 1:
+            raise ServeArgumentError(
+                "data parallelism with H2O is not supported yet (each engine's H2O counters would overwrite "
+                "the other's on /metrics, and the check that a request fits the KV pool would see the engines' "
+                "pools summed); run one server per engine behind a load balancer, or serve with --no-h2o"
             )
         h2o_flags, alias_list = h2o_engine_args(rest, names or [model], env)
         names = (names or [model]) + alias_list
@@ -253,6 +300,10 @@ def serve(user_args: Sequence[str]) -> int:
     if "--scheduler-cls" in argv:
         # The engine core writes H2O's counters here; the API server's /metrics reads them.
         os.environ.setdefault(METRICS_FILE_ENV, _metrics_file())
+    binding = cpu_binding(argv) if is_cpu_build() else None
+    if binding:
+        os.environ[BIND_ENV] = binding  # the engine's worker processes read it
+        print(f"h2o-vllm: {BIND_ENV}={binding} (one share of this machine's CPUs per rank)", flush=True)
     print("h2o-vllm: vllm " + " ".join(argv), flush=True)
     server_lifecycle.install()
     try:

@@ -78,6 +78,13 @@ h2o_vllm/engine/worker.py
               ``CpuGpuBuffer``; vllm/v1/worker/block_table.py)
   batch_req_ids
               ``InputBatch.req_ids`` (gpu_input_batch.py)
+  total_kv_heads
+              ``GPUModelRunner.model_config`` -> ``ModelConfig.get_total_num_kv_heads()``
+              (vllm/config/model.py); h2o_vllm/engine/ranks.py reduces over
+              ``vllm.distributed.get_tp_group()`` / ``get_pp_group()`` (``GroupCoordinator.world_size``,
+              ``.rank_in_group``, ``.cpu_group``: vllm/distributed/parallel_state.py), in
+              ``sample_tokens``, which the multiproc executor runs on every rank
+              (vllm/v1/executor/multiproc_executor.py; non-last stages return ``EMPTY_MODEL_RUNNER_OUTPUT``)
   attention_metadata_builders
               ``GPUModelRunner.attn_groups`` (gpu_model_runner.py) -> ``AttentionGroup.metadata_builders``
               (vllm/v1/worker/utils.py)
@@ -388,6 +395,11 @@ def attention_metadata_builders(runner) -> list:
 def batch_req_ids(runner, num_reqs: int | None = None) -> list[str]:
     ids = runner.input_batch.req_ids
     return list(ids if num_reqs is None else ids[:num_reqs])
+
+
+def total_kv_heads(runner) -> int:
+    """The model's KV heads over all tensor-parallel ranks."""
+    return runner.model_config.get_total_num_kv_heads()
 
 
 # -- attention side ----------------------------------------------------------------

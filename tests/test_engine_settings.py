@@ -83,8 +83,8 @@ def _config(**changes):
     "change, message",
     [
         ({"speculative_config": object()}, "speculative decoding"),
-        ({"parallel_config.tensor_parallel_size": 2}, "tensor, pipeline or data parallelism"),
-        ({"parallel_config.pipeline_parallel_size": 2}, "tensor, pipeline or data parallelism"),
+        ({"parallel_config.pipeline_parallel_size": 2}, "pipeline parallelism .* stale scores"),
+        ({"parallel_config.data_parallel_size": 2}, "data parallelism across the experts"),
         ({"kv_transfer_config": object()}, "KV connectors"),
         ({"scheduler_config.async_scheduling": True}, "async scheduling"),
         ({"use_v2_model_runner": True}, "V2 model runner"),
@@ -96,6 +96,12 @@ def test_engine_refuses_what_it_cannot_do(change, message):
 
     with pytest.raises(ValueError, match=message):
         check_engine_config(_config(**change))
+
+
+def test_engine_takes_tensor_parallelism():
+    from h2o_vllm.engine.scheduler import check_engine_config
+
+    check_engine_config(_config(**{"parallel_config.tensor_parallel_size": 2}))
 
 
 @pytest.mark.parametrize("enabled", [True, False])

@@ -156,3 +156,20 @@ def test_a_short_model_name_serves_that_model_under_its_name(no_model_build):
     assert flag_values(argv, "--max-model-len") == ["4096"]
     # a path or hub-style name is passed through untouched
     assert build(["/models/other"])[1] == "/models/other"
+
+
+def test_tensor_parallel_ranks_get_a_share_of_the_cpus_where_numa_cannot_give_one():
+    assert serve.cpu_binding(["-tp", "2"], env={}, cpus=range(2), numa_nodes=1) == "0|1"
+    assert serve.cpu_binding(["--tensor-parallel-size=2"], env={}, cpus=range(8), numa_nodes=1) == "0-3|4-7"
+    assert serve.cpu_binding(["-tp", "2", "-pp", "2"], env={}, cpus=range(4), numa_nodes=1) == "0|1|2|3"
+    assert serve.cpu_binding(["-tp", "2"], env={}, cpus=range(8), numa_nodes=2) is None  # vLLM's default works
+    assert serve.cpu_binding(["-tp", "2"], env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"}, cpus=range(2)) is None
+    assert serve.cpu_binding(["--max-model-len", "2"], env={}, cpus=range(2), numa_nodes=1) is None
+    with pytest.raises(serve.ServeArgumentError, match="at least 4 CPUs"):
+        serve.cpu_binding(["-tp", "4"], env={}, cpus=range(2), numa_nodes=1)
+
+
+def test_data_parallelism_is_refused_with_the_reason(no_model_build):
+    with pytest.raises(serve.ServeArgumentError, match="data parallelism with H2O is not supported yet"):
+        build(["-dp", "2"])
+    assert "-dp" in build(["-dp", "2", "--no-h2o"])

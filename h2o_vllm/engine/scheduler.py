@@ -84,8 +84,14 @@ def check_engine_config(vllm_config) -> None:
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding (the draft's KV would not follow the evictions)")
     parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1 or parallel.data_parallel_size > 1:
-        problems.append("tensor, pipeline or data parallelism (scores would have to be summed across ranks first)")
+    # Tensor parallelism: every rank's scores are reduced before they reach us (engine/ranks.py).
+    if parallel.pipeline_parallel_size > 1:
+        problems.append(
+            "pipeline parallelism (vLLM then schedules a step before the previous one's scores come back, "
+            "so evictions would be decided on stale scores; use tensor parallelism)"
+        )
+    if parallel.data_parallel_size > 1:  # only expert-parallel (MoE) engines keep it: dense ones are independent
+        problems.append("data parallelism across the experts of one MoE engine")
     if vllm_config.kv_transfer_config is not None:
         problems.append("KV connectors (they would move KV the scheduler has evicted)")
     if vllm_config.scheduler_config.async_scheduling:

@@ -25,13 +25,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
 from h2o_vllm.engine import fused
 from h2o_vllm.engine.messages import BlockScores, ScoreRequest
+
+if TYPE_CHECKING:
+    from h2o_vllm.engine.ranks import RankReducer
 
 # Prompt query rows scored per matmul: bounds the [heads, rows, keys] probabilities.
 SCORE_CHUNK_ROWS = 256
@@ -498,21 +501,31 @@ class StepScorer:
         for req in self.prompts:
             self._score_prompt(req, query, key_pages, scale)
 
-    def collect(self) -> dict[str, BlockScores]:
-        """The step's scores, per request: what the scheduler adds to its ledgers."""
+    def collect(self, reducer: RankReducer | None = None) -> dict[str, BlockScores]:
+        """The step's scores, per request: what the scheduler adds to its ledgers (reduced over the
+        tensor- and pipeline-parallel ranks by ``reducer`` first, where there are several)."""
+        requests = self.prompts + self.decodes
         if self.fused_batch is not None:
-            self.fused_batch.totals(self.prompts + self.decodes)
+            self.fused_batch.totals(requests)
         for group in self.decode_batch.groups if self.decode_batch is not None else ():
             for i, member in enumerate(group.members):
                 d = self.decodes[member]
                 d.total = group.total[i, ..., : len(d.block_ids)]
+        num_layers = self.num_layers
+        if reducer is not None:
+            by_max = [req.reduction.name == "max" for req in requests]
+            num_layers = reducer.attention(
+                [r.total for r, m in zip(requests, by_max) if not m],
+                [r.total for r, m in zip(requests, by_max) if m],
+                num_layers,
+            )
         return {
             req.req_id: BlockScores(
                 req.logical_blocks.astype(np.int64),
                 req.reduction.block_scores(req.total).numpy(),
-                req.visibility(self.block_size, self.num_layers),
+                req.visibility(self.block_size, num_layers),
             )
-            for req in self.prompts + self.decodes
+            for req in requests
         }
 
 
@@ -570,8 +583,11 @@ class KeyNormSums:
         norms = torch.linalg.vector_norm(key[self.token_rows], dim=-1, dtype=torch.float64)  # [T, kv_heads]
         self.totals.index_add_(0, self.token_slots, norms.sum(dim=-1))
 
-    def collect(self) -> dict[str, BlockScores]:
-        """The step's key norms, per request: what the scheduler adds to its ledgers."""
+    def collect(self, reducer: RankReducer | None = None) -> dict[str, BlockScores]:
+        """The step's key norms, per request: what the scheduler adds to its ledgers (summed over
+        parallel ranks by ``reducer`` first)."""
+        if reducer is not None:
+            reducer.key_norms(self.totals)
         totals = self.totals.numpy()
         return {
             req_id: BlockScores(blocks.astype(np.int64), totals[self.offsets[i] : self.offsets[i + 1]].copy())

@@ -14,6 +14,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from h2o_vllm.engine import attention
 from h2o_vllm.engine.kv_spec import BudgetedAttentionSpec
 from h2o_vllm.engine.messages import PLAN_ATTR, SCORES_ATTR
+from h2o_vllm.engine.ranks import RankReducer
 from h2o_vllm.engine.scoring import StepContext
 from h2o_vllm.patches import engine_seams
 
@@ -24,6 +25,7 @@ class H2OCPUModelRunner(CPUModelRunner):
     # The class is switched after vLLM built the runner (no __init__ of ours runs), so state is made on first use.
     _h2o_with_holes: set[str]  # requests whose block table has holes
     _h2o_context: StepContext | None  # this step's, from _update_states to sample_tokens
+    _h2o_reducer_: RankReducer | None  # sums scores over tensor/pipeline-parallel ranks (None: one rank)
 
     def _update_states(self, scheduler_output):
         with_holes = self.__dict__.setdefault("_h2o_with_holes", set())
@@ -58,18 +60,23 @@ class H2OCPUModelRunner(CPUModelRunner):
         output = super().sample_tokens(grammar_output)
         context = self.__dict__.get("_h2o_context")
         self._h2o_step(None)  # warm-up and profiling runs between steps see a plain table
-        if (
-            context is not None
-            and (context.scorer is not None or context.key_norm_sums is not None)
-            and isinstance(output, ModelRunnerOutput)
-            and output is not EMPTY_MODEL_RUNNER_OUTPUT
-        ):
-            scores = {}  # attention scores and key norms go to different requests
-            for source in (context.scorer, context.key_norm_sums):
-                if source is not None:
-                    scores.update(source.collect())
+        if context is None or (context.scorer is None and context.key_norm_sums is None):
+            return output
+        # Every rank collects (vLLM runs this on all of them, in step), reducing over the ranks;
+        # only the rank whose output reaches the scheduler has a non-empty one to carry it.
+        reducer = self._h2o_reducer()
+        scores = {}  # attention scores and key norms go to different requests
+        for source in (context.scorer, context.key_norm_sums):
+            if source is not None:
+                scores.update(source.collect(reducer))
+        if isinstance(output, ModelRunnerOutput) and output is not EMPTY_MODEL_RUNNER_OUTPUT:
             setattr(output, SCORES_ATTR, scores)
         return output
+
+    def _h2o_reducer(self) -> RankReducer | None:
+        if "_h2o_reducer_" not in self.__dict__:
+            self._h2o_reducer_ = RankReducer.for_worker(engine_seams.total_kv_heads(self))
+        return self._h2o_reducer_
 
 
 class H2OCPUWorker(CPUWorker):
