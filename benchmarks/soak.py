@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -278,7 +279,7 @@ def main(argv=None) -> int:
     verdict["passed"] = (
         verdict["memory_flat"] and verdict["errors"] == 0 and verdict["pool_full_at_end"] and exit_code == 0
     )
-    command = "python benchmarks/soak.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "benchmarks/soak.py", *(sys.argv[1:] if argv is None else argv)])
     (args.out / "soak.json").write_text(
         json.dumps({"command": command, "verdict": verdict, "samples": samples}, indent=1)
     )

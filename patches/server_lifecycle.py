@@ -22,9 +22,11 @@ stopped, by force if it still works). ``h2o-vllm serve`` sets a grace period by 
   answers each new request with an abort (a 200, ``finish_reason: abort``).
   ``AsyncLLM.shutdown`` (vllm/v1/engine/async_llm.py; vLLM calls it from a thread with
   ``timeout=--shutdown-timeout``) is wrapped to drain in the API server first: wait
-  for the requests in flight up to the grace period, abort those left with
-  ``AsyncLLM.abort`` (their clients get what was generated, ``finish_reason: abort``;
-  the engine core frees their KV), then let vLLM stop an idle engine
+  for the requests in flight up to the grace period (``AsyncLLM.output_processor``:
+  ``has_unfinished_requests()``, ``request_states``, vllm/v1/engine/output_processor.py),
+  abort those left with ``AsyncLLM.abort``, on the loop of ``AsyncLLM.output_handler``
+  (their clients get what was generated, ``finish_reason: abort``; the engine core
+  frees their KV), then let vLLM stop an idle engine
   (``ENGINE_STOP_TIMEOUT_S``). ``AsyncLLM.check_admission`` (called for every generate
   request) refuses new requests with 503 from the signal on, as vLLM's own queue
   limits do (``GracefulHTTPError``), so a load balancer retries them elsewhere.
