@@ -6,6 +6,13 @@ served by the API server process. The scheduler writes a small JSON snapshot
 ``$H2O_VLLM_METRICS_FILE``; a collector in the API server reads it at scrape
 time. ``h2o-vllm serve`` sets the variable.
 
+With data parallelism (``-dp N``) each engine core has its own scheduler and
+writes its own file (engine 0 the named one, engine ``i`` a sibling
+``metrics.engine<i>.json``); every series below is the sum over the engines, and
+``h2o_vllm:engine_evicted_blocks_total{engine}`` tells them apart (vLLM's own
+series carry the same ``engine`` label). Engines on other nodes (``--headless``)
+write on their own node and are not counted.
+
 Series (all prefixed ``h2o_vllm:``):
     evicted_blocks_total               counter  KV blocks evicted (each request's references dropped)
     evicted_shared_blocks_total        counter  of which another request also held (a shared prefix):
@@ -15,8 +22,9 @@ Series (all prefixed ``h2o_vllm:``):
     resident_kv_blocks                 gauge    distinct KV blocks running requests hold now
     shared_kv_blocks                   gauge    of which more than one request holds (prefix caching)
     full_cache_kv_blocks               gauge    KV blocks they would hold without eviction (per request)
-    kv_free_blocks / kv_total_blocks   gauge    the engine's KV pool (free includes blocks that only the
+    kv_free_blocks / kv_total_blocks   gauge    the engines' KV pools (free includes blocks that only the
                                                 prefix cache keeps, as vLLM counts them)
+    engine_evicted_blocks_total{engine} counter evicted_blocks_total of each data-parallel engine
 
 vLLM's own ``vllm:prefix_cache_queries`` and ``vllm:prefix_cache_hits`` count the hits the
 H2O scheduler lets a request take (see ``PolicyConfig.max_prefix_hit``).
@@ -50,27 +58,62 @@ class SnapshotWriter:
         os.replace(tmp, self.path)  # readers never see half a file
 
 
-def writer_from_env() -> SnapshotWriter | None:
+def engine_file(path: str | os.PathLike, engine: int) -> Path:
+    """The snapshot file of data-parallel engine ``engine`` (engine 0's is ``path`` itself)."""
+    path = Path(path)
+    return path if engine == 0 else path.with_name(f"{path.stem}.engine{engine}{path.suffix}")
+
+
+def writer_from_env(engine: int = 0) -> SnapshotWriter | None:
     path = os.environ.get(METRICS_FILE_ENV)
-    return SnapshotWriter(path) if path else None
+    return SnapshotWriter(engine_file(path, engine)) if path else None
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def sum_snapshots(snapshots: list[dict]) -> dict:
+    """The engines' snapshots added up: numbers summed, per-policy counts summed per policy."""
+    total: dict = {}
+    for snap in snapshots:
+        for key, value in snap.items():
+            if isinstance(value, dict):
+                into = total.setdefault(key, {})
+                for label, n in value.items():
+                    into[label] = into.get(label, 0) + n
+            elif isinstance(value, (int, float)):
+                total[key] = total.get(key, 0) + value
+    return total
 
 
 class H2OCollector:
-    """prometheus_client collector over the scheduler's latest snapshot."""
+    """prometheus_client collector over the schedulers' latest snapshots (one per engine)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
+    def read_engines(self) -> dict[int, dict]:
+        """Each engine's latest snapshot, by data-parallel engine index."""
+        found = {0: _read(self.path)}
+        prefix = f"{self.path.stem}.engine"
+        for path in self.path.parent.glob(f"{prefix}*{self.path.suffix}"):
+            index = path.name[len(prefix) : -len(self.path.suffix) or None]
+            if index.isdigit():
+                found[int(index)] = _read(path)
+        return {engine: snap for engine, snap in sorted(found.items()) if snap is not None}
+
     def read(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+        return sum_snapshots(list(self.read_engines().values()))
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        snap = self.read()
+        engines = self.read_engines()
+        snap = sum_snapshots(list(engines.values()))
         for key, help_text in (
             ("evicted_blocks", "KV blocks evicted by H2O"),
             ("evicted_shared_blocks", "Evicted KV blocks another request also held (no memory freed)"),
@@ -98,6 +141,12 @@ class H2OCollector:
             gauge = GaugeMetricFamily(PREFIX + key, help_text)
             gauge.add_metric([], snap.get(key, 0))
             yield gauge
+        per_engine = CounterMetricFamily(
+            PREFIX + "engine_evicted_blocks", "KV blocks evicted by H2O, by data-parallel engine", labels=["engine"]
+        )
+        for engine, engine_snap in engines.items():
+            per_engine.add_metric([str(engine)], engine_snap.get("evicted_blocks", 0))
+        yield per_engine
 
 
 _registered: set[str] = set()

@@ -213,14 +213,16 @@ CPU_MEMORY_ENV = {"MALLOC_ARENA_MAX": "2", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "6
 
 
 def cpu_binding(args: Sequence[str], env=os.environ, cpus=None, numa_nodes=None) -> str | None:
-    """``VLLM_CPU_OMP_THREADS_BIND`` for a tensor-parallel CPU server on a machine with fewer NUMA
-    nodes than ranks, where vLLM's default ("auto": a node per rank) refuses to start: this
-    process's CPUs split into one contiguous share per rank ("0|1" on 2 cores). None where the
-    user set it, there is one rank, or vLLM's default works."""
+    """``VLLM_CPU_OMP_THREADS_BIND`` for a parallel CPU server on a machine with fewer NUMA nodes
+    than ranks (TP x PP x DP), where vLLM's default ("auto": a node per rank) refuses to start
+    (TP, PP) or binds every data-parallel engine to the same core: this process's CPUs split into
+    one contiguous share per rank ("0|1" on 2 cores). None where the user set it, there is one
+    rank, or vLLM's default works."""
     if env.get(BIND_ENV):
         return None
     ranks = int(option_value(args, "-tp", "--tensor-parallel-size") or 1)
     ranks *= int(option_value(args, "-pp", "--pipeline-parallel-size") or 1)
+    ranks *= int(option_value(args, "-dp", "--data-parallel-size") or 1)  # vLLM slices the list per engine
     if ranks <= 1:
         return None
     if numa_nodes is None:
@@ -233,6 +235,29 @@ def cpu_binding(args: Sequence[str], env=os.environ, cpus=None, numa_nodes=None)
     share = len(cpus) // ranks
     parts = [cpus[r * share : (r + 1) * share] for r in range(ranks)]
     return "|".join(str(p[0]) if len(p) == 1 else f"{p[0]}-{p[-1]}" for p in parts)
+
+
+def data_parallel_args(rest: Sequence[str], log=print) -> list[str]:
+    """``--api-server-count 1`` for an H2O server with data parallelism, unless the user chose it.
+
+    vLLM starts one API server per engine by default, each a child process: H2O's /metrics
+    collector and its shutdown drain (patches/server_lifecycle.py) live in the API server this
+    command runs, so one API server fronts all engines (it spreads requests over them by load).
+    """
+    dp = int(option_value(rest, "-dp", "--data-parallel-size") or 1)
+    count = option_value(rest, "--api-server-count", "-asc")
+    if dp <= 1:
+        return []
+    if count is None:
+        log(f"h2o-vllm: --api-server-count 1 (one API server in front of the {dp} data-parallel engines)")
+        return ["--api-server-count", "1"]
+    if int(count) > 1:
+        raise ServeArgumentError(
+            f"--api-server-count {count}: with H2O one API server fronts the data-parallel engines (its "
+            "/metrics adds up their H2O counters and it drains them on shutdown; extra API servers run "
+            "without either); leave it out, or serve with --no-h2o"
+        )
+    return []
 
 
 def is_cpu_build() -> bool:
@@ -258,13 +283,7 @@ def build_serve_argv(user_args: Sequence[str], *, cpu: bool, log=print, env=os.e
             raise ServeArgumentError(
                 "the H2O engine runs on vLLM's CPU backend only in this release; serve with --no-h2o on this machine"
             )
-        dp = option_value(rest, "-dp", "--data-parallel-size")
-        if dp is not None and int(dp) > 1:
-            raise ServeArgumentError(
-                "data parallelism with H2O is not supported yet (each engine's H2O counters would overwrite "
-                "the other's on /metrics, and the check that a request fits the KV pool would see the engines' "
-                "pools summed); run one server per engine behind a load balancer, or serve with --no-h2o"
-            )
+        defaults += data_parallel_args(rest, log)
         h2o_flags, alias_list = h2o_engine_args(rest, names or [model], env)
         names = (names or [model]) + alias_list
         defaults += h2o_flags

@@ -42,6 +42,10 @@ Scheduler side: ``H2OScheduler(Scheduler)`` in h2o_vllm/engine/scheduler.py
               ``SingleTypeKVCacheManager.get_num_blocks_to_allocate(..., apply_admission_cap=True)``,
               which ``KVCacheManager.allocate_slots(full_sequence_must_fit=True)`` calls to admit a
               waiting request (kv_cache_manager.py), wrapped on the scheduler's manager instance
+  data_parallel_engine
+              ``ParallelConfig.data_parallel_index`` (vllm/config/parallel.py), which
+              ``EngineCoreProc.run_engine_core`` (vllm/v1/engine/core.py) sets to the engine's DP rank
+              before ``reconfigure_for_independent_dp_rank`` makes a dense engine DP=1
   num_free_blocks, num_total_blocks, blocks_in_use, cached_free_blocks
               ``KVCacheManager.block_pool``; ``BlockPool.get_num_free_blocks()``,
               ``.num_gpu_blocks``, ``.blocks``, ``.null_block`` (the pool's first block, never a request's)
@@ -119,6 +123,12 @@ Request side (API server and ``vllm.LLM`` processes)
               vllm/v1/engine/core_client.py and core.py set once the engine core sized the pool;
               vllm/v1/engine/input_processor.py) and raises ``VLLMValidationError``
               (vllm/exceptions.py)
+  engines_behind_frontend
+              the frontend sums ``num_gpu_blocks`` over the engines it talks to
+              (``_decode_ready_response``, core_client.py): every DP engine with the internal load
+              balancer, the node's own with ``data_parallel_hybrid_lb``, one with
+              ``data_parallel_external_lb`` (``ParallelConfig``, vllm/config/parallel.py;
+              vllm/entrypoints/cli/serve.py)
   patches/request_aliases.py wraps ``CompletionRequest.to_sampling_params``
               (vllm/entrypoints/openai/completion/protocol.py) and
               ``ChatCompletionRequest.to_sampling_params``
@@ -280,6 +290,21 @@ def gate_admission(scheduler, blocks_needed) -> None:
         return original(request_id, num_tokens, *args, apply_admission_cap=apply_admission_cap, **kwargs)
 
     manager.get_num_blocks_to_allocate = get_num_blocks_to_allocate
+
+
+def data_parallel_engine(vllm_config) -> int:
+    """This engine core's data-parallel index (0 without data parallelism)."""
+    return int(getattr(vllm_config.parallel_config, "data_parallel_index", 0) or 0)
+
+
+def engines_behind_frontend(vllm_config) -> int:
+    """How many engines' KV pools the API server's ``cache_config.num_gpu_blocks`` adds up."""
+    parallel = vllm_config.parallel_config
+    if parallel.data_parallel_external_lb:
+        return 1
+    if parallel.data_parallel_hybrid_lb:
+        return max(1, parallel.data_parallel_size_local)
+    return max(1, parallel.data_parallel_size)
 
 
 def num_free_blocks(scheduler) -> int:

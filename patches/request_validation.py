@@ -61,12 +61,16 @@ def validate_fits_pool(vllm_config, engine_request) -> None:
 
     from h2o_vllm import settings
     from h2o_vllm.engine.settings import server_defaults
+    from h2o_vllm.patches import engine_seams
 
-    pool = vllm_config.cache_config.num_gpu_blocks  # set once the engine core reported it
+    pool = vllm_config.cache_config.num_gpu_blocks  # set once the engine cores reported theirs
     params = engine_request.sampling_params
     if not pool or params is None or not is_h2o_engine(vllm_config):
         return
-    usable = pool - 1  # the pool's first block is vLLM's null block
+    # With data parallelism the frontend holds the engines' pools added up (each the same size);
+    # a request runs on one of them. The pool's first block is vLLM's null block.
+    engines = engine_seams.engines_behind_frontend(vllm_config)
+    usable = pool // engines - 1
     extra = params.extra_args or {}
     config = settings.for_request(server_defaults(vllm_config.additional_config), extra)
     prompt = len(engine_request.prompt_token_ids or ())
@@ -86,9 +90,10 @@ def validate_fits_pool(vllm_config, engine_request) -> None:
         chunk_part = f" plus one prefill chunk of {chunk} tokens" if config.prefill == "chunked" else ""
         why, param = f"budget {config.budget}{chunk_part}", "h2o_budget"
         advice = "lower h2o_budget"
+    whole = "this server's whole KV cache" if engines == 1 else f"the whole KV cache of each of its {engines} engines"
     raise VLLMValidationError(
-        f"this request needs up to {need} KV blocks of {bs} tokens at once ({why}), more than this "
-        f"server's whole KV cache ({usable} blocks, {usable * bs} tokens): {advice}",
+        f"this request needs up to {need} KV blocks of {bs} tokens at once ({why}), more than "
+        f"{whole} ({usable} blocks, {usable * bs} tokens): {advice}",
         parameter=param,
         value=extra.get(param, max_new if param == "max_tokens" else None),
     )

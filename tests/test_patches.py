@@ -198,3 +198,24 @@ def test_lifecycle_seams_exist_and_refuse_admission_while_draining(monkeypatch):
     with pytest.raises(GracefulHTTPError) as refused:
         wrapped(engine)
     assert refused.value.http_status == HTTPStatus.SERVICE_UNAVAILABLE
+
+
+def test_data_parallel_seams_read_vllms_parallel_config():
+    """An engine core keeps its DP index after vLLM makes a dense engine DP=1; the API server's pool
+    figure adds up the engines it talks to (all of them with vLLM's internal load balancer)."""
+    from vllm.config import ParallelConfig
+
+    engine = ParallelConfig(data_parallel_size=2)
+    engine.data_parallel_index = 1  # what EngineCoreProc.run_engine_core sets
+    engine.reconfigure_for_independent_dp_rank()
+    assert engine.data_parallel_size == 1
+    assert engine_seams.data_parallel_engine(types.SimpleNamespace(parallel_config=engine)) == 1
+    assert engine_seams.data_parallel_engine(types.SimpleNamespace(parallel_config=ParallelConfig())) == 0
+
+    def frontend(**kwargs):
+        return engine_seams.engines_behind_frontend(types.SimpleNamespace(parallel_config=ParallelConfig(**kwargs)))
+
+    assert frontend() == 1
+    assert frontend(data_parallel_size=4, data_parallel_size_local=4) == 4
+    assert frontend(data_parallel_size=4, data_parallel_size_local=2, data_parallel_hybrid_lb=True) == 2
+    assert frontend(data_parallel_size=4, data_parallel_external_lb=True) == 1

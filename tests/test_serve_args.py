@@ -169,7 +169,15 @@ def test_tensor_parallel_ranks_get_a_share_of_the_cpus_where_numa_cannot_give_on
         serve.cpu_binding(["-tp", "4"], env={}, cpus=range(2), numa_nodes=1)
 
 
-def test_data_parallelism_is_refused_with_the_reason(no_model_build):
-    with pytest.raises(serve.ServeArgumentError, match="data parallelism with H2O is not supported yet"):
-        build(["-dp", "2"])
-    assert "-dp" in build(["-dp", "2", "--no-h2o"])
+def test_data_parallel_engines_get_one_api_server_and_a_share_of_the_cpus_each(no_model_build):
+    argv = build(["-dp", "2"])
+    assert flag_values(argv, "--api-server-count") == ["1"]  # H2O's /metrics and drain live in it
+    assert "--api-server-count" not in build(["-dp", "2", "--no-h2o"])  # vanilla: vLLM's default
+    assert "--api-server-count" not in build(["--max-model-len", "512"])
+    assert flag_values(build(["-dp", "2", "-asc", "1"]), "-asc") == ["1"]
+    with pytest.raises(serve.ServeArgumentError, match="one API server fronts the data-parallel engines"):
+        build(["--data-parallel-size=2", "--api-server-count", "2"])
+    # vLLM slices the list per engine ([DP, PP, TP]); "auto" would bind both engines to core 0.
+    assert serve.cpu_binding(["-dp", "2"], env={}, cpus=range(2), numa_nodes=1) == "0|1"
+    assert serve.cpu_binding(["-dp", "2", "-tp", "2"], env={}, cpus=range(8), numa_nodes=1) == "0-1|2-3|4-5|6-7"
+    assert serve.cpu_binding(["-dp", "2"], env={}, cpus=range(8), numa_nodes=2) is None

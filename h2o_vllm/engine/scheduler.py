@@ -121,7 +121,7 @@ class H2OScheduler(Scheduler):
         self.h2o_defaults = server_defaults(vllm_config.additional_config)
         self.h2o_requests: dict[str, RequestEviction] = {}
         self.h2o_totals = EngineCounters()
-        self.h2o_metrics = metrics.writer_from_env()
+        self.h2o_metrics = metrics.writer_from_env(engine_seams.data_parallel_engine(vllm_config))
         # A prefill chunk is at most a step's token budget; no sequence is longer than max_model_len.
         self.h2o_chunk_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.h2o_max_len = vllm_config.model_config.max_model_len
