@@ -42,6 +42,16 @@ Scheduler side: ``H2OScheduler(Scheduler)`` in h2o_vllm/engine/scheduler.py
               ``SingleTypeKVCacheManager.get_num_blocks_to_allocate(..., apply_admission_cap=True)``,
               which ``KVCacheManager.allocate_slots(full_sequence_must_fit=True)`` calls to admit a
               waiting request (kv_cache_manager.py), wrapped on the scheduler's manager instance
+  hold_request, release_request
+              ``Request.next_decode_eligible_step`` (vllm/v1/request.py), against which
+              ``Scheduler.schedule`` skips a running request while ``Scheduler.current_step`` is
+              below it (scheduler.py; vLLM sets it only for the V2 runner with async scheduling,
+              both of which H2O refuses)
+  eager_model
+              ``CompilationConfig.mode`` (vllm/config/compilation.py; ``CompilationMode.NONE`` under
+              ``--enforce-eager``): ``CPUModelRunner.warming_up_model`` (vllm/v1/worker/cpu_model_runner.py)
+              returns at once then, and only its ``profile_run`` -> ``_dummy_run`` allocates
+              ``GPUModelRunner.intermediate_tensors``, which a later pipeline stage needs
   data_parallel_engine
               ``ParallelConfig.data_parallel_index`` (vllm/config/parallel.py), which
               ``EngineCoreProc.run_engine_core`` (vllm/v1/engine/core.py) sets to the engine's DP rank
@@ -290,6 +300,25 @@ def gate_admission(scheduler, blocks_needed) -> None:
         return original(request_id, num_tokens, *args, apply_admission_cap=apply_admission_cap, **kwargs)
 
     manager.get_num_blocks_to_allocate = get_num_blocks_to_allocate
+
+
+_HELD = 1 << 62  # a step Scheduler.current_step never reaches
+
+
+def hold_request(request) -> None:
+    """Keep vLLM's scheduler from scheduling this running request until :func:`release_request`."""
+    request.next_decode_eligible_step = _HELD
+
+
+def release_request(request) -> None:
+    request.next_decode_eligible_step = 0
+
+
+def eager_model(vllm_config) -> bool:
+    """Whether the model runs uncompiled (``--enforce-eager``)."""
+    from vllm.config import CompilationMode
+
+    return vllm_config.compilation_config.mode == CompilationMode.NONE
 
 
 def data_parallel_engine(vllm_config) -> int:

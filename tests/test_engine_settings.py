@@ -62,6 +62,8 @@ def test_engine_kwargs_force_what_fights_eviction():
 def _config(**changes):
     from types import SimpleNamespace
 
+    from vllm.config import CompilationMode
+
     config = SimpleNamespace(
         speculative_config=None,
         parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=1),
@@ -69,6 +71,7 @@ def _config(**changes):
         scheduler_config=SimpleNamespace(async_scheduling=False),
         use_v2_model_runner=False,
         cache_config=SimpleNamespace(block_size=32, enable_prefix_caching=True),
+        compilation_config=SimpleNamespace(mode=CompilationMode.VLLM_COMPILE),
     )
     for path, value in changes.items():
         target = config
@@ -83,7 +86,10 @@ def _config(**changes):
     "change, message",
     [
         ({"speculative_config": object()}, "speculative decoding"),
-        ({"parallel_config.pipeline_parallel_size": 2}, "pipeline parallelism .* stale scores"),
+        (
+            {"parallel_config.pipeline_parallel_size": 2, "compilation_config.mode": 0},  # CompilationMode.NONE
+            "pipeline parallelism with --enforce-eager",
+        ),
         ({"parallel_config.data_parallel_size": 2}, "data parallelism across the experts"),
         ({"kv_transfer_config": object()}, "KV connectors"),
         ({"scheduler_config.async_scheduling": True}, "async scheduling"),
@@ -98,10 +104,12 @@ def test_engine_refuses_what_it_cannot_do(change, message):
         check_engine_config(_config(**change))
 
 
-def test_engine_takes_tensor_parallelism():
+def test_engine_takes_tensor_and_pipeline_parallelism():
     from h2o_vllm.engine.scheduler import check_engine_config
 
     check_engine_config(_config(**{"parallel_config.tensor_parallel_size": 2}))
+    check_engine_config(_config(**{"parallel_config.pipeline_parallel_size": 2}))
+    check_engine_config(_config(**{"compilation_config.mode": 0}))  # eager is fine without stages
 
 
 @pytest.mark.parametrize("enabled", [True, False])

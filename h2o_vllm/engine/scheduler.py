@@ -12,7 +12,10 @@ the rows to score (H2O) and the requests whose new keys' norms to sum (key-norm
 eviction) travel to the workers on the step's ``SchedulerOutput``; the scores
 come back on the ``ModelRunnerOutput`` and are added to the ledgers: attention
 mass for every scored row of every step, a key's norm once, in the step that
-writes it.
+writes it. With pipeline parallelism vLLM schedules the next step before the last
+one's output is back; a request with a step in flight is not compressed until its
+scores are in, and one compressed between prefill chunks waits for its chunk's
+scores before the next is scheduled, so every decision equals one process's.
 
 Enabled with ``--scheduler-cls h2o_vllm.engine.scheduler.H2OScheduler`` (see
 :func:`h2o_vllm.engine.settings.engine_kwargs`).
@@ -84,11 +87,12 @@ def check_engine_config(vllm_config) -> None:
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding (the draft's KV would not follow the evictions)")
     parallel = vllm_config.parallel_config
-    # Tensor parallelism: every rank's scores are reduced before they reach us (engine/ranks.py).
-    if parallel.pipeline_parallel_size > 1:
+    # Tensor and pipeline parallelism: every rank's scores are reduced before they reach us
+    # (engine/ranks.py); with pipeline parallelism a request's evictions wait for its steps in flight.
+    if parallel.pipeline_parallel_size > 1 and engine_seams.eager_model(vllm_config):
         problems.append(
-            "pipeline parallelism (vLLM then schedules a step before the previous one's scores come back, "
-            "so evictions would be decided on stale scores; use tensor parallelism)"
+            "pipeline parallelism with --enforce-eager (vLLM's CPU runner then never allocates a later "
+            "stage's input buffer and fails on the first request; leave --enforce-eager out)"
         )
     if parallel.data_parallel_size > 1:  # only expert-parallel (MoE) engines keep it: dense ones are independent
         problems.append("data parallelism across the experts of one MoE engine")
@@ -120,6 +124,9 @@ class H2OScheduler(Scheduler):
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
         self.h2o_defaults = server_defaults(vllm_config.additional_config)
         self.h2o_requests: dict[str, RequestEviction] = {}
+        # Steps scheduled per request whose output has not come back yet. Only with pipeline
+        # parallelism is it ever above 0 when the next step is scheduled (vLLM's batch queue).
+        self.h2o_in_flight: collections.Counter = collections.Counter()
         self.h2o_totals = EngineCounters()
         self.h2o_metrics = metrics.writer_from_env(engine_seams.data_parallel_engine(vllm_config))
         # A prefill chunk is at most a step's token budget; no sequence is longer than max_model_len.
@@ -208,8 +215,8 @@ class H2OScheduler(Scheduler):
         plan = StepPlan()
         for request in self.running:
             state = self._eviction_state(request)
-            if not state.can_evict:
-                continue
+            if not state.can_evict or self.h2o_in_flight[request.request_id]:
+                continue  # a step in flight: its scores are not in yet, its decision waits for them
             # A prompt (or a preempted request's re-prefill) is compressed once it is whole,
             # or with prefill "chunked" after each chunk; then one block at a time as it decodes.
             if not state.config.evicts_after(request.num_computed_tokens, request.num_tokens):
@@ -230,6 +237,14 @@ class H2OScheduler(Scheduler):
         for req_id, num_scheduled in output.num_scheduled_tokens.items():
             request = self.requests[req_id]
             state = self._eviction_state(request)
+            self.h2o_in_flight[req_id] += 1
+            if (
+                state.can_evict
+                and state.config.prefill == "chunked"
+                and request.num_computed_tokens < request.num_tokens
+            ):
+                # Its next chunk is compressed on this one's scores: vLLM would pipeline it now.
+                engine_seams.hold_request(request)
             if state.needs_scores:
                 # vLLM has already counted this step's tokens as computed: they are the chunk's end.
                 end = request.num_computed_tokens
@@ -250,6 +265,12 @@ class H2OScheduler(Scheduler):
     def update_from_output(self, scheduler_output, model_runner_output):
         scores = getattr(model_runner_output, SCORES_ATTR, None)
         result = super().update_from_output(scheduler_output, model_runner_output)
+        for req_id in scheduler_output.num_scheduled_tokens:
+            self.h2o_in_flight[req_id] -= 1
+            if self.h2o_in_flight[req_id] <= 0:
+                del self.h2o_in_flight[req_id]
+                if (request := self.requests.get(req_id)) is not None:
+                    engine_seams.release_request(request)
         for req_id, block_scores in (scores or {}).items():
             state = self.h2o_requests.get(req_id)
             request = self.requests.get(req_id)
