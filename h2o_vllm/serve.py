@@ -246,7 +246,7 @@ def data_parallel_args(rest: Sequence[str], log=print) -> list[str]:
     """
     dp = int(option_value(rest, "-dp", "--data-parallel-size") or 1)
     count = option_value(rest, "--api-server-count", "-asc")
-    if dp <= 1:
+    if dp <= 1 or has_flag(rest, "--headless"):  # a secondary node of a multi-node deployment runs no API server
         return []
     if count is None:
         log(f"h2o-vllm: --api-server-count 1 (one API server in front of the {dp} data-parallel engines)")

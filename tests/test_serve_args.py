@@ -175,6 +175,7 @@ def test_data_parallel_engines_get_one_api_server_and_a_share_of_the_cpus_each(n
     assert "--api-server-count" not in build(["-dp", "2", "--no-h2o"])  # vanilla: vLLM's default
     assert "--api-server-count" not in build(["--max-model-len", "512"])
     assert flag_values(build(["-dp", "2", "-asc", "1"]), "-asc") == ["1"]
+    assert "--api-server-count" not in build(["-dp", "2", "--headless", "--data-parallel-start-rank", "1"])
     with pytest.raises(serve.ServeArgumentError, match="one API server fronts the data-parallel engines"):
         build(["--data-parallel-size=2", "--api-server-count", "2"])
     # vLLM slices the list per engine ([DP, PP, TP]); "auto" would bind both engines to core 0.

@@ -1,0 +1,225 @@
+"""Parallel layouts served side by side: what tensor, pipeline and data parallelism cost on this
+machine, and whether they evict and write exactly as one process does.
+
+For each layout (``single``, ``tp2``, ``pp2``, ``dp2``) a fresh ``h2o-vllm serve`` starts on a
+loopback port with the same model in float32 and the same settings (the compiled model: vLLM's CPU
+runner cannot run pipeline parallelism under ``--enforce-eager``; every layout compiles alike), one
+after another, never two at once. Each gets the same workload at once: ``--requests`` greedy
+completions of essay text (``--min-len`` to ``--max-len`` prompt tokens, ``--new`` new tokens,
+EOS ignored), alternately H2O with ``sum`` and ``max`` scores at a 25% budget, so eviction is
+active. Recorded per layout: seconds to healthy, the workload's wall time and output tokens per
+second, the resident memory of the server's processes after it, the blocks evicted
+(``/metrics``), and every request's tokens. A layout matches when its tokens and its evicted
+blocks equal ``single``'s. A layout vLLM refuses for the model (``tp2`` with 9 query heads) is
+recorded with vLLM's reason.
+
+    python benchmarks/parallel.py                                   # the default model
+    python benchmarks/parallel.py --model qwen2.5-coder-0.5b --out results/parallel-qwen
+
+Results: OUT/parallel.json, OUT/parallel.md, OUT/parallel.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+
+from h2o_vllm import assets
+from h2o_vllm.local_server import ServerFailed, ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYOUTS = {"single": [], "tp2": ["-tp", "2"], "pp2": ["-pp", "2"], "dp2": ["-dp", "2"]}
+
+
+def prompts(model_dir: Path, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    """``n`` slices of essay text as token ids, ``lo`` to ``hi`` tokens each."""
+    from transformers import AutoTokenizer
+
+    from h2o_vllm.datasets import essays_text
+
+    ids = AutoTokenizer.from_pretrained(model_dir)(essays_text())["input_ids"]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(lo, hi)
+        start = rng.randrange(0, len(ids) - length)
+        out.append(ids[start : start + length])
+    return out
+
+
+def server_rss_mib(pid: int) -> float:
+    """Resident memory of the server's session: API server, engine cores, workers."""
+    sid = os.getsid(pid)
+    total = 0
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(proc.pid) == sid:
+                total += proc.memory_info().rss
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return total / 2**20
+
+
+def evicted(client: httpx.Client) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("h2o_vllm:evicted_blocks_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def refusal(log: Path) -> str:
+    """The reason vLLM gave for not starting (the last error line of the log)."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if "Error:" in line]
+    return lines[-1].split("Error:", 1)[1].strip() if lines else f"did not start; see {log}"
+
+
+def run_layout(name: str, args: list[str], served: str, workload: list[list[int]], new: int, out: Path) -> dict:
+    log = out / f"{name}.log"
+    server = ServerProcess(args + LAYOUTS[name], log_path=log)
+    t0 = time.monotonic()
+    try:
+        server.start()
+    except ServerFailed:
+        server.stop()
+        return {"layout": name, "refused": refusal(log)}
+    startup = time.monotonic() - t0
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=1800) as client:
+            before = evicted(client)
+
+            def send(i: int) -> list[int]:
+                body = {"model": served, "prompt": workload[i], "max_tokens": new, "temperature": 0}
+                body |= {"ignore_eos": True, "return_token_ids": True}
+                body["vllm_xargs"] = {"h2o_budget": 0.25, "h2o_score_reduce": "sum" if i % 2 == 0 else "max"}
+                resp = client.post("/v1/completions", json=body)
+                resp.raise_for_status()
+                return resp.json()["choices"][0]["token_ids"]
+
+            t1 = time.monotonic()
+            with ThreadPoolExecutor(len(workload)) as pool:
+                tokens = list(pool.map(send, range(len(workload))))
+            wall = time.monotonic() - t1
+            time.sleep(1.0)  # the idle snapshot
+            row = {
+                "layout": name,
+                "startup_s": round(startup, 1),
+                "wall_s": round(wall, 2),
+                "output_tok_s": round(sum(len(t) for t in tokens) / wall, 1),
+                "rss_mib": round(server_rss_mib(server.proc.pid)),
+                "evicted_blocks": int(evicted(client) - before),
+                "tokens": tokens,
+            }
+    finally:
+        server.stop()
+    print(
+        f"{name}: healthy in {row['startup_s']} s, workload {row['wall_s']} s, {row['output_tok_s']} tok/s, "
+        f"{row['rss_mib']} MiB, {row['evicted_blocks']} blocks evicted",
+        flush=True,
+    )
+    return row
+
+
+def report(rows: list[dict], settings: dict) -> str:
+    base = next((r for r in rows if r["layout"] == "single" and "tokens" in r), None)
+    lines = [
+        f"# Parallel layouts, {settings['model']}",
+        "",
+        f"`{settings['command']}`",
+        "",
+        f"{settings['requests']} requests at once, {settings['min_len']}-{settings['max_len']} prompt tokens, "
+        f"{settings['new']} new tokens, float32, H2O at 25% (sum and max alternately); {os.cpu_count()} CPUs. "
+        "Ratios against `single` in the same run.",
+        "",
+        "| layout | healthy after (s) | workload (s) | output tok/s | x single | server RSS (MiB) | evicted blocks "
+        "| tokens and evictions = single |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "refused" in r:
+            lines.append(f"| {r['layout']} | refused: {r['refused']} | | | | | | |")
+            continue
+        ratio = f"{r['output_tok_s'] / base['output_tok_s']:.2f}" if base else "-"
+        same = "-" if base is None or r is base else ("yes" if r["matches_single"] else "**no**")
+        lines.append(
+            f"| {r['layout']} | {r['startup_s']} | {r['wall_s']} | {r['output_tok_s']} | {ratio} | {r['rss_mib']} "
+            f"| {r['evicted_blocks']} | {same} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in rows if "refused" not in r]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, key, label in zip(
+        axes,
+        ("output_tok_s", "startup_s", "rss_mib"),
+        ("output tokens/s (workload)", "seconds to healthy", "server RSS (MiB)"),
+        strict=True,
+    ):
+        ax.bar([r["layout"] for r in ran], [r[key] for r in ran], color="#4c72b0")
+        ax.set_title(label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=assets.DEFAULT_MODEL.name, choices=sorted(assets.MODELS))
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated, from " + ",".join(LAYOUTS))
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--min-len", type=int, default=400)
+    parser.add_argument("--max-len", type=int, default=900)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "parallel")
+    args = parser.parse_args(argv)
+    layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
+    unknown = [name for name in layouts if name not in LAYOUTS]
+    if unknown:
+        parser.error(f"unknown layouts {unknown}; choose from {', '.join(LAYOUTS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    spec = assets.model_spec(args.model)
+    model_dir = assets.prepare_model(spec).path
+    workload = prompts(model_dir, args.requests, args.min_len, args.max_len, args.seed)
+    serve_args = ["--model", args.model, "--dtype", "float32", "--max-model-len", str(args.max_len + args.new + 64)]
+    rows = [run_layout(name, serve_args, spec.name, workload, args.new, args.out) for name in layouts]
+    base = next((r for r in rows if r["layout"] == "single" and "tokens" in r), None)
+    for r in rows:
+        if base is not None and "tokens" in r:
+            r["matches_single"] = r["tokens"] == base["tokens"] and r["evicted_blocks"] == base["evicted_blocks"]
+    settings = {
+        "model": spec.name,
+        "command": "python benchmarks/parallel.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        **{k: getattr(args, k) for k in ("requests", "min_len", "max_len", "new", "seed")},
+        "serve_args": serve_args,
+    }
+    (args.out / "parallel.json").write_text(json.dumps({"settings": settings, "layouts": rows}, indent=1))
+    (args.out / "parallel.md").write_text(report(rows, settings))
+    plot(rows, args.out / "parallel.png", f"{spec.name}: parallel layouts on {os.cpu_count()} CPUs")
+    print(report(rows, settings))
+    mismatched = [r["layout"] for r in rows if r.get("matches_single") is False]
+    if mismatched:
+        print(f"layouts whose tokens or evictions differ from single: {mismatched}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
