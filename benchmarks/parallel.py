@@ -78,9 +78,12 @@ def evicted(client: httpx.Client) -> float:
 
 
 def refusal(log: Path) -> str:
-    """The reason vLLM gave for not starting (the last error line of the log)."""
-    lines = [line for line in log.read_text(errors="replace").splitlines() if "Error:" in line]
-    return lines[-1].split("Error:", 1)[1].strip() if lines else f"did not start; see {log}"
+    """The reason vLLM gave for not starting: its configuration check's message, or the last error line."""
+    text = log.read_text(errors="replace").splitlines()
+    checks = [line.split("Value error,", 1)[1].split(" [type=", 1)[0] for line in text if "Value error," in line]
+    errors = [line.split("Error:", 1)[1] for line in text if "Error:" in line]
+    found = checks or errors
+    return found[-1].strip() if found else f"did not start; see {log}"
 
 
 def run_layout(name: str, args: list[str], served: str, workload: list[list[int]], new: int, out: Path) -> dict:
