@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             r["matches_single"] = r["tokens"] == base["tokens"] and r["evicted_blocks"] == base["evicted_blocks"]
     settings = {
         "model": spec.name,
-        "command": "python benchmarks/parallel.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": " ".join(["python benchmarks/parallel.py", *(shlex.quote(a) for a in sys.argv[1:])]),
         **{k: getattr(args, k) for k in ("requests", "min_len", "max_len", "new", "seed")},
         "serve_args": serve_args,
     }

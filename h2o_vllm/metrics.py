@@ -106,9 +106,6 @@ class H2OCollector:
                 found[int(index)] = _read(path)
         return {engine: snap for engine, snap in sorted(found.items()) if snap is not None}
 
-    def read(self) -> dict:
-        return sum_snapshots(list(self.read_engines().values()))
-
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
