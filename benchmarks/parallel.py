@@ -135,7 +135,7 @@ def run_layout(name: str, args: list[str], served: str, workload: list[list[int]
 def report(rows: list[dict], settings: dict) -> str:
     base = next((r for r in rows if r["layout"] == "single" and "tokens" in r), None)
     lines = [
-        f"# Parallel layouts, {settings['model']}",
+        f"### Parallel layouts, {settings['model']}",
         "",
         f"`{settings['command']}`",
         "",
@@ -181,6 +181,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_report(rows: list[dict], settings: dict, out: Path) -> None:
+    (out / "parallel.md").write_text(report(rows, settings))
+    plot(rows, out / "parallel.png", f"{settings['model']}: parallel layouts on {os.cpu_count()} CPUs")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=assets.DEFAULT_MODEL.name, choices=sorted(assets.MODELS))
@@ -191,7 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "parallel")
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw OUT/parallel.md and .png from its JSON, run nothing"
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        saved = json.loads((args.out / "parallel.json").read_text())
+        write_report(saved["layouts"], saved["settings"], args.out)
+        return 0
     layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
     unknown = [name for name in layouts if name not in LAYOUTS]
     if unknown:
@@ -214,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve_args": serve_args,
     }
     (args.out / "parallel.json").write_text(json.dumps({"settings": settings, "layouts": rows}, indent=1))
-    (args.out / "parallel.md").write_text(report(rows, settings))
-    plot(rows, args.out / "parallel.png", f"{spec.name}: parallel layouts on {os.cpu_count()} CPUs")
+    write_report(rows, settings, args.out)
     print(report(rows, settings))
     mismatched = [r["layout"] for r in rows if r.get("matches_single") is False]
     if mismatched:

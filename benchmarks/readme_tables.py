@@ -37,6 +37,7 @@ SECTIONS = {
     ],
     "eval-table": ["results/eval/eval-intro.md", "results/eval/eval.md"],
     "eval-long-table": ["results/eval-long-prompts/eval-intro.md", "results/eval-long-prompts/eval.md"],
+    "parallel-table": ["results/parallel/parallel.md", "results/parallel-qwen/parallel.md"],
     "engine-table": [
         "results/engine/capacity-intro.md",
         "results/engine/capacity.md",
@@ -58,6 +59,7 @@ PAGES = {
     "eval-table": "results/README.md",
     "eval-long-table": "results/README.md",
     "engine-table": "results/README.md",
+    "parallel-table": "results/README.md",
 }
 # ](target) of a Markdown link or image whose target is a relative path
 # (not a URL, an anchor or an absolute path)
