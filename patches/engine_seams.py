@@ -45,8 +45,9 @@ Scheduler side: ``H2OScheduler(Scheduler)`` in h2o_vllm/engine/scheduler.py
   hold_request, release_request
               ``Request.next_decode_eligible_step`` (vllm/v1/request.py), against which
               ``Scheduler.schedule`` skips a running request while ``Scheduler.current_step`` is
-              below it (scheduler.py; vLLM sets it only for the V2 runner with async scheduling,
-              both of which H2O refuses)
+              below it (scheduler.py; vLLM itself sets it only in ``AsyncScheduler`` and
+              ``DiffusionScheduler``, async_scheduler.py and diffusion_scheduler.py, which
+              ``H2OScheduler`` does not derive from)
   eager_model
               ``CompilationConfig.mode`` (vllm/config/compilation.py; ``CompilationMode.NONE`` under
               ``--enforce-eager``): ``CPUModelRunner.warming_up_model`` (vllm/v1/worker/cpu_model_runner.py)
