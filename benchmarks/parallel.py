@@ -15,6 +15,7 @@ recorded with vLLM's reason.
 
     python benchmarks/parallel.py                                   # the default model
     python benchmarks/parallel.py --model qwen2.5-coder-0.5b --out results/parallel-qwen
+    python benchmarks/parallel.py --vanilla --layouts single,pp2,dp2 --out results/parallel-vanilla
 
 Results: OUT/parallel.json, OUT/parallel.md, OUT/parallel.png.
 """
@@ -86,7 +87,9 @@ def refusal(log: Path) -> str:
     return found[-1].strip() if found else f"did not start; see {log}"
 
 
-def run_layout(name: str, args: list[str], served: str, workload: list[list[int]], new: int, out: Path) -> dict:
+def run_layout(
+    name: str, args: list[str], served: str, workload: list[list[int]], new: int, out: Path, vanilla: bool = False
+) -> dict:
     log = out / f"{name}.log"
     server = ServerProcess(args + LAYOUTS[name], log_path=log)
     t0 = time.monotonic()
@@ -103,7 +106,8 @@ def run_layout(name: str, args: list[str], served: str, workload: list[list[int]
             def send(i: int) -> list[int]:
                 body = {"model": served, "prompt": workload[i], "max_tokens": new, "temperature": 0}
                 body |= {"ignore_eos": True, "return_token_ids": True}
-                body["vllm_xargs"] = {"h2o_budget": 0.25, "h2o_score_reduce": "sum" if i % 2 == 0 else "max"}
+                if not vanilla:
+                    body["vllm_xargs"] = {"h2o_budget": 0.25, "h2o_score_reduce": "sum" if i % 2 == 0 else "max"}
                 resp = client.post("/v1/completions", json=body)
                 resp.raise_for_status()
                 return resp.json()["choices"][0]["token_ids"]
@@ -140,7 +144,9 @@ def report(rows: list[dict], settings: dict) -> str:
         f"`{settings['command']}`",
         "",
         f"{settings['requests']} requests at once, {settings['min_len']}-{settings['max_len']} prompt tokens, "
-        f"{settings['new']} new tokens, float32, H2O at 25% (sum and max alternately); {os.cpu_count()} CPUs. "
+        f"{settings['new']} new tokens, float32, "
+        f"{'vanilla vLLM (--no-h2o), full caches' if settings.get('vanilla') else 'H2O at 25% (sum and max alternately)'}"
+        f"; {os.cpu_count()} CPUs. "
         "Ratios against `single` in the same run.",
         "",
         "| layout | healthy after (s) | workload (s) | output tok/s | x single | server RSS (MiB) | evicted blocks "
@@ -197,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "parallel")
     parser.add_argument(
+        "--vanilla", action="store_true", help="vanilla vLLM (--no-h2o, full caches): what the layouts cost without H2O"
+    )
+    parser.add_argument(
         "--replot", action="store_true", help="redraw OUT/parallel.md and .png from its JSON, run nothing"
     )
     args = parser.parse_args(argv)
@@ -214,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = assets.prepare_model(spec).path
     workload = prompts(model_dir, args.requests, args.min_len, args.max_len, args.seed)
     serve_args = ["--model", args.model, "--dtype", "float32", "--max-model-len", str(args.max_len + args.new + 64)]
-    rows = [run_layout(name, serve_args, spec.name, workload, args.new, args.out) for name in layouts]
+    if args.vanilla:
+        serve_args.append("--no-h2o")
+    rows = [
+        run_layout(name, serve_args, spec.name, workload, args.new, args.out, vanilla=args.vanilla) for name in layouts
+    ]
     base = next((r for r in rows if r["layout"] == "single" and "tokens" in r), None)
     for r in rows:
         if base is not None and "tokens" in r:
@@ -222,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "model": spec.name,
         "command": " ".join(["python benchmarks/parallel.py", *(shlex.quote(a) for a in sys.argv[1:])]),
-        **{k: getattr(args, k) for k in ("requests", "min_len", "max_len", "new", "seed")},
+        **{k: getattr(args, k) for k in ("requests", "min_len", "max_len", "new", "seed", "vanilla")},
         "serve_args": serve_args,
     }
     (args.out / "parallel.json").write_text(json.dumps({"settings": settings, "layouts": rows}, indent=1))
