@@ -71,7 +71,11 @@ def rank_main(rank, init_file, out_file, kv_heads, heads, use_fused):
     pp_groups = [dist.new_group([p * TP + t for p in range(PP)]) for t in range(TP)]
     pp_rank, tp_rank = divmod(rank, TP)
     replicas = max(1, TP // kv_heads)
-    reducer = RankReducer([tp_groups[pp_rank], pp_groups[tp_rank]], [pp_groups[tp_rank]], tp_rank % replicas != 0)
+    # An earlier stage only sends its part (as in vLLM's workers: RankReducer.for_worker).
+    async_groups = [pp_groups[tp_rank]] if pp_rank < PP - 1 else []
+    reducer = RankReducer(
+        [tp_groups[pp_rank], pp_groups[tp_rank]], [pp_groups[tp_rank]], tp_rank % replicas != 0, async_groups
+    )
     kv_per_rank = max(1, kv_heads // TP)
     kv_first = (tp_rank // replicas) * kv_per_rank
     heads_per_rank = heads // TP
@@ -85,9 +89,10 @@ def rank_main(rank, init_file, out_file, kv_heads, heads, use_fused):
         reducer,
         use_fused,
     )
-    if rank == TP * PP - 1:  # vLLM's output rank is TP rank 0 of the last stage; every rank holds the result
+    if rank == TP * PP - 1:  # vLLM's output rank is TP rank 0 of the last stage; every last-stage rank holds it
         with open(out_file, "wb") as f:
             pickle.dump(got, f)
+    reducer.wait()
     dist.destroy_process_group()
 
 

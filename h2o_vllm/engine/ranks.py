@@ -25,14 +25,21 @@ from __future__ import annotations
 
 import torch
 
+MAX_PENDING = 8  # contributions in flight per rank (a scored step sends at most four)
+
 
 class RankReducer:
     """Sums and maxima of a step's score buffers over the TP group, then the PP group."""
 
-    def __init__(self, groups: list, layer_groups: list, kv_replica: bool):
+    def __init__(self, groups: list, layer_groups: list, kv_replica: bool, async_groups: list = ()):
         self.groups = groups  # process groups every score is reduced over
         self.layer_groups = layer_groups  # those whose ranks hold different layers
         self.kv_replica = kv_replica  # this rank's KV heads are a copy another rank counts
+        # Groups this rank only contributes to: an earlier pipeline stage, whose reduced scores nobody
+        # reads. Its part goes out without waiting, so it starts its next step while the last stage
+        # is still on this one (waiting there would keep the stages from overlapping).
+        self.async_groups = list(async_groups)
+        self._pending: list = []  # (work, tensor) of the contributions still in flight
 
     @classmethod
     def for_worker(cls, total_kv_heads: int) -> RankReducer | None:
@@ -45,16 +52,32 @@ class RankReducer:
         replicas = max(1, tp.world_size // max(1, total_kv_heads))
         groups = [g.cpu_group for g in (tp, pp) if g.world_size > 1]
         layer_groups = [pp.cpu_group] if pp.world_size > 1 else []
-        return cls(groups, layer_groups, kv_replica=tp.rank_in_group % replicas != 0)
+        async_groups = [pp.cpu_group] if pp.world_size > 1 and not pp.is_last_rank else []
+        return cls(groups, layer_groups, kv_replica=tp.rank_in_group % replicas != 0, async_groups=async_groups)
+
+    def wait(self) -> None:
+        """Wait until this rank's contributions in flight are taken (the last stage reduced them)."""
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
 
     def _all_reduce(self, tensor: torch.Tensor, op, groups) -> None:
         if tensor.numel() == 0:
             return
         for group in groups:
-            torch.distributed.all_reduce(tensor, op=op, group=group)
+            if any(group is g for g in self.async_groups):
+                # The result here is not read (see async_groups): the tensor is kept until it is sent.
+                while len(self._pending) >= MAX_PENDING:  # two steps back at least: long taken, as a rule
+                    self._pending.pop(0)[0].wait()
+                self._pending.append((torch.distributed.all_reduce(tensor, op=op, group=group, async_op=True), tensor))
+            else:
+                torch.distributed.all_reduce(tensor, op=op, group=group)
 
     def attention(self, sums: list[torch.Tensor], maxes: list[torch.Tensor], num_layers: int) -> int:
-        """Reduce the step's per-request totals in place; the number of layers scored over all stages."""
+        """Reduce the step's per-request totals in place; the number of layers scored over all stages.
+
+        On a rank with ``async_groups`` the results are partial: only the last stage's are the step's.
+        """
         ReduceOp = torch.distributed.ReduceOp
         flat_sums = _flat(sums)
         self._all_reduce(flat_sums, ReduceOp.SUM, self.groups)
@@ -67,7 +90,7 @@ class RankReducer:
         return int(layers.item())
 
     def key_norms(self, totals: torch.Tensor) -> None:
-        """Sum the step's key-norm totals (float64, flat) over ranks in place."""
+        """Sum the step's key-norm totals (float64, flat) over ranks in place (partial with ``async_groups``)."""
         if self.kv_replica:
             totals.zero_()
         self._all_reduce(totals, torch.distributed.ReduceOp.SUM, self.groups)
