@@ -37,7 +37,12 @@ SECTIONS = {
     ],
     "eval-table": ["results/eval/eval-intro.md", "results/eval/eval.md"],
     "eval-long-table": ["results/eval-long-prompts/eval-intro.md", "results/eval-long-prompts/eval.md"],
-    "parallel-table": ["results/parallel/parallel.md", "results/parallel-qwen/parallel.md"],
+    "parallel-table": [
+        "results/parallel/parallel.md",
+        "results/parallel-vanilla/parallel.md",
+        "results/parallel-qwen/parallel.md",
+        "results/parallel-qwen-pp/parallel.md",
+    ],
     "engine-table": [
         "results/engine/capacity-intro.md",
         "results/engine/capacity.md",
