@@ -15,6 +15,10 @@ broadcasts to every rank, so the collectives line up:
 - key norms: summed over ranks, counting a KV head that tensor parallelism copies to
   several ranks (more ranks than KV heads) once.
 
+Only the last pipeline stage needs the result (its TP rank 0 answers the scheduler): an
+earlier stage sends its part without waiting for the sum, so it goes on to its next step
+while the last stage is still on this one.
+
 The transport is vLLM's own process groups (``get_tp_group()``, ``get_pp_group()``: their
 gloo ``cpu_group``), with ``torch.distributed.all_reduce``: vLLM's
 ``GroupCoordinator.all_reduce`` sums only, and on CPU goes through its shared-memory
