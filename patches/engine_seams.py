@@ -42,6 +42,8 @@ Scheduler side: ``H2OScheduler(Scheduler)`` in h2o_vllm/engine/scheduler.py
               ``SingleTypeKVCacheManager.get_num_blocks_to_allocate(..., apply_admission_cap=True)``,
               which ``KVCacheManager.allocate_slots(full_sequence_must_fit=True)`` calls to admit a
               waiting request (kv_cache_manager.py), wrapped on the scheduler's manager instance
+  in_flight   ``Request.num_in_flight_tokens`` (vllm/v1/request.py): raised in
+              ``Scheduler._update_after_schedule``, lowered in ``update_from_output`` (scheduler.py)
   hold_request, release_request
               ``Request.next_decode_eligible_step`` (vllm/v1/request.py), against which
               ``Scheduler.schedule`` skips a running request while ``Scheduler.current_step`` is
@@ -301,6 +303,11 @@ def gate_admission(scheduler, blocks_needed) -> None:
         return original(request_id, num_tokens, *args, apply_admission_cap=apply_admission_cap, **kwargs)
 
     manager.get_num_blocks_to_allocate = get_num_blocks_to_allocate
+
+
+def in_flight(request) -> bool:
+    """Whether a step of this request was scheduled and its output has not come back yet."""
+    return request.num_in_flight_tokens > 0
 
 
 _HELD = 1 << 62  # a step Scheduler.current_step never reaches

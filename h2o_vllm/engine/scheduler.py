@@ -124,9 +124,6 @@ class H2OScheduler(Scheduler):
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
         self.h2o_defaults = server_defaults(vllm_config.additional_config)
         self.h2o_requests: dict[str, RequestEviction] = {}
-        # Steps scheduled per request whose output has not come back yet. Only with pipeline
-        # parallelism is it ever above 0 when the next step is scheduled (vLLM's batch queue).
-        self.h2o_in_flight: collections.Counter = collections.Counter()
         self.h2o_totals = EngineCounters()
         self.h2o_metrics = metrics.writer_from_env(engine_seams.data_parallel_engine(vllm_config))
         # A prefill chunk is at most a step's token budget; no sequence is longer than max_model_len.
@@ -215,8 +212,10 @@ class H2OScheduler(Scheduler):
         plan = StepPlan()
         for request in self.running:
             state = self._eviction_state(request)
-            if not state.can_evict or self.h2o_in_flight[request.request_id]:
-                continue  # a step in flight: its scores are not in yet, its decision waits for them
+            # A step in flight (only with pipeline parallelism, when vLLM schedules the next step):
+            # its scores are not in yet, and its decision waits for them.
+            if not state.can_evict or engine_seams.in_flight(request):
+                continue
             # A prompt (or a preempted request's re-prefill) is compressed once it is whole,
             # or with prefill "chunked" after each chunk; then one block at a time as it decodes.
             if not state.config.evicts_after(request.num_computed_tokens, request.num_tokens):
@@ -237,7 +236,6 @@ class H2OScheduler(Scheduler):
         for req_id, num_scheduled in output.num_scheduled_tokens.items():
             request = self.requests[req_id]
             state = self._eviction_state(request)
-            self.h2o_in_flight[req_id] += 1
             if (
                 state.can_evict
                 and state.config.prefill == "chunked"
@@ -266,11 +264,9 @@ class H2OScheduler(Scheduler):
         scores = getattr(model_runner_output, SCORES_ATTR, None)
         result = super().update_from_output(scheduler_output, model_runner_output)
         for req_id in scheduler_output.num_scheduled_tokens:
-            self.h2o_in_flight[req_id] -= 1
-            if self.h2o_in_flight[req_id] <= 0:
-                del self.h2o_in_flight[req_id]
-                if (request := self.requests.get(req_id)) is not None:
-                    engine_seams.release_request(request)
+            request = self.requests.get(req_id)
+            if request is not None and not engine_seams.in_flight(request):
+                engine_seams.release_request(request)
         for req_id, block_scores in (scores or {}).items():
             state = self.h2o_requests.get(req_id)
             request = self.requests.get(req_id)
