@@ -336,8 +336,12 @@ def serve(user_args: Sequence[str]) -> int:
         print(f"h2o-vllm: {BIND_ENV}={binding} (one share of this machine's CPUs per rank)", flush=True)
     print("h2o-vllm: vllm " + " ".join(argv), flush=True)
     server_lifecycle.install()
+    server_lifecycle.become_subreaper()  # orphans of a stopped engine core are ours to reap
     try:
         run_vllm_cli(argv)
+    except BaseException:
+        server_lifecycle.exit_if_stopping()  # a signal during start-up: the stop exits 0
+        raise
     finally:
         server_lifecycle.reap_children()
     if server_lifecycle.engine_died():

@@ -15,7 +15,12 @@ stopped, by force if it still works). ``h2o-vllm serve`` sets a grace period by 
   for minutes). We wrap ``entry.setup_server`` (called right after that handler is
   installed) to install :func:`_stop_during_startup` instead: a thread stops every
   child process (SIGTERM, then SIGKILL after ``CHILD_EXIT_TIMEOUT_S``) and the server
-  exits 0. Once uvicorn runs, vLLM's loop handler replaces ours.
+  exits 0. Once uvicorn runs, vLLM's loop handler replaces ours. A worker the engine core
+  spawns while it is being stopped would outlive it (vLLM's workers watch their parent
+  only once their model is loaded): the server is made a child subreaper
+  (Linux ``PR_SET_CHILD_SUBREAPER``), so such an orphan becomes its child and is stopped
+  in the next round, and the main thread, whose engine handshake fails meanwhile, leaves
+  the exit to the stopping thread.
 - **The drain itself.** vLLM's drain runs in the engine core and ends by killing it:
   requests still running at the deadline get a 500 ("EngineCore encountered an issue")
   and the server stops with the engine's teardown cut short; meanwhile the engine core
@@ -42,10 +47,11 @@ stopped, by force if it still works). ``h2o-vllm serve`` sets a grace period by 
   makes SIGTERM exit 0; without a handler the process dies by the signal (status 143)
   or, as a container's PID 1, ignores it.
 - **Nothing left behind.** :func:`reap_children` waits (bounded) for the engine core
-  and worker processes after vLLM returns, so none outlives the server.
+  and worker processes after vLLM returns, and for the orphans they leave, so none
+  outlives the server.
 
-Only the ``h2o-vllm serve`` process installs this (``serve.serve``); the
-engine core and workers keep vLLM's own signal handling.
+Only the ``h2o-vllm serve`` process installs this and becomes a subreaper
+(``serve.serve``); the engine core and workers keep vLLM's own signal handling.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -69,6 +76,9 @@ ENGINE_DEATH_LINGER_ENV = "H2O_VLLM_ENGINE_DEATH_LINGER"
 ENGINE_DEATH_LINGER_S = 5.0
 # How long a child process may take to exit after SIGTERM before it is killed.
 CHILD_EXIT_TIMEOUT_S = 10.0
+# Rounds of reaping: the children, then the orphans the killed ones left (see above).
+REAP_ROUNDS = 3
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 # Once the drain is over: how long the abort may take, and the engine core's teardown
 # (its workers stop in 2-5 s here) before vLLM kills it.
 ABORT_TIMEOUT_S = 5.0
@@ -81,6 +91,7 @@ _MARK = "_h2o_vllm_wrapped"
 class _State:
     draining = False
     engine_died = False
+    stopping: threading.Thread | None = None  # the thread stopping a server still starting
 
 
 STATE = _State()
@@ -106,21 +117,39 @@ def _children():
 
 def reap_children(timeout: float = CHILD_EXIT_TIMEOUT_S, terminate: bool = False) -> list[int]:
     """Wait up to ``timeout`` s for this process's children to exit (SIGTERM them first if
-    ``terminate``), then kill those still there; their pids."""
+    ``terminate``), then kill those still there; then the same for orphans the killed ones
+    left (they become this process's children, :func:`become_subreaper`), which are sent
+    SIGTERM at once. The pids seen."""
     import psutil
 
-    procs = _children()
-    if terminate:
-        for proc in procs:
+    seen: list[int] = []
+    for round_ in range(REAP_ROUNDS):
+        procs = _children()
+        if not procs:
+            break
+        if terminate or round_ > 0:
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for proc in alive:
+            logger.warning("[h2o-vllm] process %d did not exit within %.0f s: killing it", proc.pid, timeout)
             with contextlib.suppress(psutil.Error):
-                proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        logger.warning("[h2o-vllm] process %d did not exit within %.0f s: killing it", proc.pid, timeout)
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
-    return [p.pid for p in procs]
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+        seen += [p.pid for p in procs]
+    return seen
+
+
+def become_subreaper() -> bool:
+    """Make descendants orphaned by their parent's death (a worker whose engine core was
+    killed) children of this process, so :func:`reap_children` finds them; False where the
+    system has no such setting (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def _exit_before_start(signum, frame) -> None:
@@ -144,7 +173,16 @@ def _stop_during_startup(signum, frame) -> None:
         logging.shutdown()
         os._exit(0)
 
-    threading.Thread(target=stop, name="h2o-vllm-startup-stop", daemon=True).start()
+    if STATE.stopping is None:
+        STATE.stopping = threading.Thread(target=stop, name="h2o-vllm-startup-stop", daemon=True)
+        STATE.stopping.start()
+
+
+def exit_if_stopping() -> None:
+    """Called when vLLM's start-up failed: if a signal is stopping the server, leave the exit
+    (status 0, once every child is gone) to the stopping thread; otherwise return."""
+    if STATE.stopping is not None:
+        STATE.stopping.join()
 
 
 def _wrap_setup_server(entry) -> None:
