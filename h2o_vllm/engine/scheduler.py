@@ -129,6 +129,9 @@ class H2OScheduler(Scheduler):
         # A prefill chunk is at most a step's token budget; no sequence is longer than max_model_len.
         self.h2o_chunk_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.h2o_max_len = vllm_config.model_config.max_model_len
+        # Only with pipeline parallelism does vLLM schedule a step before the last one's output is
+        # back (async scheduling is refused above): prompt chunks are held back then alone.
+        self.h2o_steps_overlap = vllm_config.parallel_config.pipeline_parallel_size > 1
         engine_seams.gate_admission(self, self._admission_blocks)
         if engine_seams.prefix_caching_enabled(self):
             engine_seams.cap_prefix_caching(self, self._cache_cap)
@@ -237,7 +240,8 @@ class H2OScheduler(Scheduler):
             request = self.requests[req_id]
             state = self._eviction_state(request)
             if (
-                state.can_evict
+                self.h2o_steps_overlap
+                and state.can_evict
                 and state.config.prefill == "chunked"
                 and request.num_computed_tokens < request.num_tokens
             ):
@@ -263,10 +267,11 @@ class H2OScheduler(Scheduler):
     def update_from_output(self, scheduler_output, model_runner_output):
         scores = getattr(model_runner_output, SCORES_ATTR, None)
         result = super().update_from_output(scheduler_output, model_runner_output)
-        for req_id in scheduler_output.num_scheduled_tokens:
-            request = self.requests.get(req_id)
-            if request is not None and not engine_seams.in_flight(request):
-                engine_seams.release_request(request)
+        if self.h2o_steps_overlap:  # a held request's chunk is back: it may be scheduled again
+            for req_id in scheduler_output.num_scheduled_tokens:
+                request = self.requests.get(req_id)
+                if request is not None and not engine_seams.in_flight(request):
+                    engine_seams.release_request(request)
         for req_id, block_scores in (scores or {}).items():
             state = self.h2o_requests.get(req_id)
             request = self.requests.get(req_id)
