@@ -98,7 +98,22 @@ if [[ "$PREPARE_MODEL" == 1 ]]; then
 fi
 "$VENV/bin/h2o-vllm" prepare-data
 # H2O's fused scoring operator, compiled for this CPU with g++ (seconds); without it H2O scores
-# with PyTorch operators, slower but the same results.
+# with PyTorch operators, slower but the same results. The tests also cross-compile it for aarch64.
+NEED_APT=()
+command -v g++ >/dev/null 2>&1 || NEED_APT+=(g++)
+if [[ "$EXTRAS" == *test* ]] && ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1; then
+  NEED_APT+=(g++-aarch64-linux-gnu)
+fi
+if ((${#NEED_APT[@]})); then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    say "installing ${NEED_APT[*]} (Debian packages)"
+    (apt-get install -y -q "${NEED_APT[@]}" >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "${NEED_APT[@]}" >/dev/null; }) ||
+      say "could not install ${NEED_APT[*]}: install them by hand"
+  else
+    say "missing: ${NEED_APT[*]} (install them with your package manager)"
+  fi
+fi
 "$VENV/bin/python" -m h2o_vllm.engine.fused ||
-  say "fused scoring operator not built (is g++ installed?): H2O will score with PyTorch operators"
+  say "fused scoring operator not built (why: the line above): H2O will score with PyTorch operators"
 say "done. Serve with: $VENV/bin/h2o-vllm serve"

@@ -6,6 +6,7 @@ Keys are written into pages by vLLM's own CPU kernel, so the page layout is the 
 import numpy as np
 import pytest
 import torch
+from scoring_cases import OPERATOR_CASES, assert_fused_equals_pytorch
 
 from h2o_vllm.engine import scoring
 from h2o_vllm.engine.messages import ScoreRequest
@@ -98,55 +99,7 @@ def test_step_scores_equal_brute_force_softmax(dtype, score_max, fused):
     np.testing.assert_array_equal(got["B"].visibility, expected_b)
 
 
-@pytest.mark.parametrize(
-    "dtype,layout,block_size",
-    [
-        (torch.float32, "dt", 32),
-        (torch.bfloat16, "dt", 32),
-        (torch.float16, "td", 32),
-        (torch.float32, "td", 16),  # not 32: the operator's generic loops
-    ],
-)
+@pytest.mark.parametrize("dtype,layout,block_size", OPERATOR_CASES)
 def test_fused_operator_equals_the_pytorch_path(dtype, layout, block_size):
-    """Long prompt chunks (more rows than one tile and than SCORE_CHUNK_ROWS), holes, GQA,
-    mixed reductions and decodes: the fused operator gives the PyTorch path's scores."""
     assert scoring.fused.load(), "the fused scoring operator must build on the test machine"
-    torch.manual_seed(1)
-    kv_heads, heads, head_dim, num_blocks = 3, 9, 64, 96
-    pages = torch.randn(num_blocks, kv_heads, 2, block_size * head_dim).to(dtype)[:, :, 0]
-    # (name, tokens held before holes, query rows this step, first scored position, reduce, holes)
-    requests = [
-        ("P", 700, 300, 400, "sum", [2, 5]),
-        ("Q", 333, 333, 0, "max", []),
-        ("D1", 200, 1, 0, "sum", [1]),
-        ("D2", 150, 1, 0, "max", [0, 3]),
-    ]
-    width = max(-(-n // block_size) for _, n, *_ in requests)
-    table = torch.zeros(len(requests), width, dtype=torch.int32)
-    lens, qsl, asks, next_block = [], [0], {}, 1
-    for i, (name, n, rows, first, reduce, holes) in enumerate(requests):
-        blocks = -(-n // block_size)
-        table[i, :blocks] = torch.arange(next_block, next_block + blocks)
-        table[i, holes] = 0
-        next_block += blocks
-        lens.append(n)
-        qsl.append(qsl[-1] + rows)
-        asks[name] = ScoreRequest(first, reduce)
-    lens = torch.tensor(lens, dtype=torch.int32)
-    context = scoring.StepContext([r[0] for r in requests], asks, with_holes={"P", "D1", "D2"})
-    compaction = scoring.compact(table, lens, [0, 2, 3], block_size)
-    queries = [torch.randn(qsl[-1], heads, head_dim).to(dtype) for _ in range(3)]
-    scores = {}
-    for fused in (True, False):
-        scorer = scoring.StepScorer.for_step(
-            context, compaction, torch.tensor(qsl, dtype=torch.int32), lens.numpy(), block_size, layout, fused
-        )
-        for query in queries:
-            scorer.score_layer(query, pages, head_dim**-0.5)
-        scores[fused] = scorer.collect()
-    for name, *_ in requests:
-        fast, slow = scores[True][name], scores[False][name]
-        np.testing.assert_array_equal(fast.blocks, slow.blocks)
-        np.testing.assert_array_equal(fast.visibility, slow.visibility)
-        np.testing.assert_allclose(fast.mass, slow.mass, rtol=2e-5, atol=1e-7)
-        assert fast.mass.min() > 0
+    assert_fused_equals_pytorch(dtype, layout, block_size)

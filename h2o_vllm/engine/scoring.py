@@ -24,6 +24,7 @@ summed over KV heads and layers; it is collected with the scores, as
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -315,6 +316,7 @@ class FusedBatch:
     sum_out: torch.Tensor
     max_out: torch.Tensor
     max_offsets: list[int]  # per request, its start in max_out
+    op: Callable = field(default_factory=fused.operator)  # a build's score_layer (tests compare several targets)
 
     @classmethod
     def of(cls, requests: list[ScoredRequest]) -> FusedBatch:
@@ -346,7 +348,7 @@ class FusedBatch:
         )
 
     def score_layer(self, query, key_pages, scale, dt_layout: bool, block_size: int) -> None:
-        torch.ops.h2o_vllm.score_layer(
+        self.op(
             query, key_pages, scale, dt_layout, block_size, self.seg_rows, self.seg_blocks, self.seg_reduce,
             self.block_ids, self.row_query, self.row_visible, self.row_out, self.sum_out, self.max_out,
         )  # fmt: skip

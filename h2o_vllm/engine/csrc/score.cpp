@@ -10,19 +10,26 @@
 // logits and probabilities, whatever the cache's dtype), without its temporaries:
 // work items are (request, tile of rows), run on torch's own thread pool.
 //
-// Built by h2o_vllm/engine/fused.py with the machine's g++ (no ninja, no pybind).
+// Built by h2o_vllm/engine/fused.py with the machine's g++ (no ninja, no pybind), for any target
+// GCC vectorises: x86-64 (SSE4.2, AVX2, AVX-512, the AVX512-BF16 dot products where the target has
+// them) and aarch64 (NEON). The register width is the target's (kLanes below); nothing else
+// depends on it. -DH2O_OPS_NAMESPACE=name registers the operator as torch.ops.<name>.score_layer
+// (the tests load builds for several targets side by side).
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -87,23 +94,57 @@ inline v16 load16(const float* p) {
 }
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// logits[v, t] = q[v] . k[t] for N query vectors and one 32-token page: 2N accumulators in registers
-// (N = 6: 12 FMAs per 2 page loads and 6 broadcasts, so the FMA units, not the loads, set the pace).
+// The target's vector register, in floats, and how to keep a value in one (an empty asm whose
+// operand must sit in a vector register: folding it into each FMA instead reloads it N times).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#define H2O_IN_REGISTER(x) asm("" : "+v"(x))
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#define H2O_IN_REGISTER(x) asm("" : "+x"(x))
+#elif defined(__SSE2__)
+constexpr int kLanes = 4;
+#define H2O_IN_REGISTER(x) asm("" : "+x"(x))
+#elif defined(__aarch64__)
+constexpr int kLanes = 4;
+#define H2O_IN_REGISTER(x) asm("" : "+w"(x))
+#else
+constexpr int kLanes = 4;
+#define H2O_IN_REGISTER(x) (void)(x)
+#endif
+typedef float vreg __attribute__((vector_size(4 * kLanes), aligned(4)));
+
+inline vreg loadv(const float* p) {
+  vreg v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void storev(float* p, vreg v) { std::memcpy(p, &v, sizeof(v)); }
+
+// logits[v, t] = q[v] . k[t] for N query vectors and one 32-token page, 2 registers of tokens at a
+// time (the whole page with AVX-512, half of it with AVX2, a quarter with SSE or NEON): 2N accumulators
+// (N = 6: 12 multiply-adds per 2 page loads and 6 broadcasts, so arithmetic, not loads, sets the pace;
+// 12 + 2 + 1 registers fit the 16 of SSE and AVX2). Each logit adds over d in order on every target.
 template <int N>
 inline void page_logits_32(const float* q, const float* kt, int64_t head_dim, float* logits, int64_t stride) {
-  v16 acc[N][2] = {};
-  for (int64_t d = 0; d < head_dim; ++d) {
-    v16 k0 = load16(kt + d * 32), k1 = load16(kt + d * 32 + 16);
-    asm("" : "+v"(k0), "+v"(k1));  // keep the page row in registers: folding it into each FMA reloads it N times
-    for (int u = 0; u < N; ++u) {
-      const float a = q[u * head_dim + d];
-      acc[u][0] += a * k0;
-      acc[u][1] += a * k1;
+  constexpr int kTokens = 2 * kLanes;
+  static_assert(32 % kTokens == 0, "a 32-token page is a whole number of register pairs");
+  for (int base = 0; base < 32; base += kTokens) {
+    vreg acc[N][2] = {};
+    for (int64_t d = 0; d < head_dim; ++d) {
+      vreg k0 = loadv(kt + d * 32 + base), k1 = loadv(kt + d * 32 + base + kLanes);
+      H2O_IN_REGISTER(k0);
+      H2O_IN_REGISTER(k1);
+      for (int u = 0; u < N; ++u) {
+        const float a = q[u * head_dim + d];
+        acc[u][0] += a * k0;
+        acc[u][1] += a * k1;
+      }
     }
-  }
-  for (int u = 0; u < N; ++u) {
-    store16(logits + u * stride, acc[u][0]);
-    store16(logits + u * stride + 16, acc[u][1]);
+    for (int u = 0; u < N; ++u) {
+      storev(logits + u * stride + base, acc[u][0]);
+      storev(logits + u * stride + base + kLanes, acc[u][1]);
+    }
   }
 }
 
@@ -414,13 +455,53 @@ void score_layer(const at::Tensor& query, const at::Tensor& pages, double scale,
   }
 }
 
+// What this build's vector code uses, as compiled (logged by fused.py: the engine says what it runs).
+std::string target_name() {
+  std::string s;
+#if defined(__x86_64__)
+  s = "x86-64";
+#elif defined(__aarch64__)
+  s = "aarch64";
+#else
+  s = "generic";
+#endif
+#if defined(__AVX512F__)
+  s += " AVX-512";
+#elif defined(__AVX2__)
+  s += " AVX2";
+#elif defined(__AVX__)
+  s += " AVX";
+#elif defined(__SSE4_2__)
+  s += " SSE4.2";
+#elif defined(__SSE2__)
+  s += " SSE2";
+#elif defined(__ARM_NEON)
+  s += " NEON";
+#endif
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  s += " FMA";
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  s += ", AVX512-BF16 dot products";
+#endif
+  return s + " (" + std::to_string(kLanes * 32) + "-bit registers)";
+}
+
 }  // namespace
 
-TORCH_LIBRARY(h2o_vllm, m) {
+#ifndef H2O_OPS_NAMESPACE
+#define H2O_OPS_NAMESPACE h2o_vllm
+#endif
+// One level of indirection so that the namespace macro is expanded before TORCH_LIBRARY pastes it.
+#define H2O_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define H2O_LIBRARY_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
+
+H2O_LIBRARY(H2O_OPS_NAMESPACE, m) {
   m.def(
       "score_layer(Tensor query, Tensor pages, float scale, bool dt_layout, int block_size, Tensor seg_rows, "
       "Tensor seg_blocks, Tensor seg_reduce, Tensor block_ids, Tensor row_query, Tensor row_visible, "
       "Tensor row_out, Tensor(a!) sum_out, Tensor(b!) max_out) -> ()");
+  m.def("target() -> str", &target_name);
 }
 
-TORCH_LIBRARY_IMPL(h2o_vllm, CPU, m) { m.impl("score_layer", &score_layer); }
+H2O_LIBRARY_IMPL(H2O_OPS_NAMESPACE, m) { m.impl("score_layer", &score_layer); }
