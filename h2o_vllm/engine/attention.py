@@ -25,6 +25,11 @@ KEY_NORMS_ATTR = "h2o_key_norms"  # likewise: the step's KeyNormSums
 class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     h2o_step: scoring.StepContext | None = None  # set by the H2O model runner before each step
 
+    def __init__(self, spec, layer_names, vllm_config, device):
+        super().__init__(spec, layer_names, vllm_config, device)
+        # Before any page is written: an ISA whose pages H2O cannot read is switched to vLLM's vec kernels.
+        self.h2o_key_layout = engine_seams.attention_builder_key_layout(self, layer_names)
+
     def begin_step(self, context: scoring.StepContext | None) -> None:
         self.h2o_step = context
 
@@ -47,9 +52,8 @@ class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             )
         metadata = super().build(common_prefix_len, cm, fast_build)
         if step.scores:
-            layout = engine_seams.attention_builder_key_layout(self)
             step.scorer = scoring.StepScorer.for_step(
-                step, compaction, cm.query_start_loc_cpu, logical_lens, block_size, layout
+                step, compaction, cm.query_start_loc_cpu, logical_lens, block_size, self.h2o_key_layout
             )
             setattr(metadata, SCORER_ATTR, step.scorer)
         if step.key_norms:
@@ -69,7 +73,7 @@ class H2OCPUAttentionBackendImpl(CPUAttentionBackendImpl):
             return output
         scorer = getattr(attn_metadata, SCORER_ATTR, None)
         if scorer is not None:
-            scorer.score_layer(query, engine_seams.key_pages(kv_cache), engine_seams.attention_impl_scale(self))
+            scorer.score_layer(query, *engine_seams.scored_key_pages(self, layer, kv_cache))
         key_norms = getattr(attn_metadata, KEY_NORMS_ATTR, None)
         if key_norms is not None and key is not None:  # the keys this layer writes (rotated, as cached)
             key_norms.add_layer(key)

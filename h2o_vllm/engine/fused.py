@@ -23,7 +23,6 @@ test compares several targets in one process.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import functools
 import hashlib
@@ -37,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from h2o_vllm import cpu
 
 logger = logging.getLogger("vllm.h2o_vllm.fused")  # under "vllm" so vLLM's log handler prints it
 
@@ -52,11 +53,7 @@ class BuildError(RuntimeError):
 
 
 def _cpu_flags() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith(("flags", "Features")):  # x86, aarch64
-                return line
-    return ""
+    return cpu.flags_line()
 
 
 def _abi_flag() -> str:
@@ -78,7 +75,7 @@ X86_LEVELS = {
 
 def runnable_targets() -> list[str]:
     """The ``-march`` targets whose code this CPU runs: each x86-64 level it has, then ``native``."""
-    flags = set(_cpu_flags().split(":", 1)[-1].split())
+    flags = set(_cpu_flags().split(":", 1)[-1].split())  # (through _cpu_flags: tests replace it)
     targets, needed = [], set()
     if platform.machine() in ("x86_64", "AMD64"):
         for level, more in X86_LEVELS.items():

@@ -33,6 +33,7 @@ import torch
 
 from h2o_vllm.engine import fused
 from h2o_vllm.engine.messages import BlockScores, ScoreRequest
+from h2o_vllm.engine.pages import KeyLayout
 
 if TYPE_CHECKING:
     from h2o_vllm.engine.ranks import RankReducer
@@ -347,9 +348,9 @@ class FusedBatch:
             max_offsets,
         )
 
-    def score_layer(self, query, key_pages, scale, dt_layout: bool, block_size: int) -> None:
+    def score_layer(self, query, key_pages, scale, key_layout: KeyLayout, block_size: int) -> None:
         self.op(
-            query, key_pages, scale, dt_layout, block_size, self.seg_rows, self.seg_blocks, self.seg_reduce,
+            query, key_pages, scale, int(key_layout), block_size, self.seg_rows, self.seg_blocks, self.seg_reduce,
             self.block_ids, self.row_query, self.row_visible, self.row_out, self.sum_out, self.max_out,
         )  # fmt: skip
 
@@ -373,7 +374,7 @@ class StepScorer:
     :class:`DecodeBatch`, each prompt chunk on its own.
     """
 
-    def __init__(self, block_size: int, key_layout: str):
+    def __init__(self, block_size: int, key_layout: KeyLayout):
         self.block_size = block_size
         self.key_layout = key_layout
         self.prompts: list[ScoredRequest] = []  # several query rows (prompt chunks)
@@ -390,7 +391,7 @@ class StepScorer:
         query_start_loc: torch.Tensor,
         logical_seq_lens: np.ndarray,
         block_size: int,
-        key_layout: str,
+        key_layout: KeyLayout,
         use_fused: bool | None = None,
     ) -> StepScorer | None:
         """The step's scorer, or None when nothing is scored; ``use_fused`` None: the operator where it loads."""
@@ -442,21 +443,18 @@ class StepScorer:
     def _keys_t(self, pages: torch.Tensor, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
         """float32 K^T of ``block_ids`` (``num_seqs`` equal-length lists, flattened): [seqs, kv_heads, head_dim, keys].
 
-        ``pages`` is [num_blocks, kv_heads, block_size * head_dim] raw page memory; one
-        index_select copies whole pages (a fast memcpy), one copy puts keys in order and
-        converts them to float32 (scores are computed in float32 whatever the model's dtype).
+        ``pages`` is [num_blocks, kv_heads, block_size * head_dim] page memory (as float8
+        for an fp8 cache); one index_select copies whole pages (a fast memcpy), one copy
+        puts keys in order and converts them to float32 (scores are computed in float32
+        whatever the model's and the cache's dtype).
         """
         k = torch.index_select(
             pages, 0, block_ids, out=_scratch.get("pages", (len(block_ids), *pages.shape[1:]), pages.dtype)
         )
-        n = len(block_ids) // num_seqs
-        kv_heads, bs = k.shape[1], self.block_size
-        if self.key_layout == "dt":  # page = [head_dim, block_size]
-            k = k.view(num_seqs, n, kv_heads, -1, bs).permute(0, 2, 3, 1, 4)
-        else:  # page = [block_size, head_dim]
-            k = k.view(num_seqs, n, kv_heads, bs, -1).permute(0, 2, 4, 1, 3)
-        out = _scratch.get("keys", k.shape).copy_(k)
-        return out.view(num_seqs, kv_heads, k.shape[2], n * bs)
+        ordered = self.key_layout.keys_t(k, num_seqs, self.block_size)
+        out = _scratch.get("keys", ordered.shape).copy_(ordered)
+        n, head_dim = len(block_ids) // num_seqs, pages.shape[2] // self.block_size
+        return out.view(num_seqs, pages.shape[1], head_dim, n * self.block_size)
 
     def _score_decodes(self, batch: DecodeBatch, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
         reqs = len(batch.query_rows)
@@ -496,7 +494,7 @@ class StepScorer:
         """Add one layer's attention mass. ``query``: [tokens, heads, head_dim]; ``key_pages``: see ``_keys_t``."""
         self.num_layers += 1
         if self.fused_batch is not None:
-            self.fused_batch.score_layer(query, key_pages, scale, self.key_layout == "dt", self.block_size)
+            self.fused_batch.score_layer(query, key_pages, scale, self.key_layout, self.block_size)
             return
         if self.decode_batch is not None:
             self._score_decodes(self.decode_batch, query, key_pages, scale)

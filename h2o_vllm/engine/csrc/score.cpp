@@ -18,6 +18,8 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -46,6 +48,20 @@ inline float to_float(c10::BFloat16 x) {
 }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
+// fp8 caches (vLLM stores e4m3 or e5m2 bytes; the layer's key scale is folded into `scale` by the caller):
+// one table lookup per byte.
+template <typename T>
+struct Fp8Table {
+  float value[256];
+  Fp8Table() {
+    for (int i = 0; i < 256; ++i) value[i] = static_cast<float>(T(static_cast<uint8_t>(i), T::from_bits()));
+  }
+};
+const Fp8Table<c10::Float8_e4m3fn> kE4M3;
+const Fp8Table<c10::Float8_e5m2> kE5M2;
+inline float to_float(c10::Float8_e4m3fn x) { return kE4M3.value[x.x]; }
+inline float to_float(c10::Float8_e5m2 x) { return kE5M2.value[x.x]; }
+
 // exp(x) for x <= 0, branch-free so the compiler vectorises the loops that call it
 // (Cephes' polynomial after a range reduction by ln 2; about 1 ulp).
 inline float exp_nonpositive(float x) {
@@ -69,19 +85,29 @@ struct Layout {
   int64_t heads, kv_heads, head_dim, block_size;
   int64_t q_stride_token, q_stride_head;  // query[t, h, d] at t * q_stride_token + h * q_stride_head + d
   int64_t page_stride_block, page_stride_head;
-  bool dt;  // page = [head_dim, block_size] (else [block_size, head_dim])
+  int64_t layout;  // a key page's layout: h2o_vllm/engine/pages.py's KeyLayout
 };
+
+// KeyLayout: [head_dim, block_size]; [block_size, head_dim]; [block_size / 16, head_dim / 2, 16, 2].
+constexpr int64_t kDT = 0, kTD = 1, kAMX = 2;
 
 // One KV head's page of block `block`, as float32 [head_dim][block_size].
 template <typename T>
 void load_page(const T* pages, const Layout& L, int64_t block, int64_t kv_head, float* out) {
   const T* page = pages + block * L.page_stride_block + kv_head * L.page_stride_head;
-  const int64_t n = L.head_dim * L.block_size;
-  if (L.dt) {
-    for (int64_t i = 0; i < n; ++i) out[i] = to_float(page[i]);
-  } else {
-    for (int64_t t = 0; t < L.block_size; ++t)
-      for (int64_t d = 0; d < L.head_dim; ++d) out[d * L.block_size + t] = to_float(page[t * L.head_dim + d]);
+  const int64_t bs = L.block_size, hd = L.head_dim;
+  if (L.layout == kDT) {
+    for (int64_t i = 0; i < hd * bs; ++i) out[i] = to_float(page[i]);
+  } else if (L.layout == kTD) {
+    for (int64_t t = 0; t < bs; ++t)
+      for (int64_t d = 0; d < hd; ++d) out[d * bs + t] = to_float(page[t * hd + d]);
+  } else {  // kAMX: groups of 16 tokens, each dimension pair of a token side by side
+    for (int64_t g = 0; g < bs / 16; ++g)
+      for (int64_t d = 0; d < hd; d += 2)
+        for (int64_t t = g * 16; t < g * 16 + 16; ++t, page += 2) {
+          out[d * bs + t] = to_float(page[0]);
+          out[(d + 1) * bs + t] = to_float(page[1]);
+        }
   }
 }
 
@@ -256,10 +282,16 @@ struct Bf16Logits {
     const uint16_t* p =
         reinterpret_cast<const uint16_t*>(pages + block * L.page_stride_block + kv_head * L.page_stride_head);
     const int64_t pairs = L.head_dim / 2;
-    if (L.dt) {  // page [head_dim][32]: interleave rows 2i and 2i + 1
+    if (L.layout == kDT) {  // page [head_dim][32]: interleave rows 2i and 2i + 1
       for (int64_t i = 0; i < pairs; ++i)
         for (int64_t t = 0; t < 32; ++t)
           kt[i * 32 + t] = uint32_t(p[2 * i * 32 + t]) | (uint32_t(p[(2 * i + 1) * 32 + t]) << 16);
+    } else if (L.layout == kAMX) {  // page [2 groups][pairs][16 tokens] of pairs already: two copies a pair
+      const uint32_t* p32 = reinterpret_cast<const uint32_t*>(p);
+      for (int64_t i = 0; i < pairs; ++i) {
+        std::memcpy(kt.data() + i * 32, p32 + i * 16, 64);
+        std::memcpy(kt.data() + i * 32 + 16, p32 + (pairs + i) * 16, 64);
+      }
     } else {  // page [32][head_dim]: pairs are adjacent already, transpose them
       for (int64_t t = 0; t < 32; ++t)
         for (int64_t i = 0; i < pairs; ++i) kt[i * 32 + t] = uint32_t(p[t * L.head_dim + 2 * i]) |
@@ -394,26 +426,24 @@ void score(const Q* query, const P* pages, const Layout& L, const Batch& B) {
   score<Q, P, FloatLogits<Q, P>>(query, pages, L, B);
 }
 
+// Key pages hold the model's dtype (the query's), or fp8 bytes with a query of any dtype.
 template <typename Q>
 void dispatch_pages(const at::Tensor& query, const at::Tensor& pages, const Layout& L, const Batch& B) {
   const Q* q = reinterpret_cast<const Q*>(query.const_data_ptr());
-  switch (pages.scalar_type()) {
-    case at::kFloat:
-      return score(q, pages.const_data_ptr<float>(), L, B);
-    case at::kBFloat16:
-      return score(q, pages.const_data_ptr<c10::BFloat16>(), L, B);
-    case at::kHalf:
-      return score(q, pages.const_data_ptr<c10::Half>(), L, B);
-    default:
-      TORCH_CHECK(false, "h2o_vllm::score_layer: unsupported key page dtype ", pages.scalar_type());
-  }
+  const auto page_type = pages.scalar_type();
+  if (page_type == at::kFloat8_e4m3fn) return score(q, pages.const_data_ptr<c10::Float8_e4m3fn>(), L, B);
+  if (page_type == at::kFloat8_e5m2) return score(q, pages.const_data_ptr<c10::Float8_e5m2>(), L, B);
+  TORCH_CHECK(page_type == query.scalar_type(), "h2o_vllm::score_layer: key pages of ", page_type,
+              " with a query of ", query.scalar_type(), " (pages hold the query's dtype or fp8)");
+  return score(q, reinterpret_cast<const Q*>(pages.const_data_ptr()), L, B);
 }
 
-// query: [tokens, heads, head_dim]; pages: [num_blocks, kv_heads, block_size * head_dim] (strided view).
+// query: [tokens, heads, head_dim]; pages: [num_blocks, kv_heads, block_size * head_dim] (strided view), laid out
+// as key_layout says; scale: the softmax scale (times the layer's key scale for fp8 pages).
 // seg_rows [S+1], seg_blocks [S+1]: offsets of each request's rows and blocks; seg_reduce [S]: 0 sum, 1 max;
 // block_ids [B]; row_query, row_visible, row_out [R]: each row's token in query, keys it sees, and
 // offset of its block scores in max_out (max requests only).
-void score_layer(const at::Tensor& query, const at::Tensor& pages, double scale, bool dt_layout, int64_t block_size,
+void score_layer(const at::Tensor& query, const at::Tensor& pages, double scale, int64_t key_layout, int64_t block_size,
                  const at::Tensor& seg_rows, const at::Tensor& seg_blocks, const at::Tensor& seg_reduce,
                  const at::Tensor& block_ids, const at::Tensor& row_query, const at::Tensor& row_visible,
                  const at::Tensor& row_out, at::Tensor& sum_out, at::Tensor& max_out) {
@@ -424,7 +454,10 @@ void score_layer(const at::Tensor& query, const at::Tensor& pages, double scale,
   for (const at::Tensor* t : {&seg_rows, &seg_blocks, &seg_reduce, &block_ids, &row_query, &row_visible, &row_out})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors: contiguous int64");
   Layout L{query.size(1), pages.size(1),     query.size(2), block_size, query.stride(0), query.stride(1),
-           pages.stride(0), pages.stride(1), dt_layout};
+           pages.stride(0), pages.stride(1), key_layout};
+  TORCH_CHECK(key_layout == kDT || key_layout == kTD || key_layout == kAMX, "unknown key_layout ", key_layout);
+  TORCH_CHECK(key_layout != kAMX || (block_size % 16 == 0 && L.head_dim % 2 == 0),
+              "amx pages need 16-token groups and pairs of dimensions");
   TORCH_CHECK(L.heads % L.kv_heads == 0, "heads must be a multiple of kv_heads");
   TORCH_CHECK(pages.size(2) == L.head_dim * block_size, "page size != head_dim * block_size");
   TORCH_CHECK(sum_out.numel() == block_ids.numel(), "sum_out must hold one score per block");
@@ -498,7 +531,7 @@ std::string target_name() {
 
 H2O_LIBRARY(H2O_OPS_NAMESPACE, m) {
   m.def(
-      "score_layer(Tensor query, Tensor pages, float scale, bool dt_layout, int block_size, Tensor seg_rows, "
+      "score_layer(Tensor query, Tensor pages, float scale, int key_layout, int block_size, Tensor seg_rows, "
       "Tensor seg_blocks, Tensor seg_reduce, Tensor block_ids, Tensor row_query, Tensor row_visible, "
       "Tensor row_out, Tensor(a!) sum_out, Tensor(b!) max_out) -> ()");
   m.def("target() -> str", &target_name);
