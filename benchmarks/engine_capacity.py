@@ -10,7 +10,9 @@ after every step (requests running, free blocks, preemptions).
 
 capacity: vanilla vLLM, StreamingLLM 20% and H2O 20% with a pool that holds two
 full requests (2 x 1536 / 32 = 96 blocks). The figure that matters is the most
-requests running at once.
+requests running at once. A configuration ending in ``+fp8`` (``h2o_20%+fp8``) keeps
+an fp8 KV cache in the same memory: twice the blocks, of half the bytes (vLLM's fp8
+CPU kernels: AVX-512 or AMX).
 long-prompts: 4096-token prompts, 256 new tokens, prefill chunks of 512 tokens, a pool that
 holds two full requests (272 blocks): vanilla, H2O 20% compressed once the prompt is whole,
 and H2O and StreamingLLM 20% compressed after every chunk and admitted by their budget
@@ -46,14 +48,25 @@ def workload_prompts(num: int, length: int) -> list[list[int]]:
     return [ids[i * stride : i * stride + length] for i in range(num)]
 
 
+FP8 = "+fp8"  # a configuration with an fp8 KV cache: twice the blocks in the same memory
+
+
 def engine_config(name: str):
-    """Engine kwargs for ``vanilla`` (vLLM as is) or a configuration name (h2o_vllm.names: none, h2o_20%, h2o_4096)."""
+    """Engine kwargs for ``vanilla`` (vLLM as is) or a configuration name (h2o_vllm.names: none, h2o_20%, h2o_4096),
+    either ending in ``+fp8`` (``--kv-cache-dtype fp8``)."""
     from h2o_vllm.engine import ENGINE_DEFAULTS, engine_kwargs
     from h2o_vllm.names import parse_name
 
-    if name == "vanilla":
-        return {}
-    return engine_kwargs(parse_name(name, ENGINE_DEFAULTS).config)
+    base = name.removesuffix(FP8)
+    cache = {"kv_cache_dtype": "fp8"} if name.endswith(FP8) else {}
+    if base == "vanilla":
+        return cache
+    return {**engine_kwargs(parse_name(base, ENGINE_DEFAULTS).config), **cache}
+
+
+def pool_blocks(name: str, args) -> int:
+    """The pool for ``name``: ``--pool-blocks`` of the model's dtype, twice as many fp8 blocks (the same bytes)."""
+    return args.pool_blocks * (2 if name.endswith(FP8) else 1)
 
 
 def run_config(name: str, prompts, new_tokens: int, args) -> dict:
@@ -69,7 +82,7 @@ def run_config(name: str, prompts, new_tokens: int, args) -> dict:
         max_model_len=len(prompts[0]) + new_tokens,
         seed=0,
         enforce_eager=not args.compile,
-        num_gpu_blocks_override=args.pool_blocks,
+        num_gpu_blocks_override=pool_blocks(name, args),
         kv_cache_memory_bytes=1 << 30,
         max_num_seqs=args.max_num_seqs,
         block_size=BLOCK,  # the same pool in tokens for every configuration (vLLM's CPU default is 128)
@@ -103,7 +116,8 @@ def run_config(name: str, prompts, new_tokens: int, args) -> dict:
         "requests": len(prompts),
         "prompt_tokens": len(prompts[0]),
         "new_tokens": new_tokens,
-        "pool_blocks": args.pool_blocks,
+        "pool_blocks": pool_blocks(name, args),
+        "kv_cache_dtype": "fp8" if name.endswith(FP8) else args.dtype,
         "max_running": log.max_running,
         "mean_running": sum(busy) / max(1, len(busy)),
         "preemptions": log.preemptions,
@@ -119,12 +133,15 @@ def run_config(name: str, prompts, new_tokens: int, args) -> dict:
 def table(rows: list[dict], reference: str) -> str:
     ref = next(r for r in rows if r["config"] == reference)
     lines = [
-        f"| config | max running | x {reference} | mean running | preemptions | peak blocks used | evicted blocks | output tok/s | tok/s vs {reference} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| config | KV cache (blocks) | max running | x {reference} | mean running | preemptions | peak blocks used "
+        f"| evicted blocks | output tok/s | tok/s vs {reference} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        cache = f"{r.get('kv_cache_dtype', '')} ({r['pool_blocks']})"
         lines.append(
-            f"| {r['config']} | {r['max_running']} | {r['max_running'] / ref['max_running']:.2f} | {r['mean_running']:.2f} "
+            f"| {r['config']} | {cache} | {r['max_running']} | {r['max_running'] / ref['max_running']:.2f} "
+            f"| {r['mean_running']:.2f} "
             f"| {r['preemptions']} | {r['peak_blocks_used']} | {r['evicted_blocks']} | {r['output_tok_s']:.1f} "
             f"| {r['output_tok_s'] / ref['output_tok_s']:.2f} |"
         )
