@@ -65,11 +65,63 @@ def test_a_missing_compiler_is_named(tmp_path):
         fused.run_compiler(["no-such-g++", "-c", "x.cpp"])
 
 
-def test_another_cpu_gets_another_build(monkeypatch):
-    """A cache (or container image) made on one CPU is not loaded on another: the key has the flags."""
-    here = fused.library_path()
+def test_another_cpu_gets_another_native_build_and_the_same_build_for_a_named_target(monkeypatch):
+    """A native build made on one CPU is not loaded on another (the key has the CPU's flags); a build
+    for a named x86-64 level is the same file on every CPU that runs it, and refused on one that cannot."""
+    here, v2_here = fused.library_path(), fused.library_path("x86-64-v2")
     monkeypatch.setattr(fused, "_cpu_flags", lambda: "flags\t\t: fpu sse sse2")
     elsewhere = fused.library_path()
     assert elsewhere != here and elsewhere.parent.parent == here.parent.parent
+    assert fused.library_path("x86-64-v2") == v2_here
     monkeypatch.setenv(fused.ENV_MARCH, "x86-64-v3")
     assert fused.library_path() not in (here, elsewhere)
+    with pytest.raises(fused.BuildError, match="cannot run code for -march=x86-64-v3"):
+        fused._load_library("x86-64-v3", "h2o_vllm_never_loaded")
+
+
+LOAD_IN_A_FRESH_PROCESS = """
+import logging, sys
+from h2o_vllm import cpu
+if sys.argv[1] == "other-cpu":
+    cpu.flags_line = lambda: "flags\\t\\t: fpu sse sse2 avx avx2 fma"
+from h2o_vllm.engine import fused
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+print("loaded" if fused.load() else "not loaded", fused.library_path())
+"""
+
+
+def test_a_build_made_on_another_cpu_is_not_loaded(tmp_path):
+    """As a container image built on one CPU and started on another: the cache holds this CPU's
+    build; a process that sees other CPU flags does not load it but compiles its own (here with
+    no compiler on PATH, so it logs why and H2O scores with PyTorch operators; no crash)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    assert fused.load()
+    image_cache = tmp_path / "cache"
+    env = {**os.environ, "H2O_VLLM_CACHE": str(image_cache)}
+    built_here = image_cache / fused.library_path().relative_to(fused.library_path().parents[2])
+    built_here.parent.mkdir(parents=True)
+    shutil.copy(fused.library_path(), built_here)  # what setup.sh left in the image on this CPU
+
+    def start(cpu, path):
+        run = subprocess.run(
+            [sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, cpu],
+            env={**env, "PATH": path},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout + run.stderr
+
+    no_compiler = tmp_path / "bin"
+    no_compiler.mkdir()
+    same = start("same-cpu", str(no_compiler))  # no compiler needed: the image's build is this CPU's
+    assert f"loaded {built_here}" in same and "compiling" not in same
+    other = start("other-cpu", str(no_compiler))
+    assert "compiling the fused scoring operator (-march=native)" in other
+    assert "H2O fused scoring unavailable (g++ not found (install g++)); scoring with PyTorch operators" in other
+    assert "not loaded" in other and str(built_here) not in other

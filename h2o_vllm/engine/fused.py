@@ -5,8 +5,8 @@ request of a step in one call (see the C++ file for what it computes). It is
 compiled for the CPU it runs on (``-march=native``: AVX-512, AVX2 or SSE on x86-64,
 NEON on aarch64) into ``$H2O_VLLM_CACHE/kernels/<hash>/`` (default
 ``~/.cache/h2o-vllm``); the hash covers the source, the flags, torch's version and
-the CPU's feature flags, so a copied cache or a container image built elsewhere
-rebuilds instead of crashing. ``scripts/setup.sh`` builds it once; a worker that
+(for ``native``) the CPU's feature flags, so a copied cache or a container image built
+elsewhere rebuilds instead of crashing. ``scripts/setup.sh`` builds it once; a worker that
 finds no build compiles it (a few seconds to a minute). Where that fails (no
 compiler, a compiler error, unsupported dtype) :func:`load` logs why once, with the
 compiler's first error line, and returns False: the PyTorch path in ``scoring.py``
@@ -129,11 +129,13 @@ def run_compiler(cmd: list[str]) -> None:
 
 
 def library_path(target: str | None = None, namespace: str = NAMESPACE) -> Path:
-    """Where the build for this source, target, namespace, torch and CPU lives."""
+    """Where the build for this source, target, namespace and torch lives; for ``native``, also this CPU's
+    (a build for a named target such as ``x86-64-v3`` is the same on every CPU that runs it)."""
     target = target or march()
     key = hashlib.sha256()
     flags = " ".join([*FLAGS, f"-march={target}", namespace])
-    for part in (SOURCE.read_bytes(), flags.encode(), torch.__version__.encode(), _cpu_flags().encode()):
+    cpu_part = _cpu_flags() if target == "native" else ""
+    for part in (SOURCE.read_bytes(), flags.encode(), torch.__version__.encode(), cpu_part.encode()):
         key.update(part)
     cache = Path(os.environ.get("H2O_VLLM_CACHE", Path.home() / ".cache" / "h2o-vllm"))
     return cache / "kernels" / key.hexdigest()[:16] / "h2o_score.so"
@@ -152,6 +154,10 @@ def build(path: Path, target: str | None = None, namespace: str = NAMESPACE) -> 
 
 
 def _load_library(target: str, namespace: str) -> Path:
+    if target in X86_LEVELS and target not in runnable_targets():
+        raise BuildError(
+            f"this CPU cannot run code for -march={target} (it lacks some of {sorted(X86_LEVELS[target])})"
+        )
     path = library_path(target, namespace)
     if not path.exists():
         logger.info("H2O: compiling the fused scoring operator (-march=%s) into %s", target, path)
