@@ -32,6 +32,24 @@ OPERATOR_CASES = [
 CASE_IDS = [f"{str(q)[6:]}-{str(k)[6:]}-{layout.name}-{bs}" for q, k, layout, bs in OPERATOR_CASES]
 
 
+def step_of(requests, block_size):
+    """One step's block table, lengths, query start offsets, score requests and blocks used, for
+    requests given as (name, tokens held before holes, query rows, first scored position, reduce, holes);
+    each request's blocks follow the last one's from block 1 (0 is vLLM's null block: a hole)."""
+    width = max(-(-n // block_size) for _, n, *_ in requests)
+    table = torch.zeros(len(requests), width, dtype=torch.int32)
+    lens, qsl, asks, next_block = [], [0], {}, 1
+    for i, (name, n, rows, first, reduce, holes) in enumerate(requests):
+        blocks = -(-n // block_size)
+        table[i, :blocks] = torch.arange(next_block, next_block + blocks)
+        table[i, holes] = 0
+        next_block += blocks
+        lens.append(n)
+        qsl.append(qsl[-1] + rows)
+        asks[name] = ScoreRequest(first, reduce)
+    return table, torch.tensor(lens, dtype=torch.int32), torch.tensor(qsl, dtype=torch.int32), asks, next_block
+
+
 def assert_fused_equals_pytorch(dtype, page_dtype, layout, block_size, op=None):
     """Long prompt chunks (more rows than one tile and than SCORE_CHUNK_ROWS), holes, GQA,
     mixed reductions and decodes: the fused operator (``op``: a given build's, else the
@@ -46,26 +64,13 @@ def assert_fused_equals_pytorch(dtype, page_dtype, layout, block_size, op=None):
         ("D1", 200, 1, 0, "sum", [1]),
         ("D2", 150, 1, 0, "max", [0, 3]),
     ]
-    width = max(-(-n // block_size) for _, n, *_ in requests)
-    table = torch.zeros(len(requests), width, dtype=torch.int32)
-    lens, qsl, asks, next_block = [], [0], {}, 1
-    for i, (name, n, rows, first, reduce, holes) in enumerate(requests):
-        blocks = -(-n // block_size)
-        table[i, :blocks] = torch.arange(next_block, next_block + blocks)
-        table[i, holes] = 0
-        next_block += blocks
-        lens.append(n)
-        qsl.append(qsl[-1] + rows)
-        asks[name] = ScoreRequest(first, reduce)
-    lens = torch.tensor(lens, dtype=torch.int32)
+    table, lens, qsl, asks, _ = step_of(requests, block_size)
     context = scoring.StepContext([r[0] for r in requests], asks, with_holes={"P", "D1", "D2"})
     compaction = scoring.compact(table, lens, [0, 2, 3], block_size)
-    queries = [torch.randn(qsl[-1], heads, head_dim).to(dtype) for _ in range(3)]
+    queries = [torch.randn(int(qsl[-1]), heads, head_dim).to(dtype) for _ in range(3)]
     scores = {}
     for use_fused in (True, False):
-        scorer = scoring.StepScorer.for_step(
-            context, compaction, torch.tensor(qsl, dtype=torch.int32), lens.numpy(), block_size, layout, use_fused
-        )
+        scorer = scoring.StepScorer.for_step(context, compaction, qsl, lens.numpy(), block_size, layout, use_fused)
         if use_fused and op is not None:
             scorer.fused_batch.op = op
         for query in queries:

@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from scoring_cases import step_of
 
 from h2o_vllm.engine import scoring
-from h2o_vllm.engine.messages import ScoreRequest
+from h2o_vllm.engine.pages import KeyLayout
 from h2o_vllm.engine.ranks import RankReducer
 
 BS, HEAD_DIM, LAYERS, TP, PP = 32, 64, 4, 2, 2
@@ -27,29 +28,12 @@ REQUESTS = [("P", 300, 120, 200, "sum", [2]), ("Q", 200, 200, 0, "max", []), ("D
 
 def step_inputs(kv_heads: int, heads: int):
     torch.manual_seed(0)
-    width = max(-(-n // BS) for _, n, *_ in REQUESTS)
-    table = torch.zeros(len(REQUESTS), width, dtype=torch.int32)
-    lens, qsl, asks, next_block = [], [0], {}, 1
-    for i, (name, n, rows, first, reduce, holes) in enumerate(REQUESTS):
-        blocks = -(-n // BS)
-        table[i, :blocks] = torch.arange(next_block, next_block + blocks)
-        table[i, holes] = 0
-        next_block += blocks
-        lens.append(n)
-        qsl.append(qsl[-1] + rows)
-        asks[name] = ScoreRequest(first, reduce)
+    table, lens, qsl, asks, next_block = step_of(REQUESTS, BS)
+    rows = int(qsl[-1])
     pages = torch.randn(next_block, kv_heads, BS * HEAD_DIM)
-    queries = [torch.randn(qsl[-1], heads, HEAD_DIM) for _ in range(LAYERS)]
-    new_keys = [torch.randn(qsl[-1], kv_heads, HEAD_DIM) for _ in range(LAYERS)]
-    return (
-        table,
-        torch.tensor(lens, dtype=torch.int32),
-        torch.tensor(qsl, dtype=torch.int32),
-        asks,
-        pages,
-        queries,
-        new_keys,
-    )
+    queries = [torch.randn(rows, heads, HEAD_DIM) for _ in range(LAYERS)]
+    new_keys = [torch.randn(rows, kv_heads, HEAD_DIM) for _ in range(LAYERS)]
+    return table, lens, qsl, asks, pages, queries, new_keys
 
 
 def score(kv_heads, heads, kv_part, head_part, layers, reducer, use_fused):
@@ -57,7 +41,7 @@ def score(kv_heads, heads, kv_part, head_part, layers, reducer, use_fused):
     table, lens, qsl, asks, pages, queries, new_keys = step_inputs(kv_heads, heads)
     context = scoring.StepContext([r[0] for r in REQUESTS], asks, with_holes={"P", "D"}, key_norms={"P", "D"})
     compaction = scoring.compact(table, lens, [0, 2], BS)
-    scorer = scoring.StepScorer.for_step(context, compaction, qsl, lens.numpy(), BS, "td", use_fused)
+    scorer = scoring.StepScorer.for_step(context, compaction, qsl, lens.numpy(), BS, KeyLayout.TD, use_fused)
     norms = scoring.KeyNormSums.for_step(context, qsl, lens.numpy(), BS)
     for layer in layers:
         scorer.score_layer(queries[layer][:, head_part].contiguous(), pages[:, kv_part].contiguous(), HEAD_DIM**-0.5)

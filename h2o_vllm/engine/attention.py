@@ -29,6 +29,9 @@ class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         super().__init__(spec, layer_names, vllm_config, device)
         # Before any page is written: an ISA whose pages H2O cannot read is switched to vLLM's vec kernels.
         self.h2o_key_layout = engine_seams.attention_builder_key_layout(self, layer_names)
+        # Build (or find) the fused operator now, at start-up, not in the first request's step (a fresh
+        # CPU compiles it for up to a minute); it logs what it runs, or why PyTorch scores instead.
+        scoring.fused.load()
 
     def begin_step(self, context: scoring.StepContext | None) -> None:
         self.h2o_step = context
