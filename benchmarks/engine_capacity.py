@@ -158,13 +158,16 @@ def plot(rows: list[dict], path: Path) -> None:
         print("matplotlib is not installed: no plot (scripts/setup.sh installs it)")
         return
     fig, ax = plt.subplots(figsize=(8, 4))
+    pools = {r["pool_blocks"] for r in rows}
     for r in rows:
-        ax.plot(r["running_per_step"], label=f"{r['config']} (max {r['max_running']})")
+        pool = f", {r.get('kv_cache_dtype', '')} pool of {r['pool_blocks']} blocks" if len(pools) > 1 else ""
+        ax.plot(r["running_per_step"], label=f"{r['config']} (max {r['max_running']}{pool})")
     ax.set_xlabel("engine step")
     ax.set_ylabel("requests running")
     ax.set_title(
         f"{rows[0]['requests']} requests, {rows[0]['prompt_tokens']}-token prompts, "
-        f"{rows[0]['new_tokens']} new tokens, pool {rows[0]['pool_blocks']} blocks"
+        f"{rows[0]['new_tokens']} new tokens, "
+        + (f"pool {rows[0]['pool_blocks']} blocks" if len(pools) == 1 else "the same KV memory")
     )
     ax.legend()
     fig.tight_layout()
@@ -214,7 +217,7 @@ def main(argv=None) -> int:
         for name in configs:
             print(
                 f"[{args.workload}] {name} (run {rep + 1}/{repeats}): {num} x {length} prompt tokens, "
-                f"{new} new tokens, pool {args.pool_blocks} blocks ...",
+                f"{new} new tokens, pool {pool_blocks(name, args)} blocks ...",
                 flush=True,
             )
             result = run_config(name, prompts, new, args)

@@ -37,6 +37,8 @@ SECTIONS = {
     ],
     "eval-table": ["results/eval/eval-intro.md", "results/eval/eval.md"],
     "eval-long-table": ["results/eval-long-prompts/eval-intro.md", "results/eval-long-prompts/eval.md"],
+    "targets-table": ["results/load-targets/kv-intro.md", "results/load-targets/kv.md"],
+    "fp8-table": ["results/engine/capacity-fp8-intro.md", "results/engine/capacity-fp8.md"],
     "parallel-table": [
         "results/parallel/parallel.md",
         "results/parallel-vanilla/parallel.md",
@@ -65,6 +67,8 @@ PAGES = {
     "eval-long-table": "results/README.md",
     "engine-table": "results/README.md",
     "parallel-table": "results/README.md",
+    "targets-table": "results/README.md",
+    "fp8-table": "results/README.md",
 }
 # ](target) of a Markdown link or image whose target is a relative path
 # (not a URL, an anchor or an absolute path)
