@@ -112,18 +112,24 @@ def test_adopt_model_runner_class_refuses_another_runner():
     assert type(worker.model_runner) is CPUModelRunner
 
 
+def fake_attention_builder(isa, dtype, **more):
+    """What the attention seams read of a ``CPUAttentionMetadataBuilder`` (head size 64, 32-token blocks)."""
+    return types.SimpleNamespace(
+        isa=isa,
+        dtype=dtype,
+        head_dim=64,
+        kv_cache_dtype="auto",
+        kv_cache_spec=types.SimpleNamespace(block_size=32),
+        **more,
+    )
+
+
 def test_attention_builder_seams_read_the_builder():
     import torch
 
     from h2o_vllm.engine.pages import KeyLayout
 
-    builder = types.SimpleNamespace(
-        isa="vec",
-        dtype=torch.float32,
-        head_dim=64,
-        kv_cache_dtype="auto",
-        kv_cache_spec=types.SimpleNamespace(block_size=32),
-    )
+    builder = fake_attention_builder("vec", torch.float32)
     assert engine_seams.attention_builder_block_size(builder) == 32
     assert engine_seams.attention_builder_key_layout(builder, ["layer"]) is KeyLayout.DT
     assert builder.isa == "vec"
@@ -137,13 +143,8 @@ def test_an_isa_whose_pages_h2o_cannot_read_is_switched_to_vec_with_a_warning(ca
     from h2o_vllm.engine.pages import KeyLayout
 
     switched = []
-    builder = types.SimpleNamespace(
-        isa="neon",
-        dtype=torch.bfloat16,
-        head_dim=64,
-        kv_cache_dtype="auto",
-        kv_cache_spec=types.SimpleNamespace(block_size=32),
-        _set_isa_to_layers=lambda names: switched.append((builder.isa, names)),
+    builder = fake_attention_builder(
+        "neon", torch.bfloat16, _set_isa_to_layers=lambda names: switched.append((builder.isa, names))
     )
     with caplog.at_level("WARNING", logger="vllm.h2o_vllm.attention"):
         assert engine_seams.attention_builder_key_layout(builder, ["l0", "l1"]) is KeyLayout.DT
