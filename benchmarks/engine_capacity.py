@@ -28,40 +28,13 @@ step; not for overhead); the name is the workload's unless ``--name`` says other
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
+from inprocess import FP8, default_model_dir, engine_config, workload_prompts
+from report import Run, pyplot
+
 BLOCK = 32
-
-
-def workload_prompts(num: int, length: int) -> list[list[int]]:
-    """``num`` different ``length``-token slices of the essays, tokenized with the default model's tokenizer."""
-    from transformers import AutoTokenizer
-
-    from h2o_vllm.assets import prepare_default_model
-    from h2o_vllm.datasets import essays_text
-
-    ids = AutoTokenizer.from_pretrained(prepare_default_model(log=lambda *_: None).path)(essays_text())["input_ids"]
-    stride = (len(ids) - length) // max(1, num - 1)
-    return [ids[i * stride : i * stride + length] for i in range(num)]
-
-
-FP8 = "+fp8"  # a configuration with an fp8 KV cache: twice the blocks in the same memory
-
-
-def engine_config(name: str):
-    """Engine kwargs for ``vanilla`` (vLLM as is) or a configuration name (h2o_vllm.names: none, h2o_20%, h2o_4096),
-    either ending in ``+fp8`` (``--kv-cache-dtype fp8``)."""
-    from h2o_vllm.engine import ENGINE_DEFAULTS, engine_kwargs
-    from h2o_vllm.names import parse_name
-
-    base = name.removesuffix(FP8)
-    cache = {"kv_cache_dtype": "fp8"} if name.endswith(FP8) else {}
-    if base == "vanilla":
-        return cache
-    return {**engine_kwargs(parse_name(base, ENGINE_DEFAULTS).config), **cache}
 
 
 def pool_blocks(name: str, args) -> int:
@@ -73,10 +46,9 @@ def run_config(name: str, prompts, new_tokens: int, args) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from h2o_vllm.assets import prepare_default_model
     from h2o_vllm.engine.observe import StepObserver, inprocess_llm, num_free_blocks, scheduler_of
 
-    model = str(prepare_default_model(log=lambda *_: None).path)
+    model = default_model_dir()
     kwargs = dict(
         dtype=args.dtype,
         max_model_len=len(prompts[0]) + new_tokens,
@@ -149,13 +121,8 @@ def table(rows: list[dict], reference: str) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (scripts/setup.sh installs it)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 4))
     pools = {r["pool_blocks"] for r in rows}
@@ -194,6 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/engine"))
     parser.add_argument("--name", help="file name of the results in OUT (default: the workload)")
     args = parser.parse_args(argv)
+    run = Run.start(__file__, argv)
 
     if args.workload == "capacity":
         configs = args.configs or ["vanilla", "streaming_20%", "h2o_20%"]
@@ -232,16 +200,10 @@ def main(argv=None) -> int:
         best = max(runs[name], key=lambda r: r["output_tok_s"])  # least disturbed by the shared machine
         best["output_tok_s_all"] = [r["output_tok_s"] for r in runs[name]]
         rows.append(best)
-    args.out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/engine_capacity.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    stem = args.name or args.workload
-    (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     reference = "vanilla" if "vanilla" in configs else configs[0]
-    md = table(rows, reference) + f"\n\nProduced by:\n    {command}\n"
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
-    if args.workload != "overhead":
-        plot(rows, args.out / f"{stem}.png")
+    stem = args.name or args.workload
+    draw = None if args.workload == "overhead" else lambda png: plot(rows, png)
+    print(run.write(args.out, stem, {"rows": rows}, table(rows, reference), plot=draw))
     return 0
 
 

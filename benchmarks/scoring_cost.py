@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from inprocess import default_model_dir, engine_config, workload_prompts
+from report import ROOT, Run
 
 
 class LayerTimer:
@@ -117,14 +115,12 @@ def scoring_path(pytorch: bool):
 
 
 def run_config(name: str, prompts, args) -> dict:
-    from engine_capacity import engine_config
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from h2o_vllm.assets import prepare_default_model
     from h2o_vllm.engine.observe import inprocess_llm
 
-    model = str(prepare_default_model(log=lambda *_: None).path)
+    model = default_model_dir()
     kwargs = dict(
         max_model_len=args.prompt_tokens + args.new_tokens,
         enforce_eager=True,
@@ -201,8 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "engine")
     args = parser.parse_args(argv)
-
-    from engine_capacity import workload_prompts
+    run = Run.start(__file__, argv)
 
     prompts = workload_prompts(args.requests, args.prompt_tokens)
     rows = []
@@ -217,14 +212,9 @@ def main(argv=None) -> int:
             f"{r['decode']['scoring_s']:.2f} s in decode steps",
             flush=True,
         )
-    command = "python benchmarks/scoring_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": command.strip(), "requests": args.requests, "prompt_tokens": args.prompt_tokens}
-    (args.out / "scoring-cost.json").write_text(
-        json.dumps({**meta, "new_tokens": args.new_tokens, "rows": rows}, indent=1)
-    )
+    settings = {"requests": args.requests, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
     tables = table(rows) + "\n\n" + step_table(rows)
-    (args.out / "scoring-cost.md").write_text(tables + f"\n\nProduced by:\n    {command.strip()}\n")
+    run.write(args.out, "scoring-cost", {**settings, "rows": rows}, tables)
     print(tables)
     return 0
 
