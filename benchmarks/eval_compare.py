@@ -29,6 +29,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from report import Run
+
 # (metric in eval.json, label, higher is better)
 METRICS = [
     ("needle_accuracy", "needle: pass keys found (%)", 1),
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"eval_compare.py: no eval.json in {', '.join(missing)}", file=sys.stderr)
         return 2
-    command = "python benchmarks/eval_compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    run = Run.start(__file__, argv)
     report, summary = [], {}
     for model, runs in load_runs(args.runs).items():
         values, noise = merge(runs)
@@ -200,11 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             "values": {f"{f} {b}": dict(v) for (f, b), v in values.items()},
             "comparison": rows,
         }
-    args.out.mkdir(parents=True, exist_ok=True)
-    text = "\n".join(report) + f"\nProduced by:\n\n    {command}\n"
-    (args.out / "compare.md").write_text(text)
-    (args.out / "compare.json").write_text(json.dumps({"command": command, "models": summary}, indent=1) + "\n")
-    print(text)
+    print(run.write(args.out, "compare", {"models": summary}, "\n".join(report)))
     return 0
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import threading
 import time
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from report import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # h2o_vllm from this checkout, installed or not
@@ -407,6 +407,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    run = Run.start(__file__, argv)
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -433,7 +434,6 @@ def main(argv=None) -> int:
         _release(device)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
 
-    command = "python benchmarks/generation_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = {
         "device": device_name,
         "dtype": str(dtype).removeprefix("torch."),
@@ -447,10 +447,6 @@ def main(argv=None) -> int:
         "score_dtype": args.score_dtype,
         "torch": torch.__version__,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "throughput.json").write_text(
-        json.dumps({"command": command, "settings": settings, "rows": rows}, indent=1)
-    )
     intro = (
         f"Generation throughput on {device_name} ({settings['dtype']}): {args.prompt_tokens} prompt tokens and "
         f"{args.new_tokens} new tokens per sequence, as many sequences at once as {args.kv_memory:g} GiB of KV "
@@ -465,9 +461,7 @@ def main(argv=None) -> int:
             else "Peak memory: the process's peak resident set during the run, weights included."
         )
     )
-    md = f"{intro}\n\n{table(rows)}\n\nProduced by:\n    {command}\n"
-    (args.out / "throughput.md").write_text(md)
-    print(md)
+    print(run.write(args.out, "throughput", {"settings": settings, "rows": rows}, f"{intro}\n\n{table(rows)}"))
     return 0
 
 

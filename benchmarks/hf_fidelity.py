@@ -22,13 +22,13 @@ Configuration names (budgets are fractions of the growing sequence, as in the en
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from report import Run
 
 # StreamingLLM, H2O as the paged engine decides (32-token blocks, one decision for all layers
 # and heads), and H2O as it wins the perplexity benchmark (tokens, per layer and KV head, mean).
@@ -106,6 +106,7 @@ def main() -> int:
     parser.add_argument("--sink", type=int, default=32, help="sink tokens (32: the engine's one sink block)")
     parser.add_argument("--out", type=Path, default=Path("results/hf-fidelity"))
     args = parser.parse_args()
+    run = Run.start(__file__)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,7 +148,6 @@ def main() -> int:
             f"{rows[-1]['mean_rouge_l']:.3f} (per prompt: {matched})",
             flush=True,
         )
-    command = "python benchmarks/hf_fidelity.py " + " ".join(sys.argv[1:])
     lines = ["| config | tokens matched (mean) | ROUGE-L (mean) | tokens matched per prompt |", "|---|---|---|---|"]
     lines += [
         f"| {r['config']} | {r['mean_matched_tokens']:.1f} | {r['mean_rouge_l']:.3f} | {r['matched_tokens']} |"
@@ -156,15 +156,10 @@ def main() -> int:
     table = (
         f"Greedy continuations in transformers (SmolLM2-135M-Instruct, float32, SDPA): {args.prompts} essay "
         f"excerpts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.sink} sink tokens, "
-        "compared with the full cache's continuation.\n\n" + "\n".join(lines) + f"\n\nProduced by:\n\n    {command}\n"
+        "compared with the full cache's continuation.\n\n" + "\n".join(lines)
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(
-        json.dumps({"command": command, "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
-        + "\n"
-    )
-    (args.out / "table.md").write_text(table)
-    print(table)
+    settings = {k: str(v) for k, v in vars(args).items()}
+    print(run.write(args.out, "results", {"settings": settings, "rows": rows}, table, md_name="table.md"))
     return 0
 
 
