@@ -38,8 +38,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from report import ROOT, Run, pyplot
+
 BLOCK = 32
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class MetricsMonitor(threading.Thread):
@@ -333,13 +334,8 @@ def cache_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], args) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (scripts/setup.sh installs it)")
+    plt = pyplot()
+    if plt is None:
         return
     if args.workload == "prefix":
         plot_bars(rows, args, plt)
@@ -423,6 +419,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "load")
     parser.add_argument("--replot", action="store_true", help="redraw the plots from OUT/<workload>.json, run nothing")
     args = parser.parse_args(argv)
+    run = Run.start(__file__, argv)
     if args.configs is None:
         args.configs = (
             [
@@ -460,25 +457,18 @@ def main(argv=None) -> int:
         rows.append(row)
         if name == "h2o_20%":
             ideal_seqs = row["max_running"]
-        if rows:
-            command = "python benchmarks/load.py " + " ".join(argv if argv is not None else sys.argv[1:])
-            meta = {
-                "command": command,
-                "pool_blocks": args.pool_blocks,
-                "num_prompts": args.num_prompts,
-                "input_len": args.input_len,
-                "output_len": args.output_len,
-                "ideal_max_num_seqs": ideal_seqs,
-            }
-            if args.workload == "prefix":
-                meta.update(
-                    prefix_len=args.prefix_len, suffix_len=args.suffix_len, max_concurrency=args.max_concurrency
-                )
-            (args.out / f"{args.workload}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-            md = table(rows) + f"\n\nProduced by:\n    {command}\n"
-            if args.workload == "prefix":
-                md = table(rows) + "\n\n" + cache_table(rows) + f"\n\nProduced by:\n    {command}\n"
-            (args.out / f"{args.workload}.md").write_text(md)
+        meta = {
+            "pool_blocks": args.pool_blocks,
+            "num_prompts": args.num_prompts,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "ideal_max_num_seqs": ideal_seqs,
+        }
+        body = table(rows)
+        if args.workload == "prefix":
+            meta.update(prefix_len=args.prefix_len, suffix_len=args.suffix_len, max_concurrency=args.max_concurrency)
+            body += "\n\n" + cache_table(rows)
+        run.write(args.out, args.workload, {**meta, "rows": rows}, body)  # after every configuration
     print(table(rows))
     if args.workload == "prefix":
         print(cache_table(rows))
