@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,11 +33,11 @@ from pathlib import Path
 
 import httpx
 import psutil
+from report import ROOT, Run, markdown, pyplot
 
 from h2o_vllm import assets
 from h2o_vllm.local_server import ServerFailed, ServerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 LAYOUTS = {"single": [], "tp2": ["-tp", "2"], "pp2": ["-pp", "2"], "dp2": ["-dp", "2"]}
 
 
@@ -141,8 +140,6 @@ def report(rows: list[dict], settings: dict) -> str:
     lines = [
         f"### Parallel layouts, {settings['model']}",
         "",
-        f"`{settings['command']}`",
-        "",
         f"{settings['requests']} requests at once, {settings['min_len']}-{settings['max_len']} prompt tokens, "
         f"{settings['new']} new tokens, float32, "
         f"{'vanilla vLLM (--no-h2o), full caches' if settings.get('vanilla') else 'H2O at 25% (sum and max alternately)'}"
@@ -166,12 +163,10 @@ def report(rows: list[dict], settings: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows: list[dict], settings: dict, path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
     ran = [r for r in rows if "refused" not in r]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, key, label in zip(
@@ -182,14 +177,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ):
         ax.bar([r["layout"] for r in ran], [r[key] for r in ran], color="#4c72b0")
         ax.set_title(label)
-    fig.suptitle(title)
+    fig.suptitle(f"{settings['model']}: parallel layouts on {os.cpu_count()} CPUs")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def write_report(rows: list[dict], settings: dict, out: Path) -> None:
-    (out / "parallel.md").write_text(report(rows, settings))
-    plot(rows, out / "parallel.png", f"{settings['model']}: parallel layouts on {os.cpu_count()} CPUs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,8 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.replot:
         saved = json.loads((args.out / "parallel.json").read_text())
-        write_report(saved["layouts"], saved["settings"], args.out)
+        rows, settings = saved["layouts"], saved["settings"]
+        record = {"command": settings["command"], "commit": saved.get("commit"), "cpu": saved.get("cpu")}
+        (args.out / "parallel.md").write_text(markdown(report(rows, settings), [record]))
+        plot(rows, settings, args.out / "parallel.png")
         return 0
+    run = Run.start(__file__, argv)
     layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
     unknown = [name for name in layouts if name not in LAYOUTS]
     if unknown:
@@ -234,13 +228,12 @@ def main(argv: list[str] | None = None) -> int:
             r["matches_single"] = r["tokens"] == base["tokens"] and r["evicted_blocks"] == base["evicted_blocks"]
     settings = {
         "model": spec.name,
-        "command": " ".join(["python benchmarks/parallel.py", *(shlex.quote(a) for a in sys.argv[1:])]),
+        "command": run.command,  # also at the top of parallel.json, beside commit and cpu
         **{k: getattr(args, k) for k in ("requests", "min_len", "max_len", "new", "seed", "vanilla")},
         "serve_args": serve_args,
     }
-    (args.out / "parallel.json").write_text(json.dumps({"settings": settings, "layouts": rows}, indent=1))
-    write_report(rows, settings, args.out)
-    print(report(rows, settings))
+    data = {"settings": settings, "layouts": rows}
+    print(run.write(args.out, "parallel", data, report(rows, settings), plot=lambda png: plot(rows, settings, png)))
     mismatched = [r["layout"] for r in rows if r.get("matches_single") is False]
     if mismatched:
         print(f"layouts whose tokens or evictions differ from single: {mismatched}", file=sys.stderr)
