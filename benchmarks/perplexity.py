@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from report import Run
 
 DEFAULT_CONFIGS = [
     "baseline",
@@ -215,11 +216,24 @@ def load_results(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def save_results(path: Path, entries: list[dict]) -> None:
-    path.write_text(json.dumps(entries, indent=1) + "\n")
+def records(entries: list[dict]) -> list[dict]:
+    """The runs that made ``entries``: each entry's (command, commit, cpu), and its timing run's."""
+    made = [{k: e.get(k) for k in ("command", "commit", "cpu")} for e in entries]
+    timed = [
+        {"command": e["timing_command"], "commit": e.get("timing_commit"), "cpu": e.get("timing_cpu")}
+        for e in entries
+        if "timing_command" in e
+    ]
+    return made + timed
 
 
-def write_table(entries: list[dict], out: Path, model_title: str) -> str:
+def save(run: Run, entries: list[dict], out: Path, model_title: str) -> str:
+    """OUT/results.json (every entry) and OUT/table.md (the table of them all, and the runs that made them)."""
+    body = table(entries, model_title)
+    return run.write(out, "results", entries, body, md_name="table.md", records=records(entries))
+
+
+def table(entries: list[dict], model_title: str) -> str:
     order = {"essays": 0, "books": 1}
     corpora = sorted({e["corpus"] for e in entries}, key=lambda c: order.get(c, 9))
     lengths = sorted({e["length"] for e in entries})
@@ -246,23 +260,13 @@ def write_table(entries: list[dict], out: Path, model_title: str) -> str:
         row += ["; ".join(budgets), f"{speed['tokens_per_s']:.1f}" if speed else "", f"{peak / 2**20:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     timing = "/".join(sorted({str(e["timing_tokens"]) for e in timed.values()})) or "?"
-    commands = "\n".join(
-        f"    {c}"
-        for c in dict.fromkeys(
-            [e["command"] for e in entries] + [e["timing_command"] for e in entries if "timing_command" in e]
-        )
-    )
-    text = (
+    return (
         f"Streaming perplexity (lower is better) of {model_title} in float32, token by token: each token\n"
         "is scored under the cache its policy had left after the previous one. Columns: corpus and number of\n"
         "tokens scored (N). Budget: KV tokens kept; P% rows were run once per N with a budget of P% of N.\n"
         f"tok/s: the configuration alone, batch of one, over the first {timing} essay tokens. Peak KV: one\n"
-        "sequence's cache at its largest, over all runs of that row.\n\n"
-        + "\n".join(lines)
-        + f"\n\nProduced by:\n{commands}\n"
+        "sequence's cache at its largest, over all runs of that row.\n\n" + "\n".join(lines)
     )
-    (out / "table.md").write_text(text)
-    return text
 
 
 def main() -> int:
@@ -297,6 +301,7 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("results/perplexity"))
     args = parser.parse_args()
+    run = Run.start(__file__)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -319,7 +324,6 @@ def main() -> int:
     report_at = sorted(n for n in args.report_at if n <= args.max_tokens) or [args.max_tokens]
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
-    command = "python benchmarks/perplexity.py " + " ".join(sys.argv[1:])
 
     def load_model():
         return AutoModelForCausalLM.from_pretrained(
@@ -336,14 +340,14 @@ def main() -> int:
             )
             for e in entries:
                 if e["config"] == spec.name:
-                    e.update(tokens_per_s=speed, timing_tokens=args.timing_tokens, timing_command=command)
-        save_results(results_path, entries)
-        print(write_table(entries, args.out, model_title), flush=True)
+                    e.update(tokens_per_s=speed, timing_tokens=args.timing_tokens, timing_command=run.command)
+                    e.update(timing_commit=run.commit, timing_cpu=run.cpu)
+        print(save(run, entries, args.out, model_title), flush=True)
         return 0
     for group in pass_groups(specs, args.max_tokens, args.one_pass):
         names = ", ".join(spec.name for spec in group)
         print(f"pass: {names} ({len(group) * len(args.corpora)} rows x {args.max_tokens} tokens)", flush=True)
-        run = run_pass(load_model(), group, ids, args.log_every)
+        scored = run_pass(load_model(), group, ids, args.log_every)
         entries = load_results(results_path)
         for k, spec in enumerate(group):
             speed = time_alone(load_model(), spec, timing_ids) if args.timing_tokens else float("nan")
@@ -364,19 +368,18 @@ def main() -> int:
                             "config": spec.name,
                             "corpus": corpus,
                             "length": n,
-                            "ppl": math.exp(run["nll"][row, : n - 1].mean().item()),
+                            "ppl": math.exp(scored["nll"][row, : n - 1].mean().item()),
                             "budget_tokens_at_max": budget_tokens(spec, args.max_tokens),
                             "budget": spec.label,
                             "max_tokens": args.max_tokens,
                             "tokens_per_s": speed,
                             "timing_tokens": args.timing_tokens,
-                            "peak_kv_bytes": float(run["peak_kv_bytes"][row]),
+                            "peak_kv_bytes": float(scored["peak_kv_bytes"][row]),
                             "attn": args.attn,
-                            "command": command,
+                            **run.record(),
                         }
                     )
-        save_results(results_path, entries)
-        print(write_table(entries, args.out, model_title), flush=True)
+        print(save(run, entries, args.out, model_title), flush=True)
     return 0
 
 

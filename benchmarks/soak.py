@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shlex
 import signal
 import sys
 import threading
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from report import Run, pyplot
 
 from h2o_vllm.assets import DEFAULT_SERVED_NAME as MODEL
 from h2o_vllm.local_server import ServerProcess
@@ -178,11 +178,9 @@ def growth(samples: list[dict], role: str, warmup: float, window: float) -> dict
 
 
 def plot(samples: list[dict], verdict: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     t = [s["t_min"] for s in samples]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
     for role in ROLES:
@@ -221,6 +219,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.minutes < args.warmup + 2 * args.window:
         parser.error("--minutes must cover --warmup plus two --window")
+    run = Run.start(__file__, argv)
     from h2o_vllm.datasets import essays_text
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -279,23 +278,19 @@ def main(argv=None) -> int:
     verdict["passed"] = (
         verdict["memory_flat"] and verdict["errors"] == 0 and verdict["pool_full_at_end"] and exit_code == 0
     )
-    command = shlex.join(["python", "benchmarks/soak.py", *(sys.argv[1:] if argv is None else argv)])
-    (args.out / "soak.json").write_text(
-        json.dumps({"command": command, "verdict": verdict, "samples": samples}, indent=1)
-    )
     rows = [
         f"| {r.replace('_', ' ')} | {g['early_mib']} | {g['late_mib']} | {g['growth']:+.1%} |"
         for r, g in verdict["growth"].items()
     ]
-    (args.out / "soak.md").write_text(
-        f"Command: `{command}`\n\n"
+    body = (
         f"{verdict['requests']} requests in {args.minutes:g} min at concurrency {args.concurrency}, "
         f"{verdict['errors']} errors; pool full at the end: {verdict['pool_full_at_end']}; "
         f"exit code after SIGTERM: {exit_code}.\n\n"
         f"| process | RSS, minutes {args.warmup:g}-{args.warmup + args.window:g} (MiB) | "
-        f"RSS, last {args.window:g} min (MiB) | growth |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        f"RSS, last {args.window:g} min (MiB) | growth |\n|---|---|---|---|\n" + "\n".join(rows)
     )
-    plot(samples, verdict, args.out / "soak.png")
+    data = {"verdict": verdict, "samples": samples}
+    run.write(args.out, "soak", data, body, plot=lambda png: plot(samples, verdict, png))
     print(json.dumps(verdict, indent=1), flush=True)
     return 0 if verdict["passed"] else 1
 
