@@ -161,18 +161,13 @@ class PolicyConfig:
                 raise PolicyConfigError(name, f"must be an integer >= {minimum}, got {value!r}")
         if self.score_norm not in SCORE_NORMS:
             raise PolicyConfigError("score_norm", f"must be 'sum' or 'mean', got {self.score_norm!r}")
-        if self.score_norm == "mean" and self.score_source == KEY_NORM:
-            raise PolicyConfigError(
-                "score_norm",
-                f"'mean' divides attention by the queries that saw a block; {self.policy} ranks by key norms "
-                "(each key counted once): use 'sum'",
-            )
         if self.score_reduce not in SCORE_REDUCE:
             choices = ", ".join(repr(r) for r in SCORE_REDUCE)
             raise PolicyConfigError("score_reduce", f"must be one of {choices}, got {self.score_reduce!r}")
         if self.prefill not in PREFILL_MODES:
             choices = ", ".join(repr(m) for m in PREFILL_MODES)
             raise PolicyConfigError("prefill", f"must be one of {choices}, got {self.prefill!r}")
+        POLICIES[self.policy].check(self)
 
     def replace(self, **changes) -> PolicyConfig:
         """A copy with ``changes`` applied (and checked)."""
@@ -197,6 +192,18 @@ class PolicyConfig:
         if self.n_recent is not None:
             return self.n_recent
         return max(0, self.budget.tokens_for(num_tokens) - self.n_sink) // 2
+
+    def bounds(self, num_tokens: int) -> Bounds:
+        """What an eviction of a sequence of ``num_tokens`` tokens may touch and how far it goes."""
+        bs = self.block_size
+        recent = self.recent_tokens(num_tokens)
+        full_blocks = num_tokens // bs
+        first_recent = max(0, (num_tokens - recent) // bs) if recent > 0 else full_blocks
+        return Bounds(
+            budget_blocks=self.budget.blocks_for(num_tokens, bs),
+            sink_blocks=-(-self.n_sink // bs),
+            protected_from=min(first_recent, full_blocks),
+        )
 
     def first_scored_position(self, chunk_start: int, chunk_end: int, num_prompt_tokens: int) -> int:
         """The first of the query positions ``[chunk_start, chunk_end)`` computed together whose attention is scored.
@@ -300,6 +307,24 @@ class PolicyConfig:
         return num_computed_tokens >= num_tokens - 1
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """One eviction's limits for one sequence (:meth:`PolicyConfig.bounds`).
+
+    A sequence keeps at most ``budget_blocks`` blocks; blocks below ``sink_blocks`` (the sinks)
+    and from ``protected_from`` on (the recent window and the partly written block) stay.
+    Engines that decide for a whole batch at once hold each field as a tensor of rows.
+    """
+
+    budget_blocks: int
+    sink_blocks: int
+    protected_from: int
+
+    def protected(self, blocks):
+        """Which of ``blocks`` (logical indices: a numpy array or a torch tensor) may not be evicted now."""
+        return (blocks < self.sink_blocks) | (blocks >= self.protected_from)
+
+
 @dataclass
 class SequenceView:
     """What a policy sees of one sequence. Arrays are indexed by logical block."""
@@ -322,19 +347,18 @@ class SequenceView:
 
 def protected_mask(cfg: PolicyConfig, num_tokens: int, num_blocks: int) -> np.ndarray:
     """Blocks that may never be evicted now: sinks, recent window, and the unfilled tail."""
-    bs = cfg.block_size
-    protected = np.zeros(num_blocks, dtype=bool)
-    protected[: min(num_blocks, -(-cfg.n_sink // bs))] = True
-    recent = cfg.recent_tokens(num_tokens)
-    first_recent_block = max(0, (num_tokens - recent) // bs) if recent > 0 else num_blocks
-    protected[first_recent_block:] = True
-    full_blocks = num_tokens // bs
-    protected[full_blocks:] = True  # the partly written block, and anything not yet written
-    return protected
+    return cfg.bounds(num_tokens).protected(np.arange(num_blocks))
 
 
 class EvictionPolicy(ABC):
-    """One eviction rule. Subclasses only say in which order candidates go."""
+    """One eviction rule: a plug-in that says what it ranks blocks by and in which order they go.
+
+    A policy declares its :attr:`score_source` (what engines compute for it) and its
+    :meth:`order_key`; every engine applies the shared rules (budget, sinks, recent window,
+    only full resident blocks, ties to the older block) around them: :meth:`select` here for
+    one sequence with numpy, the fast transformers cache for a batch on the device. Adding a
+    policy is a subclass in this module and its entry in :data:`POLICIES`.
+    """
 
     name: ClassVar[str]
     # What the scores it ranks by are (one of SCORE_SOURCES); engines compute them only for such policies.
@@ -343,23 +367,34 @@ class EvictionPolicy(ABC):
     def __init__(self, config: PolicyConfig):
         self.config = config
 
+    @classmethod
+    def check(cls, config: PolicyConfig) -> None:
+        """Refuse settings this policy cannot honour (raise :class:`PolicyConfigError`); most take every one."""
+        return None
+
     def select(self, view: SequenceView) -> list[int]:
         """Logical indices (ascending) of the blocks to evict now."""
-        cfg = self.config
-        num_blocks = len(view.resident)
-        budget_blocks = cfg.budget.blocks_for(view.num_tokens, cfg.block_size)
-        excess = int(view.resident.sum()) - budget_blocks
+        bounds = self.config.bounds(view.num_tokens)
+        excess = int(view.resident.sum()) - bounds.budget_blocks
         if excess <= 0:
             return []
-        candidates = np.flatnonzero(view.resident & ~protected_mask(cfg, view.num_tokens, num_blocks))
+        candidates = np.flatnonzero(view.resident & ~bounds.protected(np.arange(len(view.resident))))
         if len(candidates) == 0:
             return []
-        order = self.eviction_order(view, candidates)
+        visibility = None if view.visibility is None else view.visibility[candidates]
+        key = self.order_key(view.scores[candidates], candidates, visibility)
+        # A stable sort of the ascending candidates: among equal keys the older block goes first.
+        order = candidates[np.argsort(key, kind="stable")]
         return sorted(int(i) for i in order[:excess])
 
     @abstractmethod
-    def eviction_order(self, view: SequenceView, candidates: np.ndarray) -> np.ndarray:
-        """``candidates`` rearranged so that the first ones are evicted first."""
+    def order_key(self, scores, blocks, visibility):
+        """What candidates are evicted by, lowest first (ties: the older block).
+
+        ``scores``, ``blocks`` (logical indices) and ``visibility`` (None unless the
+        configuration's ``score_norm`` needs it) are numpy arrays or torch tensors of the
+        same shape: write it with operations both have.
+        """
 
 
 class NoEviction(EvictionPolicy):
@@ -370,8 +405,8 @@ class NoEviction(EvictionPolicy):
     def select(self, view: SequenceView) -> list[int]:
         return []
 
-    def eviction_order(self, view, candidates):
-        return candidates[:0]
+    def order_key(self, scores, blocks, visibility):
+        return blocks
 
 
 class StreamingLLM(EvictionPolicy):
@@ -379,8 +414,8 @@ class StreamingLLM(EvictionPolicy):
 
     name = "streaming"
 
-    def eviction_order(self, view, candidates):
-        return candidates  # already ascending, i.e. oldest first
+    def order_key(self, scores, blocks, visibility):
+        return blocks
 
 
 class H2O(EvictionPolicy):
@@ -389,17 +424,12 @@ class H2O(EvictionPolicy):
     name = "h2o"
     score_source = ATTENTION
 
-    def block_scores(self, view: SequenceView) -> np.ndarray:
+    def order_key(self, scores, blocks, visibility):
         if self.config.score_norm == "mean":
-            if view.visibility is None:
+            if visibility is None:
                 raise ValueError("score_norm='mean' needs visibility counts")
-            return view.scores / np.maximum(view.visibility, 1.0)
-        return view.scores
-
-    def eviction_order(self, view, candidates):
-        scores = self.block_scores(view)[candidates]
-        # lexsort: last key is primary. Lowest score first; among ties the lower (older) index.
-        return candidates[np.lexsort((candidates, scores))]
+            return scores / visibility.clip(min=1.0)
+        return scores
 
 
 class KeyNorm(EvictionPolicy):
@@ -417,10 +447,17 @@ class KeyNorm(EvictionPolicy):
     name = "keynorm"
     score_source = KEY_NORM
 
-    def eviction_order(self, view, candidates):
-        scores = view.scores[candidates]
-        # lexsort: last key is primary. Highest score first; among ties the lower (older) index.
-        return candidates[np.lexsort((candidates, -scores))]
+    @classmethod
+    def check(cls, config: PolicyConfig) -> None:
+        if config.score_norm == "mean":
+            raise PolicyConfigError(
+                "score_norm",
+                f"'mean' divides attention by the queries that saw a block; {cls.name} ranks by key norms "
+                "(each key counted once): use 'sum'",
+            )
+
+    def order_key(self, scores, blocks, visibility):
+        return -scores
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (H2O, KeyNorm, StreamingLLM, NoEviction)}

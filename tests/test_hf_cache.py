@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from h2o_vllm.hf import H2OCache, disable_streaming_llm, enable_h2o_llm, enable_policy, enable_streaming_llm
+from h2o_vllm.hf import EvictingCache, H2OCache, disable_streaming_llm, enable_h2o_llm, enable_policy, enable_streaming_llm
 from h2o_vllm.policy import Budget, PolicyConfig
 
 PROMPTS = [
@@ -310,7 +310,7 @@ def test_seed_api_evicts_in_a_manual_forward_loop_from_none(tiny_model_dir):
     with torch.no_grad():
         for t in range(ids.shape[1]):
             pkv = model(input_ids=ids[:, t : t + 1], past_key_values=pkv, use_cache=True).past_key_values
-    assert isinstance(pkv, H2OCache) and pkv.get_seq_length() == 200
+    assert isinstance(pkv, EvictingCache) and pkv.get_seq_length() == 200
     assert all(layer.keys.shape[-2] <= 32 for layer in pkv.layers)  # 200 tokens seen, 32 kept
     # A whole prompt then greedy tokens, by hand and by generate(): the same tokens and evictions.
     prompt, new = ids[:, :60], 40

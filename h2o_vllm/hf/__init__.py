@@ -10,10 +10,12 @@ from h2o_vllm.hf.api import (
     make_cache,
     prefill,
 )
+from h2o_vllm.hf.base import EvictingCache
 from h2o_vllm.hf.cache import H2OCache
 from h2o_vllm.hf.fast_cache import FastH2OCache
 
 __all__ = [
+    "EvictingCache",
     "FastH2OCache",
     "H2OCache",
     "disable_eviction",

@@ -31,6 +31,7 @@ import functools
 import warnings
 
 from h2o_vllm.hf import attention
+from h2o_vllm.hf.base import EvictingCache
 from h2o_vllm.hf.cache import H2OCache
 from h2o_vllm.hf.fast_cache import FastH2OCache
 from h2o_vllm.policy import Budget, PolicyConfig
@@ -105,7 +106,7 @@ def enable_policy(model, config: PolicyConfig, *, per_layer: bool = False, per_h
 
 
 def _forward_with_policy(model, state):
-    """The model's forward, handed a fresh H2OCache where it would start a cache of its own."""
+    """The model's forward, handed a fresh evicting cache where it would start a cache of its own."""
     original_forward = state["forward"]
 
     @functools.wraps(original_forward)
@@ -116,7 +117,7 @@ def _forward_with_policy(model, state):
             use_cache = model.config.use_cache
         if cache is None and use_cache and not args[1:]:
             kwargs["past_key_values"] = state["make_cache"]()
-        elif cache is not None and not isinstance(cache, H2OCache) and not state.get("warned"):
+        elif cache is not None and not isinstance(cache, EvictingCache) and not state.get("warned"):
             state["warned"] = True
             warnings.warn(
                 f"{type(model).__name__} has an eviction policy enabled but was given a {type(cache).__name__}, "
@@ -128,7 +129,7 @@ def _forward_with_policy(model, state):
     return forward
 
 
-def prefill(model, cache: H2OCache, input_ids, chunk_size: int | None = None):
+def prefill(model, cache: EvictingCache, input_ids, chunk_size: int | None = None):
     """Run a prompt (batch of one, no padding) into ``cache`` ``chunk_size`` tokens at a time; its last logits.
 
     The cache evicts after every forward, so with ``prefill="chunked"`` configurations this
@@ -143,7 +144,7 @@ def prefill(model, cache: H2OCache, input_ids, chunk_size: int | None = None):
     return out.logits[:, -1]
 
 
-def make_cache(model, *, fast: bool | None = None) -> H2OCache:
+def make_cache(model, *, fast: bool | None = None) -> EvictingCache:
     """A fresh cache with the policy the model was enabled with (for manual forward loops).
 
     ``fast``: None for the kind the model was enabled with, True for a :class:`FastH2OCache`,

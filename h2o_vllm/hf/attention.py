@@ -1,10 +1,10 @@
-"""Attention functions that let an :class:`H2OCache` score and evict.
+"""Attention functions that let an evicting cache (:class:`~h2o_vllm.hf.base.EvictingCache`) score and evict.
 
 Registered with transformers' ``AttentionInterface`` as ``h2o_eager`` and
 ``h2o_sdpa``: each runs the model's own eager or SDPA attention and hands the
 result to the cache, which scores the keys (from eager's probabilities, or
 recomputed in query chunks for SDPA so that a long prompt never needs its full
-query-by-key matrix at once) and evicts. Without an H2OCache in play they are
+query-by-key matrix at once) and evicts. Without such a cache in play they are
 exactly the base implementation.
 """
 
@@ -15,7 +15,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from h2o_vllm.hf.cache import take_active_cache
+from h2o_vllm.hf import handoff
 
 # name -> (base attention, mask builder, whether the base wants an additive float mask)
 BASES = {
@@ -29,7 +29,7 @@ def _make(base_name: str):
     base, _, additive = BASES[base_name]
 
     def h2o_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        cache = take_active_cache()
+        cache = handoff.take()
         if cache is None:
             return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         return cache.attend(module, base, query, key, value, attention_mask, scaling, dropout, additive, **kwargs)

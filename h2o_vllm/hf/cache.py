@@ -33,25 +33,16 @@ recent text.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
 
+from h2o_vllm.hf import handoff
+from h2o_vllm.hf.base import EvictingCache, left_padding
 from h2o_vllm.ledger import BlockLedger
 from h2o_vllm.policy import ATTENTION, KEY_NORM, PolicyConfig, make_policy
-
-# update() and the attention call of the same layer run back to back on one thread;
-# this is how the attention function finds the cache it belongs to.
-_ACTIVE = threading.local()
-
-
-def take_active_cache() -> H2OCache | None:
-    cache = getattr(_ACTIVE, "cache", None)
-    _ACTIVE.cache = None
-    return cache
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -129,7 +120,7 @@ class CacheStats:
     per_row_evicted: list[list[int]] = field(default_factory=list)  # logical block indices, row by row
 
 
-class H2OCache(Cache):
+class H2OCache(EvictingCache):
     """KV cache that applies an eviction policy (h2o, keynorm, streaming, none) as it goes."""
 
     def __init__(
@@ -141,60 +132,25 @@ class H2OCache(Cache):
         per_head: bool = False,
         score_chunk: int = 256,
     ):
-        if per_head and not per_layer:
-            raise ValueError(
-                "per_head needs per_layer=True: a KV head of one layer has nothing to share with another layer's"
-            )
-        super().__init__(layers=[EvictingLayer() for _ in range(num_layers)])
+        super().__init__(
+            [EvictingLayer() for _ in range(num_layers)],
+            policy_config,
+            per_layer=per_layer,
+            per_head=per_head,
+            score_chunk=score_chunk,
+        )
         # One config for every row, or one per batch row (rows never share decisions anyway).
-        self.policy_config = policy_config
         self._row_configs = policy_config if isinstance(policy_config, list) else None
-        configs = self._row_configs or [policy_config]
-        scored = [c for c in configs if c.needs_scores]
-        if len({(c.prompt_window, c.score_reduce) for c in scored}) > 1:
-            raise ValueError("the scored rows of one H2OCache must share prompt_window and score_reduce")
-        # How attention is scored (prompt window, score reduction): the scored rows' common settings.
-        self.scoring: PolicyConfig | None = scored[0] if scored else None
-        self.key_norms = any(c.needs_key_norms for c in configs)  # some row ranks by its keys' norms
-        self.evicts = any(c.policy != "none" for c in configs)
-        self.per_layer = per_layer
-        self.per_head = per_head
-        # A "row" is a batch row, or with per_head a (batch row, KV head) pair: index b * rows_per_sequence + h.
-        self.rows_per_sequence = 1  # the number of KV heads with per_head
         self._row_max: list[torch.Tensor] = []  # score_reduce="max": per row [queries, blocks], max so far this step
-        self.score_chunk = score_chunk
-        self.padding: torch.Tensor | None = None  # [rows] left-padding tokens per row
-        self.prompt_tokens = 0
         self.ledgers: list[list[BlockLedger]] = []  # [score group][row]
         self.policies = []  # one per row, made at the first forward when the batch size is known
         self.row_sources: list[str | None] = []  # per row: what its policy ranks by (policy.SCORE_SOURCES)
         self.stats = CacheStats()
 
-    @classmethod
-    def for_model(cls, model, policy_config: PolicyConfig, **kwargs) -> H2OCache:
-        """A cache for ``model``, whose attention is switched to the h2o_ wrapper if it is not yet.
-
-        The wrapper runs the model's own eager or SDPA attention, unchanged when no
-        H2OCache is in play, so the switch is harmless for other uses of the model.
-        """
-        from h2o_vllm.hf import attention
-
-        attention.register()
-        wanted = attention.h2o_name(model.config._attn_implementation)
-        if model.config._attn_implementation != wanted:
-            model.set_attn_implementation(wanted)
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        return cls(policy_config, config.num_hidden_layers, **kwargs)
-
     # -- transformers Cache interface ----------------------------------------------------
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if getattr(_ACTIVE, "cache", None) is self:
-            # The previous layer's attention never picked the cache up: nothing would be scored.
-            raise RuntimeError(
-                "H2OCache needs the model's attention switched to h2o_eager or h2o_sdpa; "
-                "create it with H2OCache.for_model(model, ...) or use enable_h2o_llm(model, ...)"
-            )
+        handoff.offer(self)
         if self.per_head:
             self.rows_per_sequence = key_states.shape[1]
             key_states, value_states = (
@@ -202,13 +158,9 @@ class H2OCache(Cache):
                 _rows_per_head(value_states, self.rows_per_sequence),
             )
         keys, values = self.layers[layer_idx].update(key_states, value_states)
-        _ACTIVE.cache = self
         if self.per_head:  # attention wants [batch, kv_heads, slots, dim] back
             keys, values = _batch_rows(keys, self.rows_per_sequence), _batch_rows(values, self.rows_per_sequence)
         return keys, values
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
 
     def resident_tokens(self) -> torch.Tensor:
         """[batch] KV tokens each batch row holds, averaged over layers (and KV heads with per_head)."""
@@ -254,7 +206,7 @@ class H2OCache(Cache):
 
     def _start(self, attention_mask, batch: int, q_len: int) -> None:
         """First forward: learn each row's left padding and open the ledgers."""
-        self.padding = _left_padding(attention_mask, batch, q_len).repeat_interleave(self.rows_per_sequence)
+        self.padding = left_padding(attention_mask, batch, q_len).repeat_interleave(self.rows_per_sequence)
         self.prompt_tokens = q_len  # the first forward is the prompt (or its first chunk), left padding included
         groups = len(self.layers) if self.per_layer else 1
         configs = self._row_configs or [self.policy_config] * batch
@@ -374,18 +326,6 @@ def _rows_per_head(t: torch.Tensor, rows_per_sequence: int) -> torch.Tensor:
 def _batch_rows(t: torch.Tensor, rows_per_sequence: int) -> torch.Tensor:
     """The inverse of :func:`_rows_per_head`."""
     return t.reshape(t.shape[0] // rows_per_sequence, t.shape[1] * rows_per_sequence, *t.shape[2:])
-
-
-def _left_padding(attention_mask, batch: int, q_len: int) -> torch.Tensor:
-    """Leading padding tokens per row, read from the mask transformers built for the first forward."""
-    if attention_mask is None or attention_mask.dim() != 4:
-        return torch.zeros(batch, dtype=torch.long)
-    last_row = attention_mask[:, 0, -1, -q_len:]
-    visible = last_row if last_row.dtype == torch.bool else last_row == 0
-    if visible.shape[0] != batch:
-        visible = visible.expand(batch, -1)
-    # Padding sits on the left: count the leading invisible columns.
-    return (visible.cumsum(dim=1) == 0).sum(dim=1).long().cpu()
 
 
 def _as_mask(allowed: torch.Tensor, dtype, additive: bool) -> torch.Tensor:

@@ -8,314 +8,31 @@ slot in place instead of the tensors being repacked. Slots are in no positional 
 which attention does not mind: keys are cached already rotated, and a mask hides empty,
 evicted and padding slots. Nothing is copied to the host while decoding: the attention
 mass (or, for key-norm eviction, each new key's L2 norm, once) is summed into per-page
-scores on the device, and the policy's choice is made there too (:class:`DevicePolicy`).
+scores on the device, and the policy's choice is made there too
+(:class:`~h2o_vllm.hf.device_policy.DevicePolicy`).
 
-Slots come in *pages* of ``block_size`` slots, one logical block per page (one token
-per page at ``block_size=1``, the paper's token-level H2O), so evicting a block frees a
-page and a new block takes a free one. A :class:`SlotTable` says which position each
-slot holds, for one group of layers that decides together: all layers (the default)
-or each layer alone (``per_layer=True``); with ``per_head=True`` each KV head of a layer
-has its own column of slots.
-
-A forward with more new tokens than there are free slots (the prompt) grows the
-buffers for that forward; after the eviction that ends it they shrink back to the
-budget plus the margin, so during decoding the buffers are allocated once. How many
-slots are needed is worked out on the host from the policy configuration alone
-(:class:`PagePlan`), never by reading the device.
+Pages and the table of which position each slot holds are in :mod:`h2o_vllm.hf.slots`:
+one table per group of layers that decides together: all layers (the default) or each
+layer alone (``per_layer=True``); with ``per_head=True`` each KV head of a layer has its
+own column of slots. A forward with more new tokens than there are free slots (the
+prompt) grows the buffers for that forward; after the eviction that ends it they shrink
+back to the budget plus the margin, so during decoding the buffers are allocated once.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from h2o_vllm.hf.cache import _ACTIVE, H2OCache, _left_padding
+from h2o_vllm.hf import handoff
+from h2o_vllm.hf.base import EvictingCache, left_padding
+from h2o_vllm.hf.device_policy import DevicePolicy, EvictionRecord
+from h2o_vllm.hf.slots import PagePlan, SlotTable, ceil_div
 from h2o_vllm.policy import PolicyConfig
 
 # Query rows x keys x heads of float32 probabilities scored at once (512 MiB), so that a long
 # prompt in a large batch is scored in as many row chunks as that needs.
 SCORE_ELEMENTS = 1 << 27
-
-
-def _ceil_div(a, b):
-    return -(-a // b)
-
-
-class PagePlan:
-    """How many pages a :class:`SlotTable` needs, from the policy configuration alone (host arithmetic, no sync)."""
-
-    def __init__(self, config: PolicyConfig, margin_tokens: int):
-        self.config = config
-        self.block_size = config.block_size
-        self.margin = max(1, _ceil_div(margin_tokens, self.block_size))
-        # A token budget keeps the same number of blocks at every length: one size fits the whole generation.
-        fixed = config.policy != "none" and config.budget.tokens is not None
-        self.steady = config.kept_blocks(config.budget.tokens) + self.margin if fixed else None
-
-    def most_kept(self, num_tokens: int) -> int:
-        """The most pages a row of ``num_tokens`` tokens holds after its eviction (padding adds none)."""
-        blocks = _ceil_div(num_tokens, self.block_size)
-        return blocks if self.config.policy == "none" else min(blocks, self.config.kept_blocks(num_tokens))
-
-    def pages_for(self, current: int, num_before: int, new_tokens: int) -> int:
-        """The pages a table of ``current`` pages needs for a forward of ``new_tokens`` after ``num_before``."""
-        need = self.most_kept(num_before) + _ceil_div(new_tokens, self.block_size)
-        if num_before == 0 and self.block_size > 1:
-            need += 1  # the first forward aligns each row's first block to a page after its left padding
-        if need <= current:
-            return current
-        if self.steady is not None:
-            return max(need, self.steady)
-        return max(need, current + current // 4)  # growing budgets grow in steps, not token by token
-
-    def shrink_to(self, current: int, num_tokens: int) -> int | None:
-        """The pages to shrink to once an eviction has run at ``num_tokens``, or None to keep ``current``."""
-        if self.config.policy == "none":
-            return None
-        if self.steady is not None:
-            return self.steady if current > self.steady else None
-        target = self.most_kept(num_tokens) + self.margin
-        return target + target // 4 if current > 2 * target else None
-
-
-class SlotTable:
-    """Which position every slot of a group of layers holds, and every page's accumulated score.
-
-    ``positions`` is ``[batch, groups, slots]`` (groups: 1, or the KV heads with per-head
-    decisions) with -1 for an empty slot; a slot holding a position below its row's left
-    padding is empty too. ``scores`` and ``visibility`` are ``[batch, groups, pages]``.
-    """
-
-    def __init__(self, block_size: int, with_visibility: bool):
-        self.block_size = block_size
-        self.with_visibility = with_visibility
-        self.clear()
-
-    def clear(self) -> None:
-        self.padding: torch.Tensor | None = None  # [batch] left-padding tokens per row
-        self.positions: torch.Tensor | None = None
-        self.scores: torch.Tensor | None = None
-        self.visibility: torch.Tensor | None = None
-        self.new_slots: torch.Tensor | None = None  # [batch, groups, q]: where this forward's tokens go
-        self.allowed: torch.Tensor | None = None  # [batch, groups, q, slots]: what this forward's queries see
-        self.row_max: torch.Tensor | None = None  # score_reduce="max": [batch, groups, rows, pages] this step
-
-    def start(self, padding: torch.Tensor, groups: int) -> None:
-        self.padding = padding
-        self.positions = torch.full((len(padding), groups, 0), -1, dtype=torch.long, device=padding.device)
-        self.scores = torch.zeros(len(padding), groups, 0, dtype=torch.float64, device=padding.device)
-        self.visibility = torch.zeros_like(self.scores) if self.with_visibility else None
-
-    @property
-    def started(self) -> bool:
-        return self.positions is not None
-
-    @property
-    def pages(self) -> int:
-        return self.positions.shape[-1] // self.block_size
-
-    @property
-    def slots(self) -> int:
-        return self.positions.shape[-1]
-
-    def page_blocks(self) -> torch.Tensor:
-        """[batch, groups, pages]: the logical block each page holds, -1 for a free page.
-
-        A block's first token is always in its page's first slot."""
-        batch, groups, _ = self.positions.shape
-        first = self.positions.view(batch, groups, self.pages, self.block_size)[..., 0]
-        pad = self.padding[:, None, None]
-        return torch.where(first >= pad, (first - pad) // self.block_size, -1)
-
-    def grow(self, pages: int) -> None:
-        """Add free pages at the end (the layers grow their buffers to match when they write)."""
-        extra = pages - self.pages
-        batch, groups, _ = self.positions.shape
-        self.positions = torch.cat(
-            [self.positions, self.positions.new_full((batch, groups, extra * self.block_size), -1)], -1
-        )
-        self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, groups, extra)], -1)
-        if self.visibility is not None:
-            self.visibility = torch.cat([self.visibility, self.visibility.new_zeros(batch, groups, extra)], -1)
-
-    def assign(self, first_position: int, q_len: int) -> None:
-        """Give each of this forward's ``q_len`` tokens a slot: continue the row's last block, or take free pages."""
-        batch, groups, _ = self.positions.shape
-        bs = self.block_size
-        padding = self.padding
-        steps = torch.arange(q_len, device=self.positions.device)
-        if first_position == 0:
-            # The first forward lays each row out from the first page boundary after its left padding.
-            base = _ceil_div(padding, bs) * bs - padding
-            slots = (base[:, None] + steps)[:, None, :].expand(batch, groups, q_len)
-        else:
-            logical = first_position - padding  # [batch]: the row's tokens so far
-            token = logical[:, None] + steps  # [batch, q]
-            block = token // bs
-            first_new = _ceil_div(logical, bs)  # blocks from here on start in this forward
-            is_new = (block >= first_new[:, None])[:, None, :].expand(batch, groups, q_len)
-            blocks = self.page_blocks()
-            free_first = torch.argsort((blocks >= 0).to(torch.int32), dim=-1, stable=True)
-            nth_new = (block - first_new[:, None]).clamp(min=0)[:, None, :].expand(batch, groups, q_len)
-            page = free_first.gather(-1, nth_new)
-            if bs > 1:  # tokens that continue the row's partly written block go to its page
-                tail = (blocks == (first_new - 1)[:, None, None]).to(torch.int32).argmax(-1, keepdim=True)
-                page = torch.where(is_new, page, tail)
-            fresh = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, page, is_new)
-            self.scores.masked_fill_(fresh, 0.0)
-            if self.visibility is not None:
-                self.visibility.masked_fill_(fresh, 0.0)
-            slots = page * bs + (token % bs)[:, None, :]
-        self.new_slots = slots
-        values = (first_position + steps).expand(batch, groups, q_len)
-        self.positions.scatter_(-1, slots, values)
-        self.allowed = self.visible(first_position, first_position + q_len)
-
-    def visible(self, first_query: int, end_query: int) -> torch.Tensor:
-        """[batch, groups, rows, slots]: causal, no padding, no empty slot (a padding query sees itself)."""
-        pos = self.positions[:, :, None, :]
-        query = torch.arange(first_query, end_query, device=pos.device)[None, None, :, None]
-        valid = pos >= self.padding[:, None, None, None]
-        return (valid & (pos <= query)) | (pos == query)
-
-    def add(self, slot_mass: torch.Tensor, slot_visibility: torch.Tensor | None) -> None:
-        """Add per-slot mass ``[batch, groups, slots]`` (float64) to the pages' scores."""
-        batch, groups, _ = slot_mass.shape
-        self.scores += slot_mass.view(batch, groups, self.pages, self.block_size).sum(-1)
-        if self.visibility is not None and slot_visibility is not None:
-            self.visibility += slot_visibility.view(batch, groups, self.pages, self.block_size).sum(-1)
-
-    def free(self, evict: torch.Tensor) -> None:
-        """Empty the pages where ``evict`` [batch, groups, pages] is True."""
-        batch, groups, _ = self.positions.shape
-        self.positions.view(batch, groups, self.pages, self.block_size).masked_fill_(evict[..., None], -1)
-
-    def held(self) -> torch.Tensor:
-        """[batch, groups, slots]: which slots hold a token (not empty, not padding)."""
-        return self.positions >= self.padding[:, None, None]
-
-    def shrink(self, pages: int) -> torch.Tensor:
-        """Keep ``pages`` pages, the held ones first in block order; the slot index [batch, groups, slots] kept."""
-        blocks = self.page_blocks()
-        held = blocks >= 0
-        order = torch.argsort(torch.where(held, blocks, torch.iinfo(torch.long).max), dim=-1, stable=True)
-        order = order[..., :pages]
-        self.scores = self.scores.gather(-1, order)
-        if self.visibility is not None:
-            self.visibility = self.visibility.gather(-1, order)
-        bs = self.block_size
-        slot_index = (order[..., None] * bs + torch.arange(bs, device=order.device)).flatten(-2)
-        positions = self.positions.gather(-1, slot_index)
-        kept_held = held.gather(-1, order)
-        self.positions = positions.masked_fill(~kept_held.repeat_interleave(bs, dim=-1), -1)
-        return slot_index
-
-
-class DevicePolicy:
-    """:meth:`EvictionPolicy.select` for every row of a table at once, on the device.
-
-    Same rules, same order: only held, full, unprotected blocks go, the lowest score
-    (H2O), the highest (key norms) or the oldest (StreamingLLM) first, ties to the older
-    block, until each row holds its budget.
-    """
-
-    def __init__(self, config: PolicyConfig):
-        self.config = config
-
-    def select(self, blocks, scores, visibility, num_tokens) -> torch.Tensor:
-        """[batch, groups, pages] True where a page's block is evicted now.
-
-        ``blocks``: the logical block of each page (-1: free); ``num_tokens``: [batch, groups] per row."""
-        cfg = self.config
-        bs = cfg.block_size
-        held = blocks >= 0
-        if cfg.budget.tokens is not None:
-            budget_tokens = torch.full_like(num_tokens, cfg.budget.tokens)
-        else:
-            budget_tokens = torch.floor(cfg.budget.fraction * num_tokens.double()).long()
-        excess = held.sum(-1) - budget_tokens // bs
-        if cfg.n_recent is not None:
-            recent = torch.full_like(num_tokens, cfg.n_recent)
-        else:
-            recent = (budget_tokens - cfg.n_sink).clamp(min=0) // 2
-        first_recent = torch.where(recent > 0, ((num_tokens - recent) // bs).clamp(min=0), _ceil_div(num_tokens, bs))
-        protected = (
-            (blocks < _ceil_div(cfg.n_sink, bs))
-            | (blocks >= first_recent[..., None])
-            | (blocks >= (num_tokens // bs)[..., None])
-        )
-        candidate = held & ~protected
-        key = self._key(blocks, scores, visibility).masked_fill(~candidate, float("inf"))
-        # Rank by (key, block): a stable sort by block, then a stable sort by key.
-        by_block = torch.argsort(blocks, dim=-1, stable=True)
-        order = by_block.gather(-1, torch.argsort(key.gather(-1, by_block), dim=-1, stable=True))
-        ranks = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-        rank = torch.empty_like(order).scatter_(-1, order, ranks)
-        return candidate & (rank < excess[..., None])
-
-    def _key(self, blocks, scores, visibility) -> torch.Tensor:
-        """What the candidates are sorted by, ascending (ties: the older block)."""
-        if self.config.needs_key_norms:  # the highest norm first
-            return -scores
-        if not self.config.needs_scores:  # StreamingLLM: the oldest first
-            return blocks.double()
-        if self.config.score_norm == "mean":
-            return scores / visibility.clamp(min=1.0)
-        return scores
-
-
-class EvictionRecord:
-    """What a :class:`FastH2OCache` evicted, counted on the device; read like :class:`CacheStats`.
-
-    Reading a field syncs with the device once; recording never does.
-    """
-
-    def __init__(self):
-        self._blocks: torch.Tensor | None = None  # evicted blocks, every group
-        self._evictions: torch.Tensor | None = None  # (row, decision) pairs that dropped something
-        self._evicted_at: torch.Tensor | None = None  # [rows, blocks + 1]: group 0's decision number, -1: kept
-        self._decisions = 0
-
-    def add(self, group: int, evict: torch.Tensor, blocks: torch.Tensor, num_blocks: int) -> None:
-        if self._blocks is None:
-            self._blocks = torch.zeros((), dtype=torch.long, device=evict.device)
-            self._evictions = torch.zeros((), dtype=torch.long, device=evict.device)
-        self._blocks += evict.sum()
-        self._evictions += evict.any(-1).sum()
-        if group != 0:
-            return
-        rows = evict.shape[0] * evict.shape[1]
-        if self._evicted_at is None or self._evicted_at.shape[1] < num_blocks + 1:
-            grown = torch.full((rows, 2 * num_blocks + 1), -1, dtype=torch.long, device=evict.device)
-            if self._evicted_at is not None:
-                grown[:, : self._evicted_at.shape[1] - 1] = self._evicted_at[:, :-1]
-            self._evicted_at = grown
-        trash = self._evicted_at.shape[1] - 1  # the column where kept pages write
-        index = torch.where(evict, blocks, trash).view(rows, -1)
-        self._evicted_at.scatter_(1, index, self._decisions)
-        self._evicted_at[:, trash] = -1
-        self._decisions += 1
-
-    @property
-    def evicted_blocks(self) -> int:
-        return 0 if self._blocks is None else int(self._blocks)
-
-    @property
-    def evictions(self) -> int:
-        return 0 if self._evictions is None else int(self._evictions)
-
-    @property
-    def per_row_evicted(self) -> list[list[int]]:
-        """Group 0's evicted logical blocks row by row, in the order they were evicted."""
-        if self._evicted_at is None:
-            return []
-        at = self._evicted_at[:, :-1].cpu().numpy()
-        rows = []
-        for row in at:
-            blocks = np.flatnonzero(row >= 0)
-            rows.append([int(b) for b in blocks[np.lexsort((blocks, row[blocks]))]])
-        return rows
 
 
 class FastLayer(CacheLayerMixin):
@@ -419,11 +136,11 @@ class FastLayer(CacheLayerMixin):
         raise NotImplementedError("FastH2OCache does not support beam search")
 
 
-class FastH2OCache(H2OCache):
-    """:class:`H2OCache`'s decisions from fixed buffers written in place, scored and decided on the device.
+class FastH2OCache(EvictingCache):
+    """The reference :class:`~h2o_vllm.hf.cache.H2OCache`'s decisions from fixed buffers written in place,
+    scored and decided on the device.
 
-    An ``H2OCache`` itself (code that checks for one accepts it), with one policy
-    configuration for every row. ``margin`` tokens of room beyond what the policy keeps
+    One policy configuration for every row. ``margin`` tokens of room beyond what the policy keeps
     take the next forward's tokens (one decoding token needs one). ``stats`` reads the
     device once per access.
 
@@ -447,11 +164,12 @@ class FastH2OCache(H2OCache):
     ):
         if isinstance(policy_config, list):
             raise ValueError("FastH2OCache takes one PolicyConfig for every row; use H2OCache for one per row")
-        super().__init__(policy_config, num_layers, per_layer=per_layer, per_head=per_head, score_chunk=score_chunk)
         with_visibility = policy_config.needs_scores and policy_config.score_norm == "mean"
         groups = num_layers if per_layer else 1
         self.tables = [SlotTable(policy_config.block_size, with_visibility) for _ in range(groups)]
-        self.layers = [FastLayer(self.tables[i if per_layer else 0]) for i in range(num_layers)]
+        layers = [FastLayer(self.tables[i if per_layer else 0]) for i in range(num_layers)]
+        super().__init__(layers, policy_config, per_layer=per_layer, per_head=per_head, score_chunk=score_chunk)
+        self.host_padding: list[int] = []  # the rows' left padding, known on the host
         self.plan = PagePlan(policy_config, margin)
         self.device_policy = DevicePolicy(policy_config)
         self.score_dtype = score_dtype
@@ -460,14 +178,8 @@ class FastH2OCache(H2OCache):
     # -- transformers Cache interface ----------------------------------------------------
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if getattr(_ACTIVE, "cache", None) is self:
-            raise RuntimeError(
-                "FastH2OCache needs the model's attention switched to h2o_eager or h2o_sdpa; "
-                "create it with FastH2OCache.for_model(model, ...) or use enable_h2o_llm(model, ...)"
-            )
-        keys, values = self.layers[layer_idx].update(key_states, value_states)
-        _ACTIVE.cache = self
-        return keys, values
+        handoff.offer(self)
+        return self.layers[layer_idx].update(key_states, value_states)
 
     def resident_tokens(self) -> torch.Tensor:
         """[batch] KV tokens each batch row holds, averaged over layers (and KV heads with per_head)."""
@@ -520,7 +232,9 @@ class FastH2OCache(H2OCache):
     def _start(self, attention_mask, key, q_len: int) -> None:
         """First forward: learn each row's left padding and open the slot tables."""
         batch, kv_heads = key.shape[:2]
-        self.padding = _left_padding(attention_mask, batch, q_len).to(key.device)
+        padding = left_padding(attention_mask, batch, q_len)
+        self.host_padding = padding.tolist()
+        self.padding = padding.to(key.device)
         self.prompt_tokens = q_len
         self.rows_per_sequence = kv_heads if self.per_head else 1
         for table in self.tables:
@@ -583,10 +297,10 @@ class FastH2OCache(H2OCache):
         table = layers[0].table
         seen = layers[0].seen
         blocks = table.page_blocks()
-        num_tokens = (seen - self.padding)[:, None].expand(blocks.shape[:2])
+        num_tokens = [seen - padding for padding in self.host_padding]
         evict = self.device_policy.select(blocks, table.scores, table.visibility, num_tokens)
         table.free(evict)
-        self.stats.add(group, evict, blocks, _ceil_div(seen, table.block_size))
+        self.stats.add(group, evict, blocks, ceil_div(seen, table.block_size))
         pages = self.plan.shrink_to(table.pages, seen)
         if pages is not None:
             slot_index = table.shrink(pages)
