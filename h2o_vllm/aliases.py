@@ -10,7 +10,7 @@ Explicit ``vllm_xargs`` in the request win over what the alias says.
 from __future__ import annotations
 
 from h2o_vllm import names, settings
-from h2o_vllm.engine.settings import ENGINE_DEFAULTS
+from h2o_vllm.profiles import ENGINE
 from h2o_vllm.settings import H2OSettingError
 
 SEPARATOR = "@"
@@ -20,7 +20,7 @@ DEFAULT_ALIASES = ("h2o-0.1", "h2o-0.2", "h2o-0.5", "streaming-0.1", "streaming-
 def alias_settings(suffix: str) -> dict:
     """``"h2o-0.2"`` -> ``{"h2o_policy": "h2o", "h2o_budget": 0.2}``: the fields the name sets, validated."""
     try:
-        named = names.parse_name(suffix, ENGINE_DEFAULTS).for_engine()
+        named = names.parse_name(suffix, ENGINE).for_engine()
     except ValueError as exc:
         raise H2OSettingError("model", f"alias {suffix!r}: {exc}") from None
     return settings.to_request_args(named.config, named.named)

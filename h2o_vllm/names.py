@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass, field
 
 from h2o_vllm.policy import Budget, PolicyConfig, PolicyConfigError
+from h2o_vllm.profiles import OBSERVATION_WINDOW, PAPER
 
 # The policies a name may start with ("full" is policy "none").
 _POLICIES = ("h2o", "keynorm", "streaming")
@@ -51,7 +52,7 @@ _OPTIONS = (
 )
 # Evaluation policies of the first wave -> options of this grammar ({w}: the observation window).
 _LEGACY_FAMILIES = {"h2o-window": "window{w}", "h2o-window-max": "window{w}_max", "h2o-mean": "mean"}
-DEFAULT_WINDOW = 8  # query rows: the needle's question ("What is the pass key? The pass key is")
+DEFAULT_WINDOW = OBSERVATION_WINDOW  # rows of the legacy h2o-window names
 
 
 class ConfigNameError(ValueError):
@@ -154,7 +155,7 @@ def _legacy(name: str, window: int) -> str:
 
 def parse_name(name: str, base: PolicyConfig | None = None, *, window: int = DEFAULT_WINDOW) -> NamedConfig:
     """``name`` in this grammar (or an older spelling) over ``base``; ``window`` fills the legacy h2o-window names."""
-    base = base or PolicyConfig()
+    base = base or PAPER
     text = _legacy(name.strip(), window)
     if text == "full":
         return NamedConfig(base.replace(policy="none"), frozenset({"policy"}))

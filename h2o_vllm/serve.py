@@ -26,8 +26,8 @@ user left out:
 
 H2O options: one ``--h2o-NAME`` per field of :data:`h2o_vllm.settings.FIELDS`
 (policy, budget, sink, recent, prompt-window, score-norm, score-reduce, prefill), each also
-read from ``H2O_VLLM_NAME`` (for containers); the server's defaults are :data:`SERVER_DEFAULTS`
-(1024 tokens, an 8-row prompt window, ``max``) on top of the engine's. Besides them:
+read from ``H2O_VLLM_NAME`` (for containers); where none is set, the server's profile
+:data:`h2o_vllm.profiles.SERVER` (1024 tokens, an 8-row prompt window, ``max``). Besides them:
 
     --h2o-aliases A,B,...              H2O_VLLM_ALIASES        default h2o-0.1,...,streaming-0.5,full; "" for none
     --no-h2o                           H2O_VLLM_DISABLE=1      serve vanilla vLLM
@@ -86,15 +86,6 @@ def split_model(args: Sequence[str]) -> tuple[str | None, list[str]]:
 
 ALIASES_OPTION, ALIASES_ENV = "--h2o-aliases", "H2O_VLLM_ALIASES"
 DISABLE_OPTION, DISABLE_ENV = "--no-h2o", "H2O_VLLM_DISABLE"
-# A server default that never touches short requests: long ones keep 1024 tokens of KV.
-DEFAULT_SERVER_BUDGET = 1024
-# The server's defaults where the user sets nothing (each field also an option and a variable),
-# chosen by measurement on both models (results/defaults/compare.md): H2O, the prompt scored by
-# its last 8 rows (whatever they ask about), each query's block mass the max over heads and
-# layers. Against the paper's scoring (every prompt row, summed: --h2o-prompt-window 0
-# --h2o-score-reduce sum) it finds pass keys at 20% that the paper's misses, and gives up
-# some fidelity of long free generation at 50%.
-SERVER_DEFAULTS = {"budget": DEFAULT_SERVER_BUDGET, "prompt_window": 8, "score_reduce": "max"}
 
 
 class ServeArgumentError(ValueError):
@@ -125,7 +116,8 @@ def h2o_engine_args(rest: list[str], served_names: list[str], env=os.environ) ->
     import json
 
     from h2o_vllm import aliases, settings
-    from h2o_vllm.engine.settings import ENGINE_BLOCK_SIZE, ENGINE_DEFAULTS, engine_kwargs
+    from h2o_vllm.engine.settings import engine_kwargs
+    from h2o_vllm.profiles import ENGINE_BLOCK_SIZE, SERVER
 
     values = {}
     for field in settings.FIELDS:
@@ -134,10 +126,8 @@ def h2o_engine_args(rest: list[str], served_names: list[str], env=os.environ) ->
             value = env.get(field.env)
         if value is not None and value != "":
             values[field.name] = value
-    for name, value in SERVER_DEFAULTS.items():
-        values.setdefault(name, value)
     try:
-        config = settings.apply(ENGINE_DEFAULTS, values)
+        config = settings.apply(SERVER, values)
     except settings.H2OSettingError as exc:
         raise ServeArgumentError(f"--h2o-{exc.param.replace('_', '-')}: {exc}") from None
     alias_value = take_option(rest, ALIASES_OPTION)

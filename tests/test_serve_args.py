@@ -49,7 +49,7 @@ def test_defaults_serve_the_default_model_with_h2o_on_loopback(no_model_build):
     assert flag_values(argv, "--block-size") == ["32"]
     assert "--no-enable-prefix-caching" not in argv and "--enable-prefix-caching" not in argv  # vLLM's default
     h2o = json.loads(flag_values(argv, "--additional-config")[0])["h2o"]
-    assert h2o["policy"] == "h2o" and h2o["budget"] == serve.DEFAULT_SERVER_BUDGET
+    assert h2o["policy"] == "h2o" and h2o["budget"] == 1024  # profiles.SERVER
     # the defaults chosen by measurement (results/defaults): an 8-row prompt window and max
     assert (h2o["prompt_window"], h2o["score_reduce"], h2o["score_norm"]) == (8, "max", "sum")
 

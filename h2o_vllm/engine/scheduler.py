@@ -33,10 +33,11 @@ from vllm.v1.request import Request
 from h2o_vllm import metrics, settings
 from h2o_vllm.engine.kv_spec import BudgetedAttentionSpec
 from h2o_vllm.engine.messages import PLAN_ATTR, SCORES_ATTR, ScoreRequest, StepPlan
-from h2o_vllm.engine.settings import ENGINE_BLOCK_SIZE, server_defaults
+from h2o_vllm.engine.settings import server_defaults
 from h2o_vllm.ledger import BlockLedger
 from h2o_vllm.patches import engine_seams
 from h2o_vllm.policy import PolicyConfig, make_policy
+from h2o_vllm.profiles import ENGINE_BLOCK_SIZE
 
 logger = logging.getLogger("vllm.h2o_vllm.scheduler")
 

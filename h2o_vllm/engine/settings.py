@@ -13,13 +13,11 @@ from typing import Any
 
 from h2o_vllm import settings
 from h2o_vllm.policy import PolicyConfig
+from h2o_vllm.profiles import ENGINE, ENGINE_BLOCK_SIZE
 
 CONFIG_KEY = "h2o"  # key inside vLLM's additional_config
-# The one block size the CPU engine runs with: CPU attention needs a multiple of 32,
-# and the policy's unit (a block) should be as fine as the kernel allows.
-ENGINE_BLOCK_SIZE = 32
-# What the engine assumes where the server says nothing: the first block is the sink.
-ENGINE_DEFAULTS = PolicyConfig(n_sink=32, block_size=ENGINE_BLOCK_SIZE)
+# What the engine assumes where the server says nothing (h2o_vllm.profiles.ENGINE).
+ENGINE_DEFAULTS = ENGINE
 
 
 def engine_config(**changes) -> PolicyConfig:
