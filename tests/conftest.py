@@ -32,6 +32,16 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", seed=0, tokenizer_dir=default_model_dir)
 
 
+@pytest.fixture(scope="session")
+def essay_ids(default_model_dir) -> list[int]:
+    """The essays (h2o_vllm.datasets) as the default model's token ids, tokenized once."""
+    from transformers import AutoTokenizer
+
+    from h2o_vllm.datasets import essays_text
+
+    return AutoTokenizer.from_pretrained(default_model_dir)(essays_text())["input_ids"]
+
+
 @pytest.fixture
 def logs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("logs")

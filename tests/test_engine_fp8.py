@@ -9,38 +9,38 @@ blocks and write the same tokens. On a CPU without them vLLM refuses the cache a
 """
 
 import pytest
-from test_engine_h2o import BLOCK, COMMON, EQ_LENGTHS, EQ_NEW, generate, random_prompts
+from engine_support import BLOCK, by_client_id, generate_tokens, random_prompts, start_engine
+from test_engine_h2o import EQ_LENGTHS, EQ_NEW
 
 from h2o_vllm.cpu import cpu_flags
-from h2o_vllm.engine import engine_config, engine_kwargs
-from h2o_vllm.engine.observe import StepObserver, inprocess_llm, num_free_blocks, scheduler_of
+from h2o_vllm.engine import engine_config
+from h2o_vllm.engine.observe import StepObserver, num_free_blocks, scheduler_of
 from h2o_vllm.patches import engine_seams
 from h2o_vllm.policy import Budget
 
 FP8_HERE = bool(cpu_flags() & {"avx512f", "amx_tile"})
-FP8 = dict(dtype="bfloat16", kv_cache_dtype="fp8", kv_cache_memory_bytes=64 * 2**20, **COMMON)
+FP8 = dict(dtype="bfloat16", kv_cache_dtype="fp8")
 
 
 def test_fp8_cache_runs_where_vllm_has_fp8_kernels_and_is_refused_elsewhere(tiny_model_dir):
     settings = engine_config(budget=Budget(fraction=0.25))
     if FP8_HERE:
-        with inprocess_llm(str(tiny_model_dir), **FP8, **engine_kwargs(settings)) as llm:
-            assert generate(llm, random_prompts([100]), 4)[0]
+        with start_engine(tiny_model_dir, settings, **FP8) as llm:
+            assert generate_tokens(llm, random_prompts([100]), 4)[0]
     else:
         refused = pytest.raises(Exception, match="FP8 KV cache on CPU requires x86 with AVX-512 or AMX")
-        with refused, inprocess_llm(str(tiny_model_dir), **FP8, **engine_kwargs(settings)):
+        with refused, start_engine(tiny_model_dir, settings, **FP8):
             pass
 
 
 def fp8_large_budget_gives_vanilla_fp8_tokens(tiny_model_dir):
     prompts = random_prompts(EQ_LENGTHS)
     budget = max(p + n for p, n in zip(EQ_LENGTHS, EQ_NEW))
-    with inprocess_llm(str(tiny_model_dir), block_size=BLOCK, **FP8) as llm:
-        vanilla = generate(llm, prompts, EQ_NEW)
-    settings = engine_config(budget=Budget(tokens=budget))
-    with inprocess_llm(str(tiny_model_dir), **FP8, **engine_kwargs(settings)) as llm:
+    with start_engine(tiny_model_dir, block_size=BLOCK, **FP8) as llm:
+        vanilla = generate_tokens(llm, prompts, EQ_NEW)
+    with start_engine(tiny_model_dir, engine_config(budget=Budget(tokens=budget)), **FP8) as llm:
         observer = StepObserver(scheduler_of(llm))
-        h2o = generate(llm, prompts, EQ_NEW)
+        h2o = generate_tokens(llm, prompts, EQ_NEW)
         assert not observer.log.evictions and observer.log.max_running >= 8
     assert h2o == vanilla
 
@@ -65,17 +65,16 @@ def fp8_eviction_scores_fp8_pages_and_both_scorers_agree(tiny_model_dir, monkeyp
         from h2o_vllm.engine import fused as fused_module
 
         fused_module.load.cache_clear()
-        with inprocess_llm(str(tiny_model_dir), num_gpu_blocks_override=96, **FP8, **engine_kwargs(settings)) as llm:
+        with start_engine(tiny_model_dir, settings, num_gpu_blocks_override=96, **FP8) as llm:
             scheduler = scheduler_of(llm)
             start = num_free_blocks(scheduler)
             observer = StepObserver(scheduler)
-            tokens = generate(llm, prompts, 120)
+            tokens = generate_tokens(llm, prompts, 120)
             observer.close()
             assert num_free_blocks(scheduler) == start
         evicted = sum(len(b) for b in observer.log.evictions.values())
         assert evicted > 50 and observer.log.max_running == len(prompts)
-        by_prompt = {rid.split("-")[0]: blocks for rid, blocks in observer.log.evictions.items()}
-        runs[fused] = (tokens, by_prompt)
+        runs[fused] = (tokens, by_client_id(observer.log.evictions))
     fused_module.load.cache_clear()
     assert seen and {s[:2] for s in seen} == {(torch.uint8, torch.float8_e4m3fn)}
     assert {s[2] for s in seen} == {1.0}  # the layers' key scale (1.0: the checkpoint has none)

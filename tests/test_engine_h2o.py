@@ -4,40 +4,12 @@ Engines run in this process (``inprocess_llm``) so the tests can read the
 scheduler after every step. ``enforce_eager``: this is about behaviour, not speed.
 """
 
-import random
-
 import pytest
+from engine_support import BLOCK, generate, generate_tokens, greedy, random_prompts, start_engine
 
-from h2o_vllm.engine import engine_config, engine_kwargs
-from h2o_vllm.engine.observe import StepObserver, inprocess_llm, num_free_blocks, resident_blocks, scheduler_of
+from h2o_vllm.engine import engine_config
+from h2o_vllm.engine.observe import StepObserver, num_free_blocks, resident_blocks, scheduler_of
 from h2o_vllm.policy import Budget
-
-BLOCK = 32
-COMMON = dict(max_model_len=2048, enforce_eager=True, seed=0)
-
-
-def random_prompts(lengths, seed=0):
-    rng = random.Random(seed)
-    return [[rng.randrange(100, 40000) for _ in range(n)] for n in lengths]
-
-
-def generate(llm, prompts, max_tokens, extra_args=None):
-    return [list(o.outputs[0].token_ids) for o in generate_outputs(llm, prompts, max_tokens, extra_args)]
-
-
-def generate_outputs(llm, prompts, max_tokens, extra_args=None):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    if isinstance(max_tokens, int):
-        max_tokens = [max_tokens] * len(prompts)
-    extra_args = extra_args or [None] * len(prompts)
-    params = [
-        SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, extra_args=x)
-        for m, x in zip(max_tokens, extra_args)
-    ]
-    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-
 
 # -- equivalence: a budget that covers the whole request changes nothing ----------------
 
@@ -51,16 +23,11 @@ def test_large_budget_gives_vanilla_tokens(tiny_model_dir, dtype):
     budget = max(p + n for p, n in zip(EQ_LENGTHS, EQ_NEW))
     # Block size 32 as the H2O engine's: vLLM memoises the attention backend per layer shape and
     # block size, so the H2O engine that follows must still get its own (attention.register).
-    with inprocess_llm(
-        str(tiny_model_dir), dtype=dtype, kv_cache_memory_bytes=64 * 2**20, block_size=BLOCK, **COMMON
-    ) as llm:
-        vanilla = generate(llm, prompts, EQ_NEW)
-    settings = engine_config(budget=Budget(tokens=budget))
-    with inprocess_llm(
-        str(tiny_model_dir), dtype=dtype, kv_cache_memory_bytes=64 * 2**20, **COMMON, **engine_kwargs(settings)
-    ) as llm:
+    with start_engine(tiny_model_dir, dtype=dtype, block_size=BLOCK) as llm:
+        vanilla = generate_tokens(llm, prompts, EQ_NEW)
+    with start_engine(tiny_model_dir, engine_config(budget=Budget(tokens=budget)), dtype=dtype) as llm:
         observer = StepObserver(scheduler_of(llm))
-        h2o = generate(llm, prompts, EQ_NEW)
+        h2o = generate_tokens(llm, prompts, EQ_NEW)
         assert observer.log.max_running >= 8  # all of them ran concurrently
         assert not observer.log.evictions
     assert h2o == vanilla
@@ -71,13 +38,13 @@ def test_chunked_prefill_with_a_budget_of_the_whole_sequence_gives_vanilla_token
     """Prefill "chunked" scores every chunk and asks the policy after each; with room for everything
     (a budget of the whole sequence, a recent window longer than any) nothing goes and nothing changes."""
     prompts = random_prompts(EQ_LENGTHS)
-    common = dict(dtype=dtype, kv_cache_memory_bytes=64 * 2**20, max_num_batched_tokens=128, **COMMON)
-    with inprocess_llm(str(tiny_model_dir), **common) as llm:
-        vanilla = generate(llm, prompts, EQ_NEW)
+    common = dict(dtype=dtype, max_num_batched_tokens=128)
+    with start_engine(tiny_model_dir, **common) as llm:
+        vanilla = generate_tokens(llm, prompts, EQ_NEW)
     config = engine_config(budget=Budget(fraction=1.0), n_recent=4096, prefill="chunked")
-    with inprocess_llm(str(tiny_model_dir), **common, **engine_kwargs(config)) as llm:
+    with start_engine(tiny_model_dir, config, **common) as llm:
         observer = StepObserver(scheduler_of(llm))
-        h2o = generate(llm, prompts, EQ_NEW)
+        h2o = generate_tokens(llm, prompts, EQ_NEW)
         first_chunk = {int(rid.split("-")[0]): steps[0] for rid, steps in observer.log.scheduled.items()}
         split = [i for i, n in first_chunk.items() if n < EQ_LENGTHS[i]]  # prompts prefilled in several chunks
         assert len(split) >= 5 and observer.log.max_running >= 8
@@ -92,14 +59,7 @@ def test_chunked_prefill_with_a_budget_of_the_whole_sequence_gives_vanilla_token
 def small_pool_engine(tiny_model_dir):
     """An H2O engine (25% budget by default) with a pool of 96 blocks."""
     settings = engine_config(budget=Budget(fraction=0.25), n_sink=BLOCK)
-    with inprocess_llm(
-        str(tiny_model_dir),
-        dtype="float32",
-        num_gpu_blocks_override=96,
-        kv_cache_memory_bytes=64 * 2**20,
-        **COMMON,
-        **engine_kwargs(settings),
-    ) as llm:
+    with start_engine(tiny_model_dir, settings, num_gpu_blocks_override=96) as llm:
         yield llm
 
 
@@ -129,7 +89,7 @@ def test_requests_stay_within_budget_and_pool_returns(small_pool_engine):
     observer = StepObserver(scheduler, [budget_check(violations)])
     try:
         lengths = [300, 420, 550, 610, 700, 800]
-        outputs = generate(small_pool_engine, random_prompts(lengths, seed=1), 120)
+        outputs = generate_tokens(small_pool_engine, random_prompts(lengths, seed=1), 120)
     finally:
         observer.close()
     assert all(len(o) == 120 for o in outputs)
@@ -153,7 +113,7 @@ def test_per_request_policy_and_preemption(small_pool_engine):
         prompts = random_prompts([1000, 900, 500, 400], seed=2)
         extra = [{"h2o_policy": "none"}, {"h2o_policy": "none"}, {"h2o_policy": "streaming"}, {"h2o_budget": 128}]
         new_tokens = [1000, 1100, 300, 300]
-        outputs = generate_outputs(small_pool_engine, prompts, new_tokens, extra)
+        outputs = generate(small_pool_engine, prompts, new_tokens, extra)
     finally:
         observer.close()
     assert [len(o.outputs[0].token_ids) for o in outputs] == new_tokens
@@ -166,15 +126,11 @@ def test_per_request_policy_and_preemption(small_pool_engine):
 
 
 def test_abort_frees_everything(small_pool_engine):
-    from vllm import SamplingParams
-
     engine = small_pool_engine.llm_engine
     scheduler = scheduler_of(small_pool_engine)
     start = num_free_blocks(scheduler)
     ids = [
-        engine.add_request(
-            f"abort-{i}", {"prompt_token_ids": p}, SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
-        )
+        engine.add_request(f"abort-{i}", {"prompt_token_ids": p}, greedy(400))
         for i, p in enumerate(random_prompts([500, 700], seed=3))
     ]
     for _ in range(60):
@@ -193,22 +149,12 @@ def test_bad_request_setting_is_refused_at_the_door(small_pool_engine):
 
     prompts = [{"prompt_token_ids": p} for p in random_prompts([100], seed=4)]
     with pytest.raises(VLLMValidationError, match="h2o_budget") as info:
-        small_pool_engine.generate(prompts, _params(20, {"h2o_budget": -3}), use_tqdm=False)
+        small_pool_engine.generate(prompts, greedy(20, {"h2o_budget": -3}), use_tqdm=False)
     assert info.value.parameter == "h2o_budget"
-    outputs = small_pool_engine.generate(prompts, _params(20, {"h2o_budget": 64}), use_tqdm=False)
+    outputs = small_pool_engine.generate(prompts, greedy(20, {"h2o_budget": 64}), use_tqdm=False)
     assert len(outputs[0].outputs[0].token_ids) == 20  # the engine is fine
 
 
-def _params(max_tokens, extra):
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra)
-
-
 def test_refuses_settings_that_fight_eviction(tiny_model_dir):
-    kwargs = engine_kwargs(engine_config(), block_size=64)
-    with (
-        pytest.raises(Exception, match="block size 64"),
-        inprocess_llm(str(tiny_model_dir), dtype="float32", kv_cache_memory_bytes=64 * 2**20, **COMMON, **kwargs),
-    ):
+    with pytest.raises(Exception, match="block size 64"), start_engine(tiny_model_dir, engine_config(), block_size=64):
         pass

@@ -16,17 +16,16 @@ checks their reduction.
 """
 
 import pytest
-from test_engine_h2o import BLOCK, generate_outputs, random_prompts
+from engine_support import BLOCK, by_client_id, generate, generate_tokens, random_prompts, start_engine, token_ids
 
-from h2o_vllm.engine import engine_config, engine_kwargs
-from h2o_vllm.engine.observe import StepObserver, inprocess_llm, scheduler_of
+from h2o_vllm.engine import engine_config
+from h2o_vllm.engine.observe import StepObserver, scheduler_of
 
 LENGTHS = [200, 330, 420, 512, 260, 600]
 NEW = 64
-COMMON = dict(
-    dtype="float32", max_model_len=2048, enforce_eager=True, seed=0, kv_cache_memory_bytes=64 * 2**20,
-    max_num_batched_tokens=2048, long_prefill_token_threshold=128, max_num_seqs=16, enable_prefix_caching=False,
-)  # fmt: skip
+SCHEDULING = dict(
+    max_num_batched_tokens=2048, long_prefill_token_threshold=128, max_num_seqs=16, enable_prefix_caching=False
+)
 EVICTING = {
     # An 8-row prompt window: with every prompt row scoring, one head's sums alone happen to rank
     # the blocks as both heads' do on this model, and a missing reduction would go unseen.
@@ -49,14 +48,12 @@ def run(llm, xargs):
     """Greedy tokens and evicted blocks of LENGTHS x NEW, in prompt order."""
     observer = StepObserver(scheduler_of(llm))
     try:
-        outputs = generate_outputs(llm, random_prompts(LENGTHS), NEW, [xargs] * len(LENGTHS))
+        outputs = generate(llm, random_prompts(LENGTHS), NEW, xargs)
     finally:
         observer.close()
     assert observer.log.max_running == len(LENGTHS)  # all at once
-    evicted = {k.split("-")[0]: v for k, v in observer.log.evictions.items()}
-    return [list(o.outputs[0].token_ids) for o in outputs], [
-        evicted.get(o.request_id.split("-")[0], []) for o in outputs
-    ]
+    evicted = by_client_id(observer.log.evictions)
+    return token_ids(outputs), [evicted.get(o.request_id.split("-")[0], []) for o in outputs]
 
 
 # vLLM 0.32's CPU runner allocates a later pipeline stage's input buffer only in its warm-up,
@@ -65,7 +62,7 @@ PARALLEL = {"tp2": {"tensor_parallel_size": 2}, "pp2": {"pipeline_parallel_size"
 
 
 def results(model_dir, runs: dict, **parallel) -> dict:
-    with inprocess_llm(str(model_dir), **{**COMMON, **parallel}, **engine_kwargs(engine_config())) as llm:
+    with start_engine(model_dir, engine_config(), **{**SCHEDULING, **parallel}) as llm:
         return {name: run(llm, xargs) for name, xargs in runs.items()}
 
 
@@ -96,8 +93,8 @@ def test_parallel_ranks_evict_as_one_process(request, one_rank, mode, name):
 
 @pytest.mark.parametrize("mode", ["tp2", "pp2"])
 def test_parallel_ranks_with_a_covering_budget_give_vanilla_tokens(request, tiny_model_dir, two_ranks, mode):
-    with inprocess_llm(str(tiny_model_dir), **{**COMMON, **PARALLEL[mode]}, block_size=BLOCK) as llm:
-        vanilla = [list(o.outputs[0].token_ids) for o in generate_outputs(llm, random_prompts(LENGTHS), NEW)]
+    with start_engine(tiny_model_dir, **{**SCHEDULING, **PARALLEL[mode]}, block_size=BLOCK) as llm:
+        vanilla = generate_tokens(llm, random_prompts(LENGTHS), NEW)
     tokens, evicted = request.getfixturevalue(mode)["covering"]
     assert not any(evicted)
     assert tokens == vanilla
