@@ -13,9 +13,10 @@ of transformers' keys).
 
 import pytest
 import torch
+from engine_support import engine_runs, generate, run_reference, start_engine
 
-from h2o_vllm.engine import engine_config, engine_kwargs
-from h2o_vllm.engine.observe import StepObserver, inprocess_llm, scheduler_of
+from h2o_vllm.engine import engine_config
+from h2o_vllm.engine.observe import StepObserver, scheduler_of
 from h2o_vllm.policy import Budget
 
 PROMPT_TOKENS, NEW_TOKENS, NUM_PROMPTS = 1024, 128, 3
@@ -32,14 +33,9 @@ NEAR_TIE = 1e-4  # top-2 logit gap under which float rounding may pick either to
 
 
 @pytest.fixture(scope="module")
-def prompts(default_model_dir):
-    from transformers import AutoTokenizer
-
-    from h2o_vllm.datasets import essays_text
-
-    ids = AutoTokenizer.from_pretrained(default_model_dir)(essays_text())["input_ids"]
-    short = [ids[i * 3000 : i * 3000 + PROMPT_TOKENS] for i in range(NUM_PROMPTS)]
-    long = [ids[10000 + i * 4000 : 10000 + i * 4000 + LONG_TOKENS] for i in range(3)]
+def prompts(essay_ids):
+    short = [essay_ids[i * 3000 : i * 3000 + PROMPT_TOKENS] for i in range(NUM_PROMPTS)]
+    long = [essay_ids[10000 + i * 4000 : 10000 + i * 4000 + LONG_TOKENS] for i in range(3)]
     return short + long
 
 
@@ -74,84 +70,32 @@ RUNS = list(RUN_ARGS)
 CHUNKED = [name for name in RUNS if "chunked" in name]
 
 
-def run_reference(model, prompt, extra_args, chunks=None):
-    """Greedy tokens, top-2 logit gaps and evicted blocks from the HF reference for one run.
-
-    ``chunks``: the sizes the prompt is fed in (the engine's prefill chunks); whole by default.
-    """
-    from h2o_vllm import settings
-    from h2o_vllm.hf import H2OCache, prefill
-
-    cache = H2OCache.for_model(model, settings.for_request(SETTINGS, extra_args))
-    ids, tokens, gaps, evicted_in_prefill = torch.tensor([prompt]), [], [], 0
-    with torch.no_grad():
-        start = 0
-        for size in chunks or [len(prompt)]:
-            logits = prefill(model, cache, ids[:, start : start + size])[0]
-            start += size
-            if start < len(prompt):
-                evicted_in_prefill = cache.stats.evicted_blocks
-        while True:
-            top2 = torch.topk(logits, 2).values
-            gaps.append(float(top2[0] - top2[1]))
-            tokens.append(int(logits.argmax()))
-            if len(tokens) == NEW_TOKENS:  # the engine computes no KV for the last token either
-                break
-            logits = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1]
-    return {
-        "tokens": tokens,
-        "gaps": gaps,
-        "evicted": cache.stats.per_row_evicted[0],
-        "evicted_in_prefill": evicted_in_prefill,
-    }
-
-
 @pytest.fixture(scope="module")
 def engine(default_model_dir, prompts):
     """Every run in one engine, concurrently; the variants are per-request overrides."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    with inprocess_llm(
-        str(default_model_dir),
-        dtype="float32",
+    with start_engine(
+        default_model_dir,
+        SETTINGS,
         max_model_len=4096,
-        enforce_eager=True,
-        seed=0,
         kv_cache_memory_bytes=512 * 2**20,
         max_num_batched_tokens=PREFILL_CHUNK,
         # Runs of one prompt go together: with prefix caching they would reuse each other's blocks.
         # Here every run computes its prompt, as the reference does; hits: test_engine_prefix_caching.py.
         enable_prefix_caching=False,
-        **engine_kwargs(SETTINGS),
     ) as llm:
         observer = StepObserver(scheduler_of(llm))
-        params = [
-            SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, extra_args=args or None)
-            for _, args in RUN_ARGS.values()
-        ]
-        outputs = llm.generate(
-            [TokensPrompt(prompt_token_ids=prompts[i]) for i, _ in RUN_ARGS.values()], params, use_tqdm=False
-        )
-        lengths = [len(prompts[i]) for i, _ in RUN_ARGS.values()]
-    log = observer.log
-    assert log.steps > NEW_TOKENS + 2  # the prompts really were prefilled in several chunks
-    # The engine core's request ids carry a suffix after the client's ("0-1a2b...").
-    evictions = {rid.split("-")[0]: blocks for rid, blocks in log.evictions.items()}
-    schedules = {rid.split("-")[0]: steps for rid, steps in log.scheduled.items()}
-    runs = []
-    for o, length in zip(outputs, lengths):
-        scheduled, chunks = schedules[o.request_id], []
-        while sum(chunks) < length:  # the prompt's chunks, then one token per step
-            chunks.append(scheduled[len(chunks)])
-        runs.append({"tokens": list(o.outputs[0].token_ids), "evicted": evictions[o.request_id], "chunks": chunks})
-    return runs
+        runs = RUN_ARGS.values()
+        outputs = generate(llm, [prompts[i] for i, _ in runs], NEW_TOKENS, [args or None for _, args in runs])
+    assert observer.log.steps > NEW_TOKENS + 2  # the prompts really were prefilled in several chunks
+    return engine_runs(outputs, observer.log)
 
 
 @pytest.fixture(scope="module")
 def reference(hf_model, prompts, engine):
     return [
-        run_reference(hf_model, prompts[i], args, engine[k]["chunks"] if "chunked" in name else None)
+        run_reference(
+            hf_model, prompts[i], SETTINGS, args, NEW_TOKENS, engine[k]["chunks"] if "chunked" in name else None
+        )
         for k, (name, (i, args)) in enumerate(RUN_ARGS.items())
     ]
 

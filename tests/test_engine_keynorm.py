@@ -10,36 +10,16 @@ chunks of at most 128 tokens and compressed once whole or after every chunk, pre
 on (a key-norm request takes no hit: its keys' norms must be computed).
 """
 
-import random
-
 import pytest
 import torch
+from engine_support import BLOCK, engine_runs, generate, generate_tokens, random_prompts, run_reference, start_engine
 
-from h2o_vllm import settings
-from h2o_vllm.engine import engine_config, engine_kwargs
-from h2o_vllm.engine.observe import StepObserver, inprocess_llm, scheduler_of
+from h2o_vllm.engine import engine_config
+from h2o_vllm.engine.observe import StepObserver, scheduler_of
 from h2o_vllm.policy import Budget
 
-BLOCK = 32
-COMMON = dict(max_model_len=2048, enforce_eager=True, seed=0, kv_cache_memory_bytes=64 * 2**20)
 CHUNK = 128  # max_num_batched_tokens: longer prompts are prefilled in several steps
 NEAR_TIE = 1e-4  # top-2 logit gap under which float rounding may pick either token
-
-
-def random_prompts(lengths, seed=0):
-    rng = random.Random(seed)
-    return [[rng.randrange(100, 40000) for _ in range(n)] for n in lengths]
-
-
-def generate(llm, prompts, max_tokens, extra_args):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = [
-        SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, extra_args=x)
-        for m, x in zip(max_tokens, extra_args)
-    ]
-    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
 
 # -- room for everything: vanilla tokens, norms computed all the same -------------------------
@@ -50,9 +30,8 @@ EQ_NEW = [40, 33, 64, 20, 48, 90, 25, 70]
 
 def test_keynorm_with_room_for_everything_gives_vanilla_tokens(tiny_model_dir):
     prompts = random_prompts(EQ_LENGTHS, seed=5)
-    common = dict(dtype="float32", max_num_batched_tokens=CHUNK, **COMMON)
-    with inprocess_llm(str(tiny_model_dir), block_size=BLOCK, **common) as llm:
-        vanilla = [list(o.outputs[0].token_ids) for o in generate(llm, prompts, EQ_NEW, [None] * len(prompts))]
+    with start_engine(tiny_model_dir, block_size=BLOCK, max_num_batched_tokens=CHUNK) as llm:
+        vanilla = generate_tokens(llm, prompts, EQ_NEW)
     config = engine_config(policy="keynorm", budget=Budget(fraction=1.0), n_recent=4096)
     scored = set()  # requests whose ledger held key norms at some step
 
@@ -62,11 +41,10 @@ def test_keynorm_with_room_for_everything_gives_vanilla_tokens(tiny_model_dir):
                 scored.add(req_id)
         assert not output.h2o_plan.scores  # key-norm requests are never scored
 
-    with inprocess_llm(str(tiny_model_dir), **common, **engine_kwargs(config)) as llm:
+    with start_engine(tiny_model_dir, config, max_num_batched_tokens=CHUNK) as llm:
         observer = StepObserver(scheduler_of(llm), [norms_arrive])
         extra = [{"h2o_prefill": "chunked"} if i % 2 else None for i in range(len(prompts))]  # and whole
-        outputs = generate(llm, prompts, EQ_NEW, extra)
-        keynorm = [list(o.outputs[0].token_ids) for o in outputs]
+        keynorm = generate_tokens(llm, prompts, EQ_NEW, extra)
     assert observer.log.max_running >= 6 and not observer.log.evictions
     assert len(scored) == len(prompts)
     assert keynorm == vanilla
@@ -100,9 +78,7 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, prompts):
-    with inprocess_llm(
-        str(tiny_model_dir), dtype="float32", max_num_batched_tokens=CHUNK, **COMMON, **engine_kwargs(DEFAULTS)
-    ) as llm:
+    with start_engine(tiny_model_dir, DEFAULTS, max_num_batched_tokens=CHUNK) as llm:
         scheduler = scheduler_of(llm)
         observer = StepObserver(scheduler)
         names = list(RUNS)
@@ -113,43 +89,8 @@ def engine(tiny_model_dir, prompts):
         outputs += generate(llm, [prompts[0]] * 2, [NEW_TOKENS] * 2, [args for _, args in REPEAT.values()])
         names += list(REPEAT)
         requests_by_policy = dict(scheduler.h2o_totals.requests_by_policy)
-    log = observer.log
-    # The engine core's request ids carry a suffix after the client's ("0-1a2b...").
-    evictions = {rid.split("-")[0]: blocks for rid, blocks in log.evictions.items()}
-    schedules = {rid.split("-")[0]: steps for rid, steps in log.scheduled.items()}
-    runs = {}
-    for name, o in zip(names, outputs):
-        length, scheduled, chunks = len(o.prompt_token_ids), schedules[o.request_id], []
-        while o.num_cached_tokens + sum(chunks) < length:  # the prompt's chunks (after a hit), then one token per step
-            chunks.append(scheduled[len(chunks)])
-        runs[name] = {
-            "tokens": list(o.outputs[0].token_ids),
-            "evicted": evictions.get(o.request_id, []),
-            "chunks": chunks,
-            "cached": o.num_cached_tokens,
-        }
+    runs = dict(zip(names, engine_runs(outputs, observer.log)))
     return {"runs": runs, "max_running": max_running, "requests_by_policy": requests_by_policy}
-
-
-def run_reference(model, prompt, extra_args, chunks=None):
-    """Greedy tokens, top-2 logit gaps and evicted blocks of the transformers reference, fed ``chunks``."""
-    from h2o_vllm.hf import H2OCache, prefill
-
-    cache = H2OCache.for_model(model, settings.for_request(DEFAULTS, extra_args))
-    ids, tokens, gaps = torch.tensor([prompt]), [], []
-    with torch.no_grad():
-        start = 0
-        for size in chunks or [len(prompt)]:
-            logits = prefill(model, cache, ids[:, start : start + size])[0]
-            start += size
-        while True:
-            top2 = torch.topk(logits, 2).values
-            gaps.append(float(top2[0] - top2[1]))
-            tokens.append(int(logits.argmax()))
-            if len(tokens) == NEW_TOKENS:  # the engine computes no KV for the last token either
-                break
-            logits = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1]
-    return {"tokens": tokens, "gaps": gaps, "evicted": cache.stats.per_row_evicted[0]}
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +102,8 @@ def reference(tiny_model_dir, prompts, engine):
     for name in KEYNORM + ["h2o0"]:
         index, args = {**RUNS, **REPEAT}[name]
         chunked = args.get("h2o_prefill") == "chunked"
-        out[name] = run_reference(
-            model.eval(), prompts[index], args, engine["runs"][name]["chunks"] if chunked else None
-        )
+        chunks = engine["runs"][name]["chunks"] if chunked else None
+        out[name] = run_reference(model.eval(), prompts[index], DEFAULTS, args, NEW_TOKENS, chunks)
     return out
 
 
