@@ -7,15 +7,14 @@ admitted when that peak is free (plus what the chunked requests already running 
 not its whole prompt.
 """
 
-import random
-
 import pytest
+from engine_support import BLOCK, generate, random_prompts, start_engine
 
-from h2o_vllm.engine import engine_config, engine_kwargs
-from h2o_vllm.engine.observe import StepObserver, inprocess_llm, num_free_blocks, resident_blocks, scheduler_of
+from h2o_vllm.engine import engine_config
+from h2o_vllm.engine.observe import StepObserver, num_free_blocks, resident_blocks, scheduler_of
 from h2o_vllm.policy import Budget
 
-BLOCK, CHUNK, POOL = 32, 256, 96
+CHUNK, POOL = 256, 96
 CONFIG = engine_config(budget=Budget(tokens=256), n_sink=BLOCK, prefill="chunked")
 PEAK = CONFIG.peak_blocks(2048, CHUNK)
 PROMPT, NEW, NUM = 1900, 64, 6
@@ -23,26 +22,17 @@ PROMPT, NEW, NUM = 1900, 64, 6
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    with inprocess_llm(
-        str(tiny_model_dir),
-        dtype="float32",
-        max_model_len=2048,
-        enforce_eager=True,
-        seed=0,
+    with start_engine(
+        tiny_model_dir,
+        CONFIG,
         num_gpu_blocks_override=POOL + 1,  # +1: vLLM's null block
-        kv_cache_memory_bytes=64 * 2**20,
         max_num_batched_tokens=CHUNK,
-        **engine_kwargs(CONFIG),
     ) as llm:
         yield llm
 
 
 def run(llm, extra_args=None):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    rng = random.Random(0)
-    prompts = [[rng.randrange(100, 40000) for _ in range(PROMPT)] for _ in range(NUM)]
+    prompts = random_prompts([PROMPT] * NUM)
     scheduler = scheduler_of(llm)
     start = num_free_blocks(scheduler)
     peaks: dict[str, int] = {}
@@ -54,8 +44,7 @@ def run(llm, extra_args=None):
 
     observer = StepObserver(scheduler, [record])
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, extra_args=extra_args)
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outputs = generate(llm, prompts, NEW, extra_args)
     finally:
         observer.close()
     assert [len(o.outputs[0].token_ids) for o in outputs] == [NEW] * NUM
@@ -85,11 +74,7 @@ def test_a_preempted_chunked_request_compresses_again_as_it_re_prefills(engine):
     vLLM preempts the newest running request to make room, and the chunked request, restarted
     from its first token, is compressed chunk by chunk again (the same blocks evicted twice),
     never above its peak, and finishes; the pool returns."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    rng = random.Random(5)
-    prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (1000, 1000, 1200)]
+    prompts = random_prompts([1000, 1000, 1200], seed=5)
     scheduler = scheduler_of(engine)
     start = num_free_blocks(scheduler)
     preempted, peaks = [], {}
@@ -102,12 +87,9 @@ def test_a_preempted_chunked_request_compresses_again_as_it_re_prefills(engine):
 
     observer = StepObserver(scheduler, [record])
     try:
-        full = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True, extra_args={"h2o_policy": "none"})
-        # Long enough to still run when the full-cache requests fill the pool.
-        chunked = SamplingParams(temperature=0.0, max_tokens=800, ignore_eos=True)
-        outputs = engine.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], [full, full, chunked], use_tqdm=False
-        )
+        full = {"h2o_policy": "none"}
+        # The chunked request is long enough to still run when the full-cache requests fill the pool.
+        outputs = generate(engine, prompts, [1000, 1000, 800], [full, full, None])
     finally:
         observer.close()
     assert [len(o.outputs[0].token_ids) for o in outputs] == [1000, 1000, 800]

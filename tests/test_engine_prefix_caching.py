@@ -11,36 +11,16 @@ Tiny random-weight model, engines in this process (``inprocess_llm``), ``enforce
 import random
 
 import pytest
+from engine_support import BLOCK, generate, random_tokens, start_engine, token_ids
 
-from h2o_vllm.engine import engine_config, engine_kwargs
-from h2o_vllm.engine.observe import StepObserver, inprocess_llm, num_free_blocks, scheduler_of
+from h2o_vllm.engine import engine_config
+from h2o_vllm.engine.observe import StepObserver, num_free_blocks, scheduler_of
 from h2o_vllm.patches import engine_seams
 from h2o_vllm.policy import Budget
 
-BLOCK = 32
-COMMON = dict(max_model_len=2048, enforce_eager=True, seed=0, kv_cache_memory_bytes=64 * 2**20)
-
-
-def random_tokens(n, rng):
-    return [rng.randrange(100, 40000) for _ in range(n)]
-
-
-def generate(llm, prompts, max_tokens, extra_args=None):
-    """Greedy outputs of ``prompts`` (token lists), submitted together."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    if isinstance(max_tokens, int):
-        max_tokens = [max_tokens] * len(prompts)
-    extra = extra_args if isinstance(extra_args, list) else [extra_args] * len(prompts)
-    params = [
-        SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, extra_args=x) for m, x in zip(max_tokens, extra)
-    ]
-    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-
 
 def tokens_and_hits(outputs):
-    return [list(o.outputs[0].token_ids) for o in outputs], [o.num_cached_tokens for o in outputs]
+    return token_ids(outputs), [o.num_cached_tokens for o in outputs]
 
 
 def pool_is_whole(scheduler) -> bool:
@@ -70,11 +50,11 @@ def test_large_budget_gives_vanilla_tokens_and_hits_with_prefix_caching(tiny_mod
     owners, followers, new = shared_prefix_workload()
     runs = {}
     longest = max(len(p) + n for p, n in zip(followers, new))
-    for name, kwargs in (
-        ("vanilla", {"block_size": BLOCK}),
-        ("h2o", engine_kwargs(engine_config(budget=Budget(tokens=longest)))),
+    for name, h2o, overrides in (
+        ("vanilla", None, {"block_size": BLOCK}),
+        ("h2o", engine_config(budget=Budget(tokens=longest)), {}),
     ):
-        with inprocess_llm(str(tiny_model_dir), dtype=dtype, **COMMON, **kwargs) as llm:
+        with start_engine(tiny_model_dir, h2o, dtype=dtype, **overrides) as llm:
             scheduler = scheduler_of(llm)
             assert engine_seams.prefix_caching_enabled(scheduler)  # vLLM's default, kept by H2O
             observer = StepObserver(scheduler)
@@ -99,9 +79,7 @@ def test_large_budget_gives_vanilla_tokens_and_hits_with_prefix_caching(tiny_mod
 def evicting_engine(tiny_model_dir):
     """H2O at 20% (every prompt row scores), prefix caching on, prefill chunks of at most 128 tokens."""
     config = engine_config(budget=Budget(fraction=0.2))
-    with inprocess_llm(
-        str(tiny_model_dir), dtype="float32", max_num_batched_tokens=128, **COMMON, **engine_kwargs(config)
-    ) as llm:
+    with start_engine(tiny_model_dir, config, max_num_batched_tokens=128) as llm:
         yield llm
 
 
@@ -222,14 +200,12 @@ def test_pool_holds_only_the_cache_after_200_mixed_requests(tiny_model_dir):
         extra.append(kinds[i % len(kinds)])
         new.append(rng.randrange(8, 80))
     config = engine_config(budget=Budget(fraction=0.25))
-    with inprocess_llm(
-        str(tiny_model_dir),
-        dtype="float32",
+    with start_engine(
+        tiny_model_dir,
+        config,
         max_num_seqs=32,
         num_gpu_blocks_override=201,  # +1: the null block
         max_num_batched_tokens=512,
-        **COMMON,
-        **engine_kwargs(config),
     ) as llm:
         scheduler = scheduler_of(llm)
         observer = StepObserver(scheduler)
@@ -250,24 +226,16 @@ PROMPT, SHARED, NEW, WINDOW = 1024, 640, 64, 64
 @pytest.fixture(scope="module")
 def essay_engine(default_model_dir):
     """The default model, float32, H2O at 20%, prefix caching on."""
-    with inprocess_llm(
-        str(default_model_dir),
-        dtype="float32",
-        **{**COMMON, "kv_cache_memory_bytes": 256 * 2**20},
-        **engine_kwargs(engine_config(budget=Budget(fraction=0.2))),
+    with start_engine(
+        default_model_dir, engine_config(budget=Budget(fraction=0.2)), kv_cache_memory_bytes=256 * 2**20
     ) as llm:
         yield llm
 
 
 @pytest.fixture(scope="module")
-def essay_prompts(default_model_dir):
-    from transformers import AutoTokenizer
-
-    from h2o_vllm.datasets import essays_text
-
-    ids = AutoTokenizer.from_pretrained(default_model_dir)(essays_text())["input_ids"]
-    p = ids[:PROMPT]
-    q = p[:SHARED] + ids[5000 : 5000 + PROMPT - SHARED]  # P's first 640 tokens, then other text
+def essay_prompts(essay_ids):
+    p = essay_ids[:PROMPT]
+    q = p[:SHARED] + essay_ids[5000 : 5000 + PROMPT - SHARED]  # P's first 640 tokens, then other text
     return p, q
 
 

@@ -8,12 +8,13 @@ chunk, as a sliding window's is its window. Requests that could never fit are re
 """
 
 import pytest
+from engine_support import BLOCK, generate, start_engine
 
-from h2o_vllm.engine import engine_config, engine_kwargs
-from h2o_vllm.engine.observe import StepObserver, inprocess_llm, num_free_blocks, resident_blocks, scheduler_of
+from h2o_vllm.engine import engine_config
+from h2o_vllm.engine.observe import StepObserver, num_free_blocks, resident_blocks, scheduler_of
 from h2o_vllm.policy import Budget
 
-BLOCK, CHUNK, POOL, MAX_LEN = 32, 512, 64, 8192
+CHUNK, POOL, MAX_LEN = 512, 64, 8192
 CONFIG = engine_config(budget=Budget(tokens=1024), prefill="chunked")
 LONG, NEW = 7000, 48
 PEAK = 1024 // BLOCK + CHUNK // BLOCK + 1  # budget + one chunk + the block being written
@@ -21,34 +22,19 @@ PEAK = 1024 // BLOCK + CHUNK // BLOCK + 1  # budget + one chunk + the block bein
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
-    with inprocess_llm(
-        str(default_model_dir),
-        dtype="float32",
+    with start_engine(
+        default_model_dir,
+        CONFIG,
         max_model_len=MAX_LEN,
-        enforce_eager=True,
-        seed=0,
         num_gpu_blocks_override=POOL + 1,  # +1: vLLM's null block
-        kv_cache_memory_bytes=64 * 2**20,
         max_num_batched_tokens=CHUNK,
-        **engine_kwargs(CONFIG),
     ) as llm:
         yield llm
 
 
-@pytest.fixture(scope="module")
-def essay_ids(default_model_dir):
-    from transformers import AutoTokenizer
-
-    from h2o_vllm.datasets import essays_text
-
-    return AutoTokenizer.from_pretrained(default_model_dir)(essays_text())["input_ids"]
-
-
-def generate(llm, prompts, extra_args=None, max_tokens=NEW):
-    """Greedy outputs, the engine's step log, and each request's peak resident blocks (two ways)."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
+def generate_watched(llm, prompts, extra_args=None, max_tokens=NEW):
+    """Greedy outputs (a request may stop at its end-of-sequence token), the engine's step log, and
+    each request's peak resident blocks (two ways)."""
     scheduler = scheduler_of(llm)
     start = num_free_blocks(scheduler)
     peaks: dict[str, int] = {}
@@ -62,9 +48,7 @@ def generate(llm, prompts, extra_args=None, max_tokens=NEW):
 
     observer = StepObserver(scheduler, [record])
     try:
-        args = extra_args if isinstance(extra_args, list) else [extra_args] * len(prompts)
-        params = [SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=a) for a in args]
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outputs = generate(llm, prompts, max_tokens, extra_args, ignore_eos=False)
     finally:
         observer.close()
     assert num_free_blocks(scheduler) == start == POOL and scheduler.h2o_requests == {}
@@ -84,7 +68,7 @@ def test_the_engine_starts_with_a_pool_smaller_than_one_request(engine):
 def test_a_7000_token_prompt_holds_its_budget_plus_one_chunk(engine, essay_ids):
     prompt = essay_ids[20000 : 20000 + LONG]
     assert len(prompt) == LONG and LONG > POOL * BLOCK
-    outputs, log, peaks, counted = generate(engine, [prompt])
+    outputs, log, peaks, counted = generate_watched(engine, [prompt])
     (rid,) = peaks
     assert peaks[rid] <= PEAK and counted[rid] <= PEAK
     assert max(peaks[rid], counted[rid]) <= CONFIG.peak_blocks(LONG + NEW, CHUNK)  # what admission reserved
@@ -108,7 +92,7 @@ def test_mixed_budgets_are_admitted_by_their_own_peaks(engine, essay_ids):
     small = 256 // BLOCK + CHUNK // BLOCK + 1
     prompts = [essay_ids[30000 + i * 3000 :][:3000] for i in range(3)] + [essay_ids[1000 : 1000 + LONG]]
     args = [{"h2o_budget": 256}] * 3 + [None]
-    outputs, log, peaks, counted = generate(engine, prompts, args, max_tokens=16)
+    outputs, log, peaks, counted = generate_watched(engine, prompts, args, max_tokens=16)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [16] * 4
     assert log.preemptions == 0
     # The engine's request ids are the outputs' with a suffix.
@@ -130,10 +114,10 @@ def test_requests_that_can_never_fit_are_refused_at_the_door(engine, essay_ids, 
 
     prompt = essay_ids[:LONG]
     with pytest.raises(VLLMValidationError, match="more than this server's whole KV cache") as refused:
-        generate(engine, [prompt], extra_args)
+        generate_watched(engine, [prompt], extra_args)
     assert refused.value.parameter == param
     scheduler = scheduler_of(engine)
     assert num_free_blocks(scheduler) == POOL and not scheduler.waiting and not scheduler.running
     # Short enough to fit, the same settings run.
-    outputs, *_ = generate(engine, [prompt[:1000]], extra_args, max_tokens=4)
+    outputs, *_ = generate_watched(engine, [prompt[:1000]], extra_args, max_tokens=4)
     assert len(outputs[0].outputs[0].token_ids) == 4

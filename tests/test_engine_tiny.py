@@ -7,9 +7,9 @@ import json
 import os
 
 import pytest
+from engine_support import greedy, start_engine
 
 from h2o_vllm import plugin
-from h2o_vllm.patches import engine_seams
 
 PROMPTS = ["Hello there, how are", "The quick brown fox jumps over the lazy dog and then"]
 NEW_TOKENS = 8
@@ -17,28 +17,17 @@ NEW_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def engine_run(tiny_model_dir, tmp_path_factory):
-    from vllm import LLM, SamplingParams
-
     trace = tmp_path_factory.mktemp("trace") / "plugin.jsonl"
     os.environ[plugin.TRACE_ENV] = str(trace)
     try:
-        llm = LLM(
-            model=str(tiny_model_dir),
-            dtype="float32",
-            max_model_len=512,
-            kv_cache_memory_bytes=64 * 2**20,
-            enforce_eager=True,  # no compile: this is about behaviour, not speed
-            seed=0,
-        )
-        outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
-        result = {
-            "prompt_ids": [o.prompt_token_ids for o in outputs],
-            "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
-            "trace": [json.loads(line) for line in trace.read_text().splitlines()],
-        }
-        engine_seams.shutdown_llm(llm)
-        del llm
-        return result
+        # vLLM's own engine core and worker processes; eager: this is about behaviour, not speed.
+        with start_engine(tiny_model_dir, inprocess=False, max_model_len=512) as llm:
+            outputs = llm.generate(PROMPTS, greedy(NEW_TOKENS))
+            return {
+                "prompt_ids": [o.prompt_token_ids for o in outputs],
+                "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+                "trace": [json.loads(line) for line in trace.read_text().splitlines()],
+            }
     finally:
         os.environ.pop(plugin.TRACE_ENV, None)
 
