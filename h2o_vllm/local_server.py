@@ -2,12 +2,16 @@
 
 The server always runs on a loopback address, its start is bounded in time, and
 it is stopped (with its whole process group: API server, engine core, workers)
-however the caller exits.
+however the caller exits: by :meth:`ServerProcess.stop` when it can, and on Linux
+by the kernel when it cannot (killed, SIGKILL included), which sends the server
+SIGTERM when the thread that started it ends (``PR_SET_PDEATHSIG``; start servers
+from a thread that outlives them, such as the main thread).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -16,10 +20,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def free_port() -> int:
@@ -30,6 +35,29 @@ def free_port() -> int:
 
 class ServerFailed(RuntimeError):
     pass
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child ``sig`` when the thread that starts it
+    ends, however it ends (``prctl(PR_SET_PDEATHSIG)``); None where there is no such call.
+
+    The setting survives the child's ``exec`` (not a set-user-ID one) and is not inherited by the
+    child's own children: ``h2o-vllm serve`` stops its engine cores and workers itself on SIGTERM
+    (tests/integration/test_lifecycle.py).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:  # looked up here, before the fork: the child only calls it
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0 and os.getppid() != parent:
+            os.kill(os.getpid(), sig)  # the parent died before the setting took: nobody else will send it
+
+    return preexec
 
 
 class ServerProcess:
@@ -60,9 +88,15 @@ class ServerProcess:
         """Start the process and return at once (:meth:`start` also waits until it is healthy)."""
         # Open for the server's lifetime; stop() closes it.
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        # Own session and process group, so stop() reaches the engine core and workers too.
+        # Own session and process group, so stop() reaches the engine core and workers too; and
+        # SIGTERM from the kernel if this process dies without stopping it.
         self.proc = subprocess.Popen(
-            self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            self.command,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         return self
 
