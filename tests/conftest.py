@@ -1,4 +1,5 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,22 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
+def pytest_configure(config):
+    """SIGTERM ends the run as Ctrl-C does, so the fixtures' teardown still stops what they started
+    (servers, engines); a second SIGTERM ends it at once. (A server a test started dies with this
+    process in any case: h2o_vllm/local_server.py. tests/test_local_server.py checks both.)"""
+    main = os.getpid()
+
+    def interrupt(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)
+        if os.getpid() != main:  # a forked child (an engine core, a worker) that kept this handler
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session")
