@@ -1,6 +1,20 @@
-"""What the integration modules share: reading the server's h2o_vllm:* metrics and waiting for it to drain."""
+"""What the integration modules share: a module's server, reading its h2o_vllm:* metrics and waiting
+for it to drain. (Their ``client`` fixture is in conftest.py.)"""
 
+import contextlib
 import time
+from collections.abc import Iterator, Sequence
+
+from h2o_vllm.local_server import ServerProcess
+
+
+@contextlib.contextmanager
+def serve(tmp_path_factory, name: str, args: Sequence[str] = (), **kwargs) -> Iterator[ServerProcess]:
+    """``h2o-vllm serve args`` on a free loopback port, healthy, its log in a new folder ``name``;
+    stopped on exit (a module's ``server`` fixture yields it). ``kwargs``: ``ServerProcess``'s."""
+    logs = tmp_path_factory.mktemp(name)
+    with ServerProcess(args, log_path=logs / "server.log", **kwargs) as proc:
+        yield proc
 
 
 def metrics(client, prefix: str = "h2o_vllm:") -> dict:

@@ -10,13 +10,11 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 
 from h2o_vllm.assets import DEFAULT_SERVED_NAME as MODEL
-from h2o_vllm.local_server import ServerProcess
 
-from .helpers import metrics, vllm_total, wait_until_idle
+from .helpers import metrics, serve, vllm_total, wait_until_idle
 
 pytestmark = pytest.mark.integration
 MAX_MODEL_LEN = 4096
@@ -25,7 +23,6 @@ POOL_BLOCKS = 1200
 
 @pytest.fixture(scope="module")
 def server(default_model_dir, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("h2o-server")
     args = [
         "--enforce-eager",
         "--max-model-len",
@@ -35,14 +32,8 @@ def server(default_model_dir, tmp_path_factory):
         "--h2o-budget",
         "0.5",
     ]
-    with ServerProcess(args, log_path=logs / "server.log") as proc:
+    with serve(tmp_path_factory, "h2o-server", args) as proc:
         yield proc
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.base_url, timeout=300) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,11 @@ without compiling (``--enforce-eager``) to start fast. One server for the module
 
 import json
 
-import httpx
 import pytest
 
 from h2o_vllm.assets import QWEN_CODER_05B
-from h2o_vllm.local_server import ServerProcess
 
-from .helpers import metrics, wait_until_idle
+from .helpers import metrics, serve, wait_until_idle
 
 pytestmark = pytest.mark.integration
 MODEL = QWEN_CODER_05B.name
@@ -20,16 +18,9 @@ MODEL = QWEN_CODER_05B.name
 
 @pytest.fixture(scope="module")
 def server(second_model_dir, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("second-model")
     args = ["--model", MODEL, "--enforce-eager", "--max-model-len", "4096"]
-    with ServerProcess(args, log_path=logs / "server.log") as proc:
+    with serve(tmp_path_factory, "second-model", args) as proc:
         yield proc
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.base_url, timeout=300) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,11 @@ One server: ``--max-model-len 8192`` on 64 blocks of 32 tokens (2,048 tokens), p
 512 tokens, ``--h2o-prefill chunked --h2o-budget 1024``.
 """
 
-import httpx
 import pytest
 
 from h2o_vllm.assets import DEFAULT_SERVED_NAME as MODEL
-from h2o_vllm.local_server import ServerProcess
 
-from .helpers import metrics, wait_until_idle
+from .helpers import metrics, serve, wait_until_idle
 
 pytestmark = pytest.mark.integration
 POOL = 64
@@ -19,27 +17,16 @@ POOL = 64
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, default_model_dir):
-    logs = tmp_path_factory.mktemp("small-pool-server")
     args = ["--enforce-eager", "--max-model-len", "8192", "--num-gpu-blocks-override", str(POOL + 1)]
     args += ["--max-num-batched-tokens", "512", "--h2o-prefill", "chunked", "--h2o-budget", "1024"]
-    with ServerProcess(args, log_path=logs / "server.log") as proc:
+    with serve(tmp_path_factory, "small-pool-server", args) as proc:
         yield proc
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.base_url, timeout=300) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def long_prompt(default_model_dir):
+def long_prompt(essay_ids):
     """6,000 tokens of essay text, as token ids."""
-    from transformers import AutoTokenizer
-
-    from h2o_vllm.datasets import essays_text
-
-    return AutoTokenizer.from_pretrained(default_model_dir)(essays_text())["input_ids"][5000:11000]
+    return essay_ids[5000:11000]
 
 
 def completion(client, prompt, max_tokens=16, **xargs):
