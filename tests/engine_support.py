@@ -18,22 +18,18 @@ BLOCK = 32  # the H2O engine's block size (h2o_vllm.engine.settings.ENGINE_BLOCK
 ENGINE_ARGS = dict(dtype="float32", max_model_len=2048, enforce_eager=True, seed=0, kv_cache_memory_bytes=64 * 2**20)
 
 
-def engine_args(h2o=None, **overrides) -> dict:
-    """``vllm.LLM`` keyword arguments: ``ENGINE_ARGS`` with ``overrides`` over them, and with ``h2o``
-    (a ``PolicyConfig``, the engine's defaults) H2O's scheduler, worker, block size and settings
-    (``engine_kwargs``; ``overrides`` win there too); without it, vanilla vLLM."""
-    args = {**ENGINE_ARGS, **overrides}
-    return args if h2o is None else engine_kwargs(h2o, **args)
-
-
 @contextlib.contextmanager
 def start_engine(model_dir, h2o=None, *, inprocess: bool = True, **overrides):
-    """A ``vllm.LLM`` on ``model_dir`` with :func:`engine_args`, shut down on exit.
+    """A ``vllm.LLM`` on ``model_dir``, shut down on exit: ``ENGINE_ARGS`` with ``overrides`` over
+    them, and with ``h2o`` (a ``PolicyConfig``: the engine's defaults) H2O's scheduler, worker, block
+    size and settings (``engine_kwargs``; ``overrides`` win there too); without it, vanilla vLLM.
 
     Its engine core runs in this process (``inprocess_llm``: the scheduler is read with
     ``scheduler_of``); ``inprocess=False``: in vLLM's own engine core and worker processes.
     """
-    kwargs = engine_args(h2o, **overrides)
+    kwargs = {**ENGINE_ARGS, **overrides}
+    if h2o is not None:
+        kwargs = engine_kwargs(h2o, **kwargs)
     if inprocess:
         with inprocess_llm(str(model_dir), **kwargs) as llm:
             yield llm
