@@ -132,7 +132,7 @@ class KVSizer:
 
     def slots(self, policy_config) -> int:
         """KV slots per layer an evicting cache keeps while decoding (its fixed buffers)."""
-        from h2o_vllm.hf.fast_cache import PagePlan
+        from h2o_vllm.hf.slots import PagePlan
 
         return PagePlan(policy_config, self.margin).steady * policy_config.block_size
 

@@ -46,8 +46,8 @@ class LayerTimer:
         self.step_s: dict[str, float] = defaultdict(float)
         self._kind = None
         self._score = 0.0
-        impl, scorer = attention.H2OCPUAttentionBackendImpl, scoring.StepScorer
-        self._originals = [(impl, "forward", impl.forward), (scorer, "score_layer", scorer.score_layer)]
+        impl = attention.H2OCPUAttentionBackendImpl
+        self._originals = [(impl, "forward", impl.forward)]
         timer = self
         for cls, name in (
             (H2OScheduler, "schedule"),
@@ -71,12 +71,18 @@ class LayerTimer:
             row["scoring_s"] += timer._score
             return out
 
-        def score_layer(self_, *args, **kwargs):
-            t = time.perf_counter()
-            timer._originals[1][2](self_, *args, **kwargs)
-            timer._score += time.perf_counter() - t
+        def timed_scoring(original):
+            def score_layer(self_, *args, **kwargs):
+                t = time.perf_counter()
+                original(self_, *args, **kwargs)
+                timer._score += time.perf_counter() - t
 
-        impl.forward, scorer.score_layer = forward, score_layer
+            return score_layer
+
+        impl.forward = forward
+        for scorer in (scoring.TorchScorer, scoring.FusedScorer):  # the two implementations
+            self._originals.append((scorer, "score_layer", scorer.score_layer))
+            scorer.score_layer = timed_scoring(scorer.score_layer)
 
     def _timed(self, key: str, fn):
         def timed(*args, **kwargs):

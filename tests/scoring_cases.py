@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from h2o_vllm.engine import scoring
+from h2o_vllm.engine.compaction import compact
 from h2o_vllm.engine.messages import ScoreRequest
 from h2o_vllm.engine.pages import KeyLayout
 
@@ -66,7 +67,7 @@ def assert_fused_equals_pytorch(dtype, page_dtype, layout, block_size, op=None):
     ]
     table, lens, qsl, asks, _ = step_of(requests, block_size)
     context = scoring.StepContext([r[0] for r in requests], asks, with_holes={"P", "D1", "D2"})
-    compaction = scoring.compact(table, lens, [0, 2, 3], block_size)
+    compaction = compact(table, lens, [0, 2, 3], block_size)
     queries = [torch.randn(int(qsl[-1]), heads, head_dim).to(dtype) for _ in range(3)]
     scores = {}
     for use_fused in (True, False):

@@ -9,6 +9,7 @@ import torch
 from scoring_cases import CASE_IDS, OPERATOR_CASES, assert_fused_equals_pytorch
 
 from h2o_vllm.engine import scoring
+from h2o_vllm.engine.compaction import compact
 from h2o_vllm.engine.messages import ScoreRequest
 
 BS, KV_HEADS, HEADS, HEAD_DIM = 32, 2, 6, 64
@@ -17,7 +18,7 @@ BS, KV_HEADS, HEADS, HEAD_DIM = 32, 2, 6, 64
 def test_compact_drops_holes_and_shortens_only_those_rows():
     table = torch.tensor([[5, 0, 7, 9, 12], [3, 4, 6, 0, 0], [8, 0, 0, 2, 11]], dtype=torch.int32)
     lens = torch.tensor([4 * BS + 3, 3 * BS, 5 * BS], dtype=torch.int32)
-    out = scoring.compact(table, lens, rows=[0, 2], block_size=BS)
+    out = compact(table, lens, rows=[0, 2], block_size=BS)
     assert out.block_table[0].tolist() == [5, 7, 9, 12, 0] and out.seq_lens[0] == 3 * BS + 3
     assert out.block_table[1].tolist() == [3, 4, 6, 0, 0] and out.seq_lens[1] == 3 * BS
     assert out.block_table[2, :3].tolist() == [8, 2, 11] and out.seq_lens[2] == 3 * BS
@@ -106,7 +107,7 @@ def test_step_scores_equal_brute_force_softmax(dtype, isa, cache_dtype, score_ma
     first = {"A": 0, "B": 30, "C": 0}
     asks = {name: ScoreRequest(row, "max" if name in score_max else "sum") for name, row in first.items()}
     context = scoring.StepContext(["A", "B", "C"], asks, with_holes={"A"})
-    compaction = scoring.compact(table, lens, [0], BS)
+    compaction = compact(table, lens, [0], BS)
     if writers == {"vllm"}:
         layout = engine_seams.detect_key_layout(isa, dtype, HEAD_DIM, BS, cache_dtype)
     else:  # this vLLM build has no such kernel: the layout the python writer used
@@ -117,7 +118,7 @@ def test_step_scores_equal_brute_force_softmax(dtype, isa, cache_dtype, score_ma
     if fused:
         assert scoring.fused.load(), "the fused scoring operator must build on the test machine"
     scorer = scoring.StepScorer.for_step(context, compaction, qsl, lens.numpy(), BS, layout, use_fused=fused)
-    assert (scorer.fused_batch is not None) == fused
+    assert isinstance(scorer, scoring.FusedScorer) == fused
     scale = HEAD_DIM**-0.5
     for query in layer_queries:  # two layers (same keys, other queries): scores combine over layers
         scorer.score_layer(query, *engine_seams.scored_key_pages(impl, layer, kv_cache))

@@ -1,4 +1,5 @@
-"""The package's modules import each other without a circle (counting imports inside functions too)."""
+"""The package's modules import each other without a circle (counting imports inside functions too;
+not those under ``if TYPE_CHECKING:``, which never run)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,19 @@ def module_name(path: Path) -> str:
     return ".".join([PACKAGES[folder], *parts])
 
 
+def runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:`` (imports for annotations only)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            continue
+        yield node
+        yield from runtime_nodes(node)
+
+
 def imports(path: Path, modules: set[str]) -> set[str]:
-    """The package modules ``path`` imports, at the top or inside a function."""
+    """The package modules ``path`` imports when it runs, at the top or inside a function."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             for alias in node.names:
                 sub = f"{node.module}.{alias.name}"

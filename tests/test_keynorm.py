@@ -177,13 +177,13 @@ def test_keynorm_needs_no_attention_scores():
 def test_step_key_norms_equal_brute_force():
     """Three requests in one step's key tensor: a prompt chunk of keynorm request A (positions 40..89),
     an H2O request B in between (not summed), and a decoding keynorm request C (position 70); two layers."""
-    from h2o_vllm.engine import scoring
+    from h2o_vllm.engine import key_norms, scoring
 
     bs, kv_heads, head_dim = 32, 3, 16
     qsl = torch.tensor([0, 50, 80, 81], dtype=torch.int32)
     logical_lens = np.array([90, 200, 71])
     context = scoring.StepContext(["A", "B", "C"], {}, set(), key_norms={"A", "C"})
-    sums = scoring.KeyNormSums.for_step(context, qsl, logical_lens, bs)
+    sums = key_norms.KeyNormSums.for_step(context, qsl, logical_lens, bs)
     torch.manual_seed(0)
     layers = [torch.randn(81, kv_heads, head_dim) for _ in range(2)]
     for key in layers:
@@ -208,10 +208,10 @@ def test_step_key_norms_equal_brute_force():
 
 
 def test_step_key_norms_of_contiguous_rows_read_the_keys_in_place():
-    from h2o_vllm.engine import scoring
+    from h2o_vllm.engine import key_norms, scoring
 
     context = scoring.StepContext(["A", "B"], {}, set(), key_norms={"A", "B"})
-    sums = scoring.KeyNormSums.for_step(context, torch.tensor([0, 3, 4], dtype=torch.int32), np.array([3, 40]), 32)
+    sums = key_norms.KeyNormSums.for_step(context, torch.tensor([0, 3, 4], dtype=torch.int32), np.array([3, 40]), 32)
     assert sums.token_rows == slice(0, 4)
     key = torch.randn(6, 2, 8)  # two padding rows at the end
     sums.add_layer(key)
@@ -220,4 +220,4 @@ def test_step_key_norms_of_contiguous_rows_read_the_keys_in_place():
     np.testing.assert_allclose(got["B"].mass, [float(key[3].double().norm(dim=-1).sum())])
     assert got["B"].blocks.tolist() == [1]
     none = scoring.StepContext(["A"], {}, set(), key_norms={"Z"})
-    assert scoring.KeyNormSums.for_step(none, torch.tensor([0, 3], dtype=torch.int32), np.array([3]), 32) is None
+    assert key_norms.KeyNormSums.for_step(none, torch.tensor([0, 3], dtype=torch.int32), np.array([3]), 32) is None

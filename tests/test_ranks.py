@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from scoring_cases import step_of
 
-from h2o_vllm.engine import scoring
+from h2o_vllm.engine import key_norms, scoring
+from h2o_vllm.engine.compaction import compact
 from h2o_vllm.engine.pages import KeyLayout
 from h2o_vllm.engine.ranks import RankReducer
 
@@ -40,9 +41,9 @@ def score(kv_heads, heads, kv_part, head_part, layers, reducer, use_fused):
     """One rank's step: its heads of its layers, reduced by ``reducer`` (None: everything, one process)."""
     table, lens, qsl, asks, pages, queries, new_keys = step_inputs(kv_heads, heads)
     context = scoring.StepContext([r[0] for r in REQUESTS], asks, with_holes={"P", "D"}, key_norms={"P", "D"})
-    compaction = scoring.compact(table, lens, [0, 2], BS)
+    compaction = compact(table, lens, [0, 2], BS)
     scorer = scoring.StepScorer.for_step(context, compaction, qsl, lens.numpy(), BS, KeyLayout.TD, use_fused)
-    norms = scoring.KeyNormSums.for_step(context, qsl, lens.numpy(), BS)
+    norms = key_norms.KeyNormSums.for_step(context, qsl, lens.numpy(), BS)
     for layer in layers:
         scorer.score_layer(queries[layer][:, head_part].contiguous(), pages[:, kv_part].contiguous(), HEAD_DIM**-0.5)
         norms.add_layer(new_keys[layer][:, kv_part])

@@ -2,7 +2,7 @@
 
 - On CPU, always: each reference against an independent computation (block mass:
   a plain softmax over the gathered keys; compaction: the CPU engine's
-  ``scoring.compact``), and the module importing without Triton.
+  ``compaction.compact``), and the module importing without Triton.
 - On a CUDA GPU: each kernel against its reference (GQA and MQA, partial last
   blocks, holes, several requests of different lengths, float16 and bfloat16
   caches in vLLM's strided FlashAttention layout, accumulation over layers), and
@@ -236,7 +236,7 @@ def random_holed_tables(seed: int, rows: int = 9, width: int = 600, block_size: 
 
 
 def test_compaction_reference_equals_cpu_engine():
-    from h2o_vllm.engine.scoring import compact
+    from h2o_vllm.engine.compaction import compact
 
     table, lens = random_holed_tables(seed=4)
     out_table, out_lens, kept = torch.full_like(table, -7), torch.zeros_like(lens), torch.zeros_like(table)

@@ -16,6 +16,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from h2o_vllm.engine import scoring
+from h2o_vllm.engine.compaction import compact
+from h2o_vllm.engine.key_norms import KeyNormSums
 from h2o_vllm.patches import engine_seams
 
 SCORER_ATTR = "h2o_scorer"  # on the attention metadata: the step's scorer, read by every layer
@@ -45,7 +47,7 @@ class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         block_size = engine_seams.attention_builder_block_size(self)
         logical_lens = cm.seq_lens[:num_reqs].numpy().copy()
         rows = [i for i, r in enumerate(step.req_ids[:num_reqs]) if r in step.with_holes]
-        compaction = scoring.compact(cm.block_table_tensor, cm.seq_lens, rows, block_size)
+        compaction = compact(cm.block_table_tensor, cm.seq_lens, rows, block_size)
         if rows:
             cm = cm.replace(
                 block_table_tensor=compaction.block_table,
@@ -60,7 +62,7 @@ class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             )
             setattr(metadata, SCORER_ATTR, step.scorer)
         if step.key_norms:
-            step.key_norm_sums = scoring.KeyNormSums.for_step(step, cm.query_start_loc_cpu, logical_lens, block_size)
+            step.key_norm_sums = KeyNormSums.for_step(step, cm.query_start_loc_cpu, logical_lens, block_size)
             setattr(metadata, KEY_NORMS_ATTR, step.key_norm_sums)
         return metadata
 

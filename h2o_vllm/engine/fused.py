@@ -9,7 +9,7 @@ NEON on aarch64) into ``$H2O_VLLM_CACHE/kernels/<hash>/`` (default
 elsewhere rebuilds instead of crashing. ``scripts/setup.sh`` builds it once; a worker that
 finds no build compiles it (a few seconds to a minute). Where that fails (no
 compiler, a compiler error, unsupported dtype) :func:`load` logs why once, with the
-compiler's first error line, and returns False: the PyTorch path in ``scoring.py``
+compiler's first error line, and returns False: the PyTorch path in ``scoring.py`` (``TorchScorer``)
 scores instead, with the same results.
 
     python -m h2o_vllm.engine.fused     # build (or find) it and say where it is and for what

@@ -1,24 +1,19 @@
-"""Worker side of paged H2O: compact holes out of block tables, score attention, sum key norms.
+"""Worker side of paged H2O: score attention for the query rows the scheduler asked for.
 
 vLLM's CPU attention kernel returns no probabilities, so for the query rows the
 scheduler asked to score we recompute ``softmax(scale * q K^T)`` over the keys
-the kernel attended (read back from the paged cache; by the fused operator of
-``fused.py`` where it loads, else by PyTorch operators), sum it over the tokens of
-each block, and combine over heads, layers and query rows: summed (the paper), or
-for ``score_reduce="max"`` requests the largest head-and-layer value per query
-row, then summed over rows. One :class:`StepScorer` lives for one step.
+the kernel attended (read back from the paged cache), sum it over the tokens of
+each block, and combine over heads, layers and query rows as the request's
+:mod:`~h2o_vllm.engine.reductions` says. One :class:`StepScorer` lives for one step:
+a :class:`FusedScorer` (one call of the operator built by ``fused.py`` per layer for
+every request) where the operator loads, else a :class:`TorchScorer` (PyTorch
+operators: the decodes together, each prompt chunk on its own).
 
 The runner describes the step in a :class:`StepContext` that it hands to its
-attention metadata builders; the builder (one call per step) turns it into
-compacted metadata and a :class:`StepScorer`; every layer's attention call feeds
-the scorer; the runner collects it after sampling. How heads, layers and rows
-combine is a :class:`Reduction`: :class:`SumReduction` or :class:`MaxReduction`.
-
-Key-norm requests (``policy="keynorm"``) are not scored: a :class:`KeyNormSums` made
-by the same builder adds, in every layer's attention call, the L2 norm of each new
-key (the rotated keys the layer writes to the paged cache) to its logical block,
-summed over KV heads and layers; it is collected with the scores, as
-:class:`BlockScores` too.
+attention metadata builders; the builder (one call per step) drops the holes
+(:mod:`~h2o_vllm.engine.compaction`) and makes the step's scorer and key-norm sums
+(:mod:`~h2o_vllm.engine.key_norms`); every layer's attention call feeds them; the
+runner collects them after sampling.
 """
 
 from __future__ import annotations
@@ -26,16 +21,19 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from h2o_vllm.engine import fused
+from h2o_vllm.engine.compaction import Compaction
 from h2o_vllm.engine.messages import BlockScores, ScoreRequest
 from h2o_vllm.engine.pages import KeyLayout
+from h2o_vllm.engine.reductions import REDUCTIONS, Reduction, exp_rows_
 
 if TYPE_CHECKING:
+    from h2o_vllm.engine.key_norms import KeyNormSums
     from h2o_vllm.engine.ranks import RankReducer
 
 # Prompt query rows scored per matmul: bounds the [heads, rows, keys] probabilities.
@@ -62,128 +60,6 @@ class Scratch:
 _scratch = Scratch()  # one per worker process; the runner scores on one thread
 
 
-def exp_rows_(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised softmax of [batch, rows, keys] in place; returns 1 / row sums, [batch, rows].
-
-    ``x`` is scratch. Normalising is left to the reductions that follow, which
-    fold it in (one matrix-vector product, or one multiply on a smaller tensor).
-    """
-    x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
-    return x.sum(dim=-1).reciprocal_()
-
-
-def column_sums(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """Softmax probabilities summed over rows: [batch, rows, keys] -> [batch, keys]."""
-    return torch.bmm(inverse[:, None, :], x)[:, 0]
-
-
-def row_block_mass(x: torch.Tensor, inverse: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Softmax mass of each row per block of keys: [batch, rows, keys] -> [batch, rows, ceil(keys / block_size)]."""
-    keys = x.shape[-1]
-    full = keys // block_size
-    mass = x[..., : full * block_size].unflatten(-1, (full, block_size)).sum(dim=-1)
-    if keys > full * block_size:  # keys end inside a block: the last, partly written one
-        mass = torch.cat([mass, x[..., full * block_size :].sum(dim=-1, keepdim=True)], dim=-1)
-    return mass.mul_(inverse[..., None])
-
-
-class Reduction(ABC):
-    """How heads, layers and query rows combine into one request's block scores (``policy.SCORE_REDUCE``).
-
-    A *total* accumulates over the layers of one step: for a prompt chunk one per
-    request, for the decode batch one row per request. Prompt chunks are scored
-    ``SCORE_CHUNK_ROWS`` rows at a time within a layer (``add_prompt_rows``), decodes
-    all at once (``add_decodes``). ``x`` is always the unnormalised softmax of
-    [batch, rows, keys] and ``inverse`` its reciprocal row sums (see :func:`exp_rows_`).
-    """
-
-    name: ClassVar[str]
-
-    @abstractmethod
-    def prompt_total(self, num_rows: int, num_keys: int, block_size: int) -> torch.Tensor: ...
-
-    @abstractmethod
-    def prompt_layer(self, total: torch.Tensor, num_keys: int) -> torch.Tensor:
-        """Where one layer's prompt rows accumulate (``total`` itself, or a per-layer buffer of whole pages)."""
-
-    @abstractmethod
-    def add_prompt_rows(
-        self, layer: torch.Tensor, x: torch.Tensor, inverse: torch.Tensor, rows: slice, block_size: int
-    ) -> None:
-        """``x``: [heads, rows, visible keys] for the query rows ``rows`` of the scored ones."""
-
-    def end_prompt_layer(self, total: torch.Tensor, layer: torch.Tensor, block_size: int) -> None:  # noqa: B027
-        """Fold one layer's buffer into ``total`` (nothing to do when they are the same tensor)."""
-
-    @abstractmethod
-    def decode_total(self, num_requests: int, num_blocks: int) -> torch.Tensor: ...
-
-    @abstractmethod
-    def add_decodes(self, total: torch.Tensor, x: torch.Tensor, inverse: torch.Tensor, block_size: int) -> None:
-        """``x``: [requests, heads, keys], one query row per request."""
-
-    @abstractmethod
-    def block_scores(self, total: torch.Tensor) -> torch.Tensor:
-        """One request's total -> float64 score per held block."""
-
-
-class SumReduction(Reduction):
-    """The paper: every head's, layer's and query's softmax mass added up."""
-
-    name = "sum"
-
-    def prompt_total(self, num_rows, num_keys, block_size):
-        return torch.zeros(-(-num_keys // block_size), dtype=torch.float64)
-
-    def prompt_layer(self, total, num_keys):
-        return torch.zeros(num_keys)  # token by token; summed per block once the layer is done
-
-    def add_prompt_rows(self, layer, x, inverse, rows, block_size):
-        layer[: x.shape[-1]] += column_sums(x, inverse).sum(dim=0)
-
-    def end_prompt_layer(self, total, layer, block_size):
-        total += layer.view(-1, block_size).sum(dim=1).double()
-
-    def decode_total(self, num_requests, num_blocks):
-        return torch.zeros(num_requests, num_blocks)
-
-    def add_decodes(self, total, x, inverse, block_size):
-        total += column_sums(x, inverse).view(len(total), -1, block_size).sum(dim=2)
-
-    def block_scores(self, total):
-        return total.double()
-
-
-class MaxReduction(Reduction):
-    """For each query row, the largest mass one head of one layer gives the block; summed over rows."""
-
-    name = "max"
-
-    def prompt_total(self, num_rows, num_keys, block_size):
-        return torch.zeros(num_rows, -(-num_keys // block_size))  # each row's best so far
-
-    def prompt_layer(self, total, num_keys):
-        return total
-
-    def add_prompt_rows(self, layer, x, inverse, rows, block_size):
-        best = row_block_mass(x, inverse, block_size).amax(dim=0)  # [rows, visible blocks]
-        kept = layer[rows, : best.shape[1]]
-        torch.maximum(kept, best, out=kept)
-
-    def decode_total(self, num_requests, num_blocks):
-        return torch.zeros(num_requests, 1, num_blocks)
-
-    def add_decodes(self, total, x, inverse, block_size):
-        best = row_block_mass(x, inverse, block_size).amax(dim=1)  # [requests, blocks]
-        torch.maximum(total[:, 0], best, out=total[:, 0])
-
-    def block_scores(self, total):
-        return total.sum(dim=0).double()
-
-
-REDUCTIONS: dict[str, Reduction] = {r.name: r for r in (SumReduction(), MaxReduction())}
-
-
 @dataclass
 class StepContext:
     """What the H2O model runner tells its attention metadata builders about one step."""
@@ -194,40 +70,6 @@ class StepContext:
     key_norms: set[str] = field(default_factory=set)  # requests whose new keys' norms are summed
     scorer: StepScorer | None = None  # set by the builder, collected by the runner after sampling
     key_norm_sums: KeyNormSums | None = None  # likewise, for the key_norms requests
-
-
-@dataclass
-class Compaction:
-    """The block table and sequence lengths the kernel sees once holes are dropped."""
-
-    block_table: torch.Tensor
-    seq_lens: torch.Tensor
-    kept_blocks: dict[int, np.ndarray]  # batch row -> logical indices of the blocks kept (only rows with holes)
-
-
-def compact(block_table: torch.Tensor, seq_lens: torch.Tensor, rows: list[int], block_size: int) -> Compaction:
-    """Drop hole entries (id 0) from ``rows`` of the table and shorten their lengths.
-
-    Works on copies: on CPU the runner's persistent tables alias these tensors.
-    Holes are always whole blocks (the policy never evicts a partly written one),
-    so each hole removes exactly ``block_size`` tokens.
-    """
-    if not rows:
-        return Compaction(block_table, seq_lens, {})
-    table = block_table.clone()
-    lens = seq_lens.clone()
-    kept: dict[int, np.ndarray] = {}
-    table_np, lens_np = table.numpy(), lens.numpy()
-    for row in rows:
-        num_blocks = -(-int(lens_np[row]) // block_size)
-        ids = table_np[row, :num_blocks].copy()
-        keep = np.flatnonzero(ids != 0)
-        holes = num_blocks - len(keep)
-        table_np[row, : len(keep)] = ids[keep]
-        table_np[row, len(keep) : num_blocks] = 0
-        lens_np[row] -= holes * block_size
-        kept[row] = keep
-    return Compaction(table, lens, kept)
 
 
 @dataclass
@@ -366,26 +208,22 @@ class FusedBatch:
                 req.total = self.sum_out[b0:b1]
 
 
-class StepScorer:
+class StepScorer(ABC):
     """Accumulates one step's attention mass per request and block, over all layers.
 
-    With the fused operator (``fused.load()``), one call per layer scores every
-    request; otherwise PyTorch operators do: the decodes together in a
-    :class:`DecodeBatch`, each prompt chunk on its own.
+    :meth:`for_step` finds the requests to score and makes the implementation:
+    :class:`FusedScorer` where the fused operator loads, else :class:`TorchScorer`.
     """
 
-    def __init__(self, block_size: int, key_layout: KeyLayout):
+    def __init__(self, block_size: int, key_layout: KeyLayout, prompts: list[ScoredRequest], decodes):
         self.block_size = block_size
         self.key_layout = key_layout
-        self.prompts: list[ScoredRequest] = []  # several query rows (prompt chunks)
-        self.decodes: list[ScoredRequest] = []  # one query row each
-        self.decode_batch: DecodeBatch | None = None
-        self.fused_batch: FusedBatch | None = None
+        self.prompts: list[ScoredRequest] = prompts  # several query rows (prompt chunks)
+        self.decodes: list[ScoredRequest] = decodes  # one query row each
         self.num_layers = 0
 
-    @classmethod
+    @staticmethod
     def for_step(
-        cls,
         context: StepContext,
         compaction: Compaction,
         query_start_loc: torch.Tensor,
@@ -395,26 +233,78 @@ class StepScorer:
         use_fused: bool | None = None,
     ) -> StepScorer | None:
         """The step's scorer, or None when nothing is scored; ``use_fused`` None: the operator where it loads."""
-        scorer = cls(block_size, key_layout)
-        qsl = query_start_loc.numpy()
-        lens = compaction.seq_lens.numpy()
-        for row, req_id in enumerate(context.req_ids[: len(logical_seq_lens)]):
-            ask = context.scores.get(req_id)
-            if ask is None:
-                continue
-            q_start, q_end = int(qsl[row]), int(qsl[row + 1])
-            seq_len = int(logical_seq_lens[row])
-            positions = np.arange(seq_len - (q_end - q_start), seq_len)
-            skip = int(np.searchsorted(positions, ask.first_position))
-            if skip >= len(positions):
-                continue
-            num_keys = int(lens[row])
-            num_blocks = -(-num_keys // block_size)
-            logical = compaction.kept_blocks.get(row)
-            if logical is None:
-                logical = np.arange(num_blocks)
-            token_positions = (logical[:, None] * block_size + np.arange(block_size)).reshape(-1)[:num_keys]
-            scored = ScoredRequest(
+        requests = scored_requests(context, compaction, query_start_loc, logical_seq_lens, block_size)
+        if not requests:
+            return None
+        if use_fused is None:
+            use_fused = fused.load()
+        elif use_fused and not fused.load():
+            raise RuntimeError("the fused scoring operator was asked for and does not load (see the log)")
+        prompts = [r for r in requests if r.num_rows > 1]
+        decodes = [r for r in requests if r.num_rows == 1]
+        return (FusedScorer if use_fused else TorchScorer)(block_size, key_layout, prompts, decodes)
+
+    @abstractmethod
+    def score_layer(self, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
+        """Add one layer's attention mass. ``query``: [tokens, heads, head_dim]; ``key_pages``:
+        [num_blocks, kv_heads, block_size * head_dim] page memory (as float8 for an fp8 cache)."""
+
+    @abstractmethod
+    def _hand_totals(self) -> None:
+        """Set every request's ``total`` to what it accumulated, as its reduction's ``block_scores`` reads it."""
+
+    def collect(self, reducer: RankReducer | None = None) -> dict[str, BlockScores]:
+        """The step's scores, per request: what the scheduler adds to its ledgers (reduced over the
+        tensor- and pipeline-parallel ranks by ``reducer`` first, where there are several)."""
+        requests = self.prompts + self.decodes
+        self._hand_totals()
+        num_layers = self.num_layers
+        if reducer is not None:
+            by_max = [req.reduction.name == "max" for req in requests]
+            num_layers = reducer.attention(
+                [r.total for r, m in zip(requests, by_max) if not m],
+                [r.total for r, m in zip(requests, by_max) if m],
+                num_layers,
+            )
+        return {
+            req.req_id: BlockScores(
+                req.logical_blocks.astype(np.int64),
+                req.reduction.block_scores(req.total).numpy(),
+                req.visibility(self.block_size, num_layers),
+            )
+            for req in requests
+        }
+
+
+def scored_requests(
+    context: StepContext,
+    compaction: Compaction,
+    query_start_loc: torch.Tensor,
+    logical_seq_lens: np.ndarray,
+    block_size: int,
+) -> list[ScoredRequest]:
+    """The step's requests with rows to score, in batch order: their rows, and the keys they attend."""
+    requests = []
+    qsl = query_start_loc.numpy()
+    lens = compaction.seq_lens.numpy()
+    for row, req_id in enumerate(context.req_ids[: len(logical_seq_lens)]):
+        ask = context.scores.get(req_id)
+        if ask is None:
+            continue
+        q_start, q_end = int(qsl[row]), int(qsl[row + 1])
+        seq_len = int(logical_seq_lens[row])
+        positions = np.arange(seq_len - (q_end - q_start), seq_len)
+        skip = int(np.searchsorted(positions, ask.first_position))
+        if skip >= len(positions):
+            continue
+        num_keys = int(lens[row])
+        num_blocks = -(-num_keys // block_size)
+        logical = compaction.kept_blocks.get(row)
+        if logical is None:
+            logical = np.arange(num_blocks)
+        token_positions = (logical[:, None] * block_size + np.arange(block_size)).reshape(-1)[:num_keys]
+        requests.append(
+            ScoredRequest(
                 req_id,
                 REDUCTIONS[ask.reduce],
                 slice(q_start + skip, q_end),
@@ -424,21 +314,46 @@ class StepScorer:
                 num_keys,
                 token_positions,
             )
-            (scorer.decodes if scored.num_rows == 1 else scorer.prompts).append(scored)
-        if not scorer.prompts and not scorer.decodes:
-            return None
-        if use_fused is None:
-            use_fused = fused.load()
-        elif use_fused and not fused.load():
-            raise RuntimeError("the fused scoring operator was asked for and does not load (see the log)")
-        if use_fused:
-            scorer.fused_batch = FusedBatch.of(scorer.prompts + scorer.decodes)
-        else:
-            for req in scorer.prompts:
-                req.total = req.reduction.prompt_total(req.num_rows, req.num_keys, block_size)
-            if scorer.decodes:
-                scorer.decode_batch = DecodeBatch.of(scorer.decodes, block_size)
-        return scorer
+        )
+    return requests
+
+
+class FusedScorer(StepScorer):
+    """One call of the fused operator per layer scores every request of the step (``fused.py``)."""
+
+    def __init__(self, block_size, key_layout, prompts, decodes):
+        super().__init__(block_size, key_layout, prompts, decodes)
+        self.fused_batch = FusedBatch.of(prompts + decodes)
+
+    def score_layer(self, query, key_pages, scale):
+        self.num_layers += 1
+        self.fused_batch.score_layer(query, key_pages, scale, self.key_layout, self.block_size)
+
+    def _hand_totals(self):
+        self.fused_batch.totals(self.prompts + self.decodes)
+
+
+class TorchScorer(StepScorer):
+    """PyTorch operators: the decodes together in a :class:`DecodeBatch`, each prompt chunk on its own."""
+
+    def __init__(self, block_size, key_layout, prompts, decodes):
+        super().__init__(block_size, key_layout, prompts, decodes)
+        for req in prompts:
+            req.total = req.reduction.prompt_total(req.num_rows, req.num_keys, block_size)
+        self.decode_batch = DecodeBatch.of(decodes, block_size) if decodes else None
+
+    def score_layer(self, query, key_pages, scale):
+        self.num_layers += 1
+        if self.decode_batch is not None:
+            self._score_decodes(self.decode_batch, query, key_pages, scale)
+        for req in self.prompts:
+            self._score_prompt(req, query, key_pages, scale)
+
+    def _hand_totals(self):
+        for group in self.decode_batch.groups if self.decode_batch is not None else ():
+            for i, member in enumerate(group.members):
+                d = self.decodes[member]
+                d.total = group.total[i, ..., : len(d.block_ids)]
 
     def _keys_t(self, pages: torch.Tensor, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
         """float32 K^T of ``block_ids`` (``num_seqs`` equal-length lists, flattened): [seqs, kv_heads, head_dim, keys].
@@ -489,107 +404,3 @@ class StepScorer:
             inverse = exp_rows_(x)
             req.reduction.add_prompt_rows(layer, x, inverse, slice(start, start + len(q_pos)), self.block_size)
         req.reduction.end_prompt_layer(req.total, layer, self.block_size)
-
-    def score_layer(self, query: torch.Tensor, key_pages: torch.Tensor, scale: float) -> None:
-        """Add one layer's attention mass. ``query``: [tokens, heads, head_dim]; ``key_pages``: see ``_keys_t``."""
-        self.num_layers += 1
-        if self.fused_batch is not None:
-            self.fused_batch.score_layer(query, key_pages, scale, self.key_layout, self.block_size)
-            return
-        if self.decode_batch is not None:
-            self._score_decodes(self.decode_batch, query, key_pages, scale)
-        for req in self.prompts:
-            self._score_prompt(req, query, key_pages, scale)
-
-    def collect(self, reducer: RankReducer | None = None) -> dict[str, BlockScores]:
-        """The step's scores, per request: what the scheduler adds to its ledgers (reduced over the
-        tensor- and pipeline-parallel ranks by ``reducer`` first, where there are several)."""
-        requests = self.prompts + self.decodes
-        if self.fused_batch is not None:
-            self.fused_batch.totals(requests)
-        for group in self.decode_batch.groups if self.decode_batch is not None else ():
-            for i, member in enumerate(group.members):
-                d = self.decodes[member]
-                d.total = group.total[i, ..., : len(d.block_ids)]
-        num_layers = self.num_layers
-        if reducer is not None:
-            by_max = [req.reduction.name == "max" for req in requests]
-            num_layers = reducer.attention(
-                [r.total for r, m in zip(requests, by_max) if not m],
-                [r.total for r, m in zip(requests, by_max) if m],
-                num_layers,
-            )
-        return {
-            req.req_id: BlockScores(
-                req.logical_blocks.astype(np.int64),
-                req.reduction.block_scores(req.total).numpy(),
-                req.visibility(self.block_size, num_layers),
-            )
-            for req in requests
-        }
-
-
-class KeyNormSums:
-    """One step's key norms per request and logical block, summed over KV heads and layers.
-
-    Each layer's attention gets the step's new keys, ``[tokens, kv_heads, head_dim]``
-    (rotated: the values the layer writes to the paged cache); the tokens of the
-    key-norm requests are the rows ``token_rows`` of it. Per layer: one gather (none
-    when those rows are contiguous), one float64 norm and one ``index_add_`` into a flat
-    buffer of every request's touched blocks. Each key is counted once, in the step
-    that writes it, so what a block gathers over its life is the sum of its keys' norms.
-    """
-
-    def __init__(self, req_ids: list[str], blocks: list[np.ndarray], token_rows: np.ndarray, token_slots: np.ndarray):
-        self.req_ids = req_ids
-        self.blocks = blocks  # per request: the logical blocks its new tokens fall in, ascending
-        rows = torch.from_numpy(token_rows.astype(np.int64))
-        contiguous = len(token_rows) > 0 and bool(np.all(np.diff(token_rows) == 1))
-        self.token_rows: slice | torch.Tensor = (
-            slice(int(token_rows[0]), int(token_rows[-1]) + 1) if contiguous else rows
-        )
-        self.token_slots = torch.from_numpy(token_slots.astype(np.int64))  # [T] each token's place in totals
-        self.offsets = np.concatenate([[0], np.cumsum([len(b) for b in blocks])]).astype(np.int64)
-        self.totals = torch.zeros(int(self.offsets[-1]), dtype=torch.float64)
-
-    @classmethod
-    def for_step(
-        cls, context: StepContext, query_start_loc: torch.Tensor, logical_seq_lens: np.ndarray, block_size: int
-    ) -> KeyNormSums | None:
-        """The step's sums for ``context.key_norms`` (None: none of them runs a token this step)."""
-        qsl = query_start_loc.numpy()
-        req_ids, blocks, rows, slots = [], [], [], []
-        offset = 0
-        for row, req_id in enumerate(context.req_ids[: len(logical_seq_lens)]):
-            q_start, q_end = int(qsl[row]), int(qsl[row + 1])
-            if req_id not in context.key_norms or q_end == q_start:
-                continue
-            seq_len = int(logical_seq_lens[row])
-            block_of = np.arange(seq_len - (q_end - q_start), seq_len) // block_size  # the new tokens' blocks
-            req_blocks = np.arange(block_of[0], block_of[-1] + 1)
-            req_ids.append(req_id)
-            blocks.append(req_blocks)
-            rows.append(np.arange(q_start, q_end))
-            slots.append(offset + block_of - block_of[0])
-            offset += len(req_blocks)
-        if not req_ids:
-            return None
-        return cls(req_ids, blocks, np.concatenate(rows), np.concatenate(slots))
-
-    def add_layer(self, key: torch.Tensor) -> None:
-        """Add one layer's key norms. ``key``: [tokens, kv_heads, head_dim], the step's new keys."""
-        if key.dim() != 3:
-            raise RuntimeError(f"H2O key norms expect keys of [tokens, kv_heads, head_dim], got {tuple(key.shape)}")
-        norms = torch.linalg.vector_norm(key[self.token_rows], dim=-1, dtype=torch.float64)  # [T, kv_heads]
-        self.totals.index_add_(0, self.token_slots, norms.sum(dim=-1))
-
-    def collect(self, reducer: RankReducer | None = None) -> dict[str, BlockScores]:
-        """The step's key norms, per request: what the scheduler adds to its ledgers (summed over
-        parallel ranks by ``reducer`` first)."""
-        if reducer is not None:
-            reducer.key_norms(self.totals)
-        totals = self.totals.numpy()
-        return {
-            req_id: BlockScores(blocks.astype(np.int64), totals[self.offsets[i] : self.offsets[i + 1]].copy())
-            for i, (req_id, blocks) in enumerate(zip(self.req_ids, self.blocks))
-        }

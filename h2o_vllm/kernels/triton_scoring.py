@@ -16,7 +16,7 @@ without reading attention probabilities back:
   blocks and shorten its sequence length by one block per hole, into persistent
   output buffers: fixed shapes, no allocation and no host synchronisation, so it
   can be captured in a CUDA graph and replayed. Reference:
-  :func:`compact_block_tables_reference` (the same as ``scoring.compact``).
+  :func:`compact_block_tables_reference` (the same as ``compaction.compact``).
 
 The KV layout is vLLM's FlashAttention one: ``key_cache`` is
 ``[num_blocks, block_size, num_kv_heads, head_dim]``, any strides (vLLM 0.32 hands
