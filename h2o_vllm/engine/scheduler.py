@@ -61,20 +61,48 @@ class EngineCounters:
     requests_by_policy: collections.Counter = field(default_factory=collections.Counter)
 
 
+@dataclass(frozen=True)
+class RequestSettings:
+    """One request's configuration and the figures the scheduler derives from it, worked out once.
+
+    Made when the request arrives (its ``h2o_*`` extra args over the server's defaults);
+    kept until it finishes, across preemptions.
+    """
+
+    config: PolicyConfig
+    num_prompt_tokens: int
+    longest: int  # the longest its sequence may grow: prompt and max_tokens, within max_model_len
+    can_evict: bool
+    max_prefix_hit: int | None  # prompt tokens it may take from the prefix cache (None: no limit)
+
+    @classmethod
+    def of(cls, config: PolicyConfig, request: Request, max_model_len: int) -> RequestSettings:
+        prompt, max_tokens = request.num_prompt_tokens, request.max_tokens
+        longest = min(max_model_len, prompt + (max_tokens or 0))
+        can_evict = config.can_evict(prompt, max_tokens)
+        hit = config.max_prefix_hit(prompt, longest) if can_evict else None
+        return cls(config, prompt, longest, can_evict, hit)
+
+    def peak_blocks(self, num_tokens: int, chunk_tokens: int) -> int | None:
+        """:meth:`PolicyConfig.peak_blocks` for this request, at ``num_tokens`` so far (None: unbounded)."""
+        return self.config.peak_blocks(max(self.longest, num_tokens), chunk_tokens)
+
+
 class RequestEviction:
-    """One request's eviction state: its configuration, policy, block ledger and counters.
+    """One request's eviction state: its policy, block ledger and counters.
 
     Made when the request is first scheduled; dropped when it finishes or is
     preempted (a preempted request re-prefills from scratch and starts a new one).
     """
 
-    def __init__(self, config: PolicyConfig, num_prompt_tokens: int, max_tokens: int | None):
+    def __init__(self, settings: RequestSettings):
+        config = settings.config
         self.config = config
         self.policy = make_policy(config)
         self.ledger = BlockLedger(config.block_size)
         self.counters = RequestCounters(config.policy)
-        self.num_prompt_tokens = num_prompt_tokens
-        self.can_evict = config.can_evict(num_prompt_tokens, max_tokens)
+        self.num_prompt_tokens = settings.num_prompt_tokens
+        self.can_evict = settings.can_evict
         self.needs_scores = self.can_evict and config.needs_scores
         self.needs_key_norms = self.can_evict and config.needs_key_norms
         # Set at the first eviction: the blocks below it were computed over the full context
@@ -124,7 +152,8 @@ class H2OScheduler(Scheduler):
         engine_seams.check_single_full_attention_group(kv_cache_config, BudgetedAttentionSpec)
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
         self.h2o_defaults = server_defaults(vllm_config.additional_config)
-        self.h2o_requests: dict[str, RequestEviction] = {}
+        self.h2o_settings: dict[str, RequestSettings] = {}  # every request not finished
+        self.h2o_requests: dict[str, RequestEviction] = {}  # those scheduled since (re)admission
         self.h2o_totals = EngineCounters()
         self.h2o_metrics = metrics.writer_from_env(engine_seams.data_parallel_engine(vllm_config))
         # A prefill chunk is at most a step's token budget; no sequence is longer than max_model_len.
@@ -142,9 +171,17 @@ class H2OScheduler(Scheduler):
 
     # -- request life cycle ----------------------------------------------------------
 
+    def request_settings(self, request: Request) -> RequestSettings:
+        """The request's settings, parsed once when it arrived."""
+        found = self.h2o_settings.get(request.request_id)
+        if found is None:
+            extra = request.sampling_params.extra_args if request.sampling_params else None
+            config = settings.for_request(self.h2o_defaults, extra)
+            found = self.h2o_settings[request.request_id] = RequestSettings.of(config, request, self.h2o_max_len)
+        return found
+
     def request_config(self, request: Request) -> PolicyConfig:
-        extra = request.sampling_params.extra_args if request.sampling_params else None
-        return settings.for_request(self.h2o_defaults, extra)
+        return self.request_settings(request).config
 
     def add_request(self, request: Request) -> None:
         # Bad settings never get here: patches/request_validation.py refuses them at the door.
@@ -152,23 +189,18 @@ class H2OScheduler(Scheduler):
         super().add_request(request)
         self.h2o_totals.requests_by_policy[config.policy] += 1
 
-    def _peak_blocks(self, request: Request, config: PolicyConfig, decoding: bool = False) -> int | None:
+    def _peak_blocks(self, request: Request, decoding: bool = False) -> int | None:
         """Most blocks a request holds at once: prefilling, one chunk beyond what it keeps; decoding, one block.
 
         What it keeps is sized for its longest possible sequence (a fraction budget grows with it).
         """
-        return config.peak_blocks(self._longest(request), 1 if decoding else self.h2o_chunk_tokens)
-
-    def _longest(self, request: Request) -> int:
-        """The longest the request's sequence may grow: its prompt and ``max_tokens``, within max_model_len."""
-        longest = min(self.h2o_max_len, request.num_prompt_tokens + (request.max_tokens or 0))
-        return max(longest, request.num_tokens)
+        chunk = 1 if decoding else self.h2o_chunk_tokens
+        return self.request_settings(request).peak_blocks(request.num_tokens, chunk)
 
     def _eviction_state(self, request: Request) -> RequestEviction:
         state = self.h2o_requests.get(request.request_id)
         if state is None:
-            state = RequestEviction(self.request_config(request), request.num_prompt_tokens, request.max_tokens)
-            self.h2o_requests[request.request_id] = state
+            state = self.h2o_requests[request.request_id] = RequestEviction(self.request_settings(request))
         return state
 
     def _cache_cap(self, req_id: str) -> int | None:
@@ -176,10 +208,7 @@ class H2OScheduler(Scheduler):
         return None if state is None else state.cache_cap_tokens
 
     def _max_prefix_hit(self, request: Request) -> int | None:
-        config = self.request_config(request)
-        if not config.can_evict(request.num_prompt_tokens, request.max_tokens):
-            return None
-        return config.max_prefix_hit(request.num_prompt_tokens, self._longest(request))
+        return self.request_settings(request).max_prefix_hit
 
     def _admission_blocks(self, req_id: str) -> int | None:
         """Free blocks a waiting request needs to start (None: vLLM's rule, its whole prompt).
@@ -191,14 +220,14 @@ class H2OScheduler(Scheduler):
         what it may still take is its peak less the blocks only it holds.
         """
         request = self.requests.get(req_id)
-        peak = None if request is None else self._peak_blocks(request, self.request_config(request))
+        peak = None if request is None else self._peak_blocks(request)
         if peak is None or peak * self.block_size >= request.num_tokens:
             return None
         outstanding = 0
         for running in self.running:
             state = self.h2o_requests.get(running.request_id)
             decoding = running.num_computed_tokens >= running.num_prompt_tokens
-            their_peak = None if state is None else self._peak_blocks(running, state.config, decoding)
+            their_peak = None if state is None else self._peak_blocks(running, decoding)
             if their_peak is not None:
                 outstanding += max(0, their_peak - engine_seams.private_blocks(self, running.request_id))
         return peak + outstanding
@@ -207,8 +236,10 @@ class H2OScheduler(Scheduler):
         # Finish and preemption both end here: a preempted request re-prefills from scratch.
         super()._free_request_blocks(request)
         state = self.h2o_requests.pop(request.request_id, None)
-        if state is not None and request.is_finished():
-            self.h2o_totals.finished_requests += 1
+        if request.is_finished():
+            self.h2o_settings.pop(request.request_id, None)
+            if state is not None:
+                self.h2o_totals.finished_requests += 1
 
     # -- one step ----------------------------------------------------------------------
 
