@@ -6,7 +6,7 @@ from __future__ import annotations
 from abc import abstractmethod
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from h2o_vllm.hf import attention
 from h2o_vllm.policy import PolicyConfig
@@ -78,6 +78,25 @@ class EvictingCache(Cache):
         self, module, base_attention, query, key, value, attention_mask, scaling, dropout, additive_mask, **kwargs
     ):
         """Run ``base_attention`` over what the layer holds, then score and evict; returns its (output, weights)."""
+
+
+class EvictingLayer(CacheLayerMixin):
+    """What every evicting cache's layer says to transformers: ``seen`` positions so far, no fixed
+    length, no compiling, cropping or beam search."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    seen = 0  # positions handed out so far (what generation counts as cache length)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("evicting caches (H2OCache, FastH2OCache) do not support beam search")
 
 
 def left_padding(attention_mask, batch: int, q_len: int) -> torch.Tensor:

@@ -37,18 +37,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from h2o_vllm.hf import handoff
-from h2o_vllm.hf.base import EvictingCache, left_padding
+from h2o_vllm.hf.base import EvictingCache, EvictingLayer, left_padding
 from h2o_vllm.ledger import BlockLedger
 from h2o_vllm.policy import ATTENTION, KEY_NORM, PolicyConfig, make_policy
 
 
-class EvictingLayer(CacheLayerMixin):
-    is_compileable = False
-    is_sliding = False
-    is_croppable = False
+class ReferenceLayer(EvictingLayer):
+    """One layer's KV, repacked after every eviction."""
 
     def __init__(self):
         super().__init__()
@@ -81,12 +78,6 @@ class EvictingLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.width + query_length, 0
 
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.keys = self.values = self.positions = None
         self.is_initialized = False
@@ -109,9 +100,6 @@ class EvictingLayer(CacheLayerMixin):
         self.positions = positions
         self.compacted = True
 
-    def reorder_cache(self, beam_idx):
-        raise NotImplementedError("H2OCache does not support beam search")
-
 
 @dataclass
 class CacheStats:
@@ -133,7 +121,7 @@ class H2OCache(EvictingCache):
         score_chunk: int = 256,
     ):
         super().__init__(
-            [EvictingLayer() for _ in range(num_layers)],
+            [ReferenceLayer() for _ in range(num_layers)],
             policy_config,
             per_layer=per_layer,
             per_head=per_head,
@@ -219,7 +207,7 @@ class H2OCache(EvictingCache):
         self.ledgers = [[BlockLedger(c.block_size) for c in configs] for _ in range(groups)]
         self.stats.per_row_evicted = [[] for _ in range(batch)]
 
-    def _allowed(self, layer: EvictingLayer, first_query: int, row_start: int, row_end: int) -> torch.Tensor:
+    def _allowed(self, layer: ReferenceLayer, first_query: int, row_start: int, row_end: int) -> torch.Tensor:
         """[batch, 1, rows, slots]: which slots each query may attend (causal, no padding, no empty slot)."""
         pos = layer.positions
         q_pos = torch.arange(first_query + row_start, first_query + row_end, device=pos.device)
@@ -229,7 +217,7 @@ class H2OCache(EvictingCache):
         allowed |= pos[:, None, :] == q_pos[None, :, None]
         return allowed[:, None]
 
-    def _grow_ledgers(self, layer: EvictingLayer, layer_idx: int) -> None:
+    def _grow_ledgers(self, layer: ReferenceLayer, layer_idx: int) -> None:
         for row, ledger in enumerate(self.ledgers[layer_idx if self.per_layer else 0]):
             ledger.grow(layer.seen - int(self.padding[row]))
 
@@ -281,7 +269,7 @@ class H2OCache(EvictingCache):
                 ledger = ledgers[row]
                 ledger.add_blocks(np.arange(ledger.num_blocks), self._row_max[row].sum(dim=0).double().numpy())
 
-    def _add_key_norms(self, layer: EvictingLayer, layer_idx: int, q_len: int) -> None:
+    def _add_key_norms(self, layer: ReferenceLayer, layer_idx: int, q_len: int) -> None:
         """Add the L2 norms of this forward's keys (the layer's last ``q_len`` slots, just appended) to their
         blocks, summed over the row's KV heads: each key is counted once per layer, when it is written."""
         norms = _key_norms(layer.keys[:, :, -q_len:])  # [rows, q]
@@ -292,7 +280,7 @@ class H2OCache(EvictingCache):
                 real = logical[row] >= 0
                 ledgers[row].add(logical[row][real].cpu().numpy(), norms[row, real].cpu().numpy())
 
-    def _evict(self, group: int, layers: list[EvictingLayer]) -> None:
+    def _evict(self, group: int, layers: list[ReferenceLayer]) -> None:
         decisions = [ledger.evict(policy) for ledger, policy in zip(self.ledgers[group], self.policies)]
         has_padding_slots = bool((layers[0].positions < self.padding[:, None]).any())
         if not any(decisions) and not has_padding_slots:

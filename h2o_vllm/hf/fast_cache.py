@@ -22,10 +22,9 @@ back to the budget plus the margin, so during decoding the buffers are allocated
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from h2o_vllm.hf import handoff
-from h2o_vllm.hf.base import EvictingCache, left_padding
+from h2o_vllm.hf.base import EvictingCache, EvictingLayer, left_padding
 from h2o_vllm.hf.device_policy import DevicePolicy, EvictionRecord
 from h2o_vllm.hf.slots import PagePlan, SlotTable, ceil_div
 from h2o_vllm.policy import PolicyConfig
@@ -35,12 +34,8 @@ from h2o_vllm.policy import PolicyConfig
 SCORE_ELEMENTS = 1 << 27
 
 
-class FastLayer(CacheLayerMixin):
+class FastLayer(EvictingLayer):
     """One layer's fixed K/V buffers, written in place at the slots its :class:`SlotTable` assigns."""
-
-    is_compileable = False
-    is_sliding = False
-    is_croppable = False
 
     def __init__(self, table: SlotTable):
         # Not CacheLayerMixin.__init__: here ``keys`` and ``values`` are read-only views of the held KV.
@@ -121,19 +116,10 @@ class FastLayer(CacheLayerMixin):
         # As if nothing were dropped: transformers' mask is only read at the first forward (for left padding).
         return self.seen + query_length, 0
 
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.key_buffer = self.value_buffer = self.pending = None
         self.seen = 0
         self.is_initialized = False
-
-    def reorder_cache(self, beam_idx):
-        raise NotImplementedError("FastH2OCache does not support beam search")
 
 
 class FastH2OCache(EvictingCache):
