@@ -9,7 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from h2o_vllm.hf import EvictingCache, H2OCache, disable_streaming_llm, enable_h2o_llm, enable_policy, enable_streaming_llm
+from h2o_vllm.hf import (
+    EvictingCache,
+    H2OCache,
+    disable_streaming_llm,
+    enable_h2o_llm,
+    enable_policy,
+    enable_streaming_llm,
+)
 from h2o_vllm.policy import Budget, PolicyConfig
 
 PROMPTS = [
