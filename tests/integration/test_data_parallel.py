@@ -16,9 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from h2o_vllm.local_server import ServerProcess
-
-from .helpers import metrics, wait_until_idle
+from .helpers import metrics, serve, wait_until_idle
 from .test_lifecycle import STOP_SLACK, assert_nothing_left, wait_for_exit
 
 pytestmark = pytest.mark.integration
@@ -39,19 +37,11 @@ CHOICES = [
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("dp-server")
     args = ["--model", str(tiny_model_dir), "--served-model-name", MODEL, "--enforce-eager"]
     args += ["--max-model-len", "2048", "--num-gpu-blocks-override", str(POOL + 1), "-dp", str(ENGINES)]
     args += ["--max-num-batched-tokens", "512", "--h2o-prefill", "chunked"]
-    proc = ServerProcess(args, log_path=logs / "server.log").start()
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.base_url, timeout=300) as c:
-        yield c
+    with serve(tmp_path_factory, "dp-server", args) as proc:
+        yield proc
 
 
 def per_engine(client, name: str) -> dict[str, float]:
