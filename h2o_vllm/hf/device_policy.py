@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from h2o_vllm.policy import PolicyConfig, make_policy
+from h2o_vllm.policy import Bounds, PolicyConfig, make_policy
 
 
 class DevicePolicy:
@@ -37,10 +37,10 @@ class DevicePolicy:
         """[batch, groups, pages] True where a page's block is evicted now.
 
         ``blocks``: the logical block of each page (-1: free); ``num_tokens``: each batch row's tokens."""
-        budget_blocks, sink_blocks, protected_from = self.bounds(num_tokens, blocks.device)
+        bounds = Bounds(*self.bounds(num_tokens, blocks.device))  # each field [rows, 1, 1]
         held = blocks >= 0
-        excess = held.sum(-1) - budget_blocks[..., 0]
-        candidate = held & ~((blocks < sink_blocks) | (blocks >= protected_from))
+        excess = held.sum(-1) - bounds.budget_blocks[..., 0]
+        candidate = held & ~bounds.protected(blocks)
         key = self.policy.order_key(scores, blocks, visibility).double().masked_fill(~candidate, float("inf"))
         # Rank by (key, block): a stable sort by block, then a stable sort by key.
         by_block = torch.argsort(blocks, dim=-1, stable=True)
