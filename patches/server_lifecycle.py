@@ -18,9 +18,10 @@ stopped, by force if it still works). ``h2o-vllm serve`` sets a grace period by 
   exits 0. Once uvicorn runs, vLLM's loop handler replaces ours. A worker the engine core
   spawns while it is being stopped would outlive it (vLLM's workers watch their parent
   only once their model is loaded): the server is made a child subreaper
-  (Linux ``PR_SET_CHILD_SUBREAPER``), so such an orphan becomes its child and is stopped
-  in the next round, and the main thread, whose engine handshake fails meanwhile, leaves
-  the exit to the stopping thread.
+  (Linux ``PR_SET_CHILD_SUBREAPER``), so such an orphan becomes its child and gets SIGTERM
+  as soon as it appears; whatever is left when ``CHILD_EXIT_TIMEOUT_S`` is up in all is
+  killed (a worker forked during start-up may ignore SIGTERM), and the main thread,
+  whose engine handshake fails meanwhile, leaves the exit to the stopping thread.
 - **The drain itself.** vLLM's drain runs in the engine core and ends by killing it:
   requests still running at the deadline get a 500 ("EngineCore encountered an issue")
   and the server stops with the engine's teardown cut short; meanwhile the engine core
@@ -76,8 +77,10 @@ ENGINE_DEATH_LINGER_ENV = "H2O_VLLM_ENGINE_DEATH_LINGER"
 ENGINE_DEATH_LINGER_S = 5.0
 # How long a child process may take to exit after SIGTERM before it is killed.
 CHILD_EXIT_TIMEOUT_S = 10.0
-# Rounds of reaping: the children, then the orphans the killed ones left (see above).
+# Sweeps of killing once the reap's time is up: the children, then the orphans the killed ones
+# left (see above); and how often a reap looks for new processes meanwhile.
 REAP_ROUNDS = 3
+REAP_POLL_S = 0.2
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 # Once the drain is over: how long the abort may take, and the engine core's teardown
 # (its workers stop in 2-5 s here) before vLLM kills it.
@@ -116,29 +119,41 @@ def _children():
 
 
 def reap_children(timeout: float = CHILD_EXIT_TIMEOUT_S, terminate: bool = False) -> list[int]:
-    """Wait up to ``timeout`` s for this process's children to exit (SIGTERM them first if
-    ``terminate``), then kill those still there; then the same for orphans the killed ones
-    left (they become this process's children, :func:`become_subreaper`), which are sent
-    SIGTERM at once. The pids seen."""
+    """Wait up to ``timeout`` s in all for this process's descendants to exit, then kill those
+    left. ``terminate`` sends them SIGTERM first; a process that appears meanwhile, or is
+    orphaned meanwhile (it becomes this process's child, :func:`become_subreaper`), gets SIGTERM
+    at once. After the deadline, what the kills orphan is killed too (``REAP_ROUNDS`` sweeps),
+    so the whole reap takes about ``timeout`` s, however many generations stop late. The pids
+    seen."""
     import psutil
 
-    seen: list[int] = []
-    for round_ in range(REAP_ROUNDS):
-        procs = _children()
-        if not procs:
-            break
-        if terminate or round_ > 0:
-            for proc in procs:
-                with contextlib.suppress(psutil.Error):
+    me = os.getpid()
+    parents: dict[int, int] = {}  # pid -> its parent when first seen
+    deadline = time.monotonic() + timeout
+    first, sweeps = True, 0
+    while procs := _children():
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                parent = proc.ppid()
+                new = proc.pid not in parents
+                orphaned = not new and parent == me and parents[proc.pid] != me
+                parents.setdefault(proc.pid, parent)
+                if (new and (terminate or not first)) or orphaned:
                     proc.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
-        for proc in alive:
+        first = False
+        left = deadline - time.monotonic()
+        if left > 0:
+            psutil.wait_procs(procs, timeout=min(left, REAP_POLL_S))
+            continue
+        for proc in procs:
             logger.warning("[h2o-vllm] process %d did not exit within %.0f s: killing it", proc.pid, timeout)
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-        psutil.wait_procs(alive, timeout=5)
-        seen += [p.pid for p in procs]
-    return seen
+        psutil.wait_procs(procs, timeout=5)
+        sweeps += 1
+        if sweeps >= REAP_ROUNDS:
+            break
+    return list(parents)
 
 
 def become_subreaper() -> bool:
