@@ -12,7 +12,7 @@ metric and budget when the difference is larger than that noise, else *within no
 
 Prefix caching (vLLM's default) changes what H2O scoring every prompt row decides: a request
 that takes H prompt tokens from the cache scores only the rows after them, as with a prompt
-window of N - H rows (see ``PolicyConfig.max_prefix_hit``), and an evaluation runs every
+window of N - H rows (see ``Footprint.max_prefix_hit``), and an evaluation runs every
 prompt once per configuration, so most prompts hit. Such configurations are taken only from
 runs whose server had prefix caching off (``--serve-args "... --no-enable-prefix-caching"``);
 every other configuration decides the same with and without hits and is taken from any run.

@@ -27,7 +27,7 @@ Series (all prefixed ``h2o_vllm:``):
     engine_evicted_blocks_total{engine} counter evicted_blocks_total of each data-parallel engine
 
 vLLM's own ``vllm:prefix_cache_queries`` and ``vllm:prefix_cache_hits`` count the hits the
-H2O scheduler lets a request take (see ``PolicyConfig.max_prefix_hit``).
+H2O scheduler lets a request take (see ``Footprint.max_prefix_hit``).
 """
 
 from __future__ import annotations

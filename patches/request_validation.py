@@ -61,6 +61,7 @@ def validate_fits_pool(vllm_config, engine_request) -> None:
 
     from h2o_vllm import settings
     from h2o_vllm.engine.settings import server_defaults
+    from h2o_vllm.footprint import Footprint
     from h2o_vllm.patches import engine_seams
 
     pool = vllm_config.cache_config.num_gpu_blocks  # set once the engine cores reported theirs
@@ -77,7 +78,7 @@ def validate_fits_pool(vllm_config, engine_request) -> None:
     max_new = params.max_tokens or 0
     chunk = vllm_config.scheduler_config.max_num_batched_tokens
     bs = vllm_config.cache_config.block_size
-    need = config.most_blocks(prompt, max_new, chunk)
+    need = Footprint(config).most_blocks(prompt, max_new, chunk)
     if need <= usable:
         return
     if config.policy == "none":

@@ -12,11 +12,12 @@ from engine_support import BLOCK, generate, random_prompts, start_engine
 
 from h2o_vllm.engine import engine_config
 from h2o_vllm.engine.observe import StepObserver, num_free_blocks, resident_blocks, scheduler_of
+from h2o_vllm.footprint import Footprint
 from h2o_vllm.policy import Budget
 
 CHUNK, POOL = 256, 96
 CONFIG = engine_config(budget=Budget(tokens=256), n_sink=BLOCK, prefill="chunked")
-PEAK = CONFIG.peak_blocks(2048, CHUNK)
+PEAK = Footprint(CONFIG).peak_blocks(2048, CHUNK)
 PROMPT, NEW, NUM = 1900, 64, 6
 
 

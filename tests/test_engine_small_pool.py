@@ -12,6 +12,7 @@ from engine_support import BLOCK, generate, start_engine
 
 from h2o_vllm.engine import engine_config
 from h2o_vllm.engine.observe import StepObserver, num_free_blocks, resident_blocks, scheduler_of
+from h2o_vllm.footprint import Footprint
 from h2o_vllm.policy import Budget
 
 CHUNK, POOL, MAX_LEN = 512, 64, 8192
@@ -71,7 +72,7 @@ def test_a_7000_token_prompt_holds_its_budget_plus_one_chunk(engine, essay_ids):
     outputs, log, peaks, counted = generate_watched(engine, [prompt])
     (rid,) = peaks
     assert peaks[rid] <= PEAK and counted[rid] <= PEAK
-    assert max(peaks[rid], counted[rid]) <= CONFIG.peak_blocks(LONG + NEW, CHUNK)  # what admission reserved
+    assert max(peaks[rid], counted[rid]) <= Footprint(CONFIG).peak_blocks(LONG + NEW, CHUNK)  # what admission reserved
     assert log.preemptions == 0
     assert len(log.evictions[rid]) >= LONG // BLOCK - PEAK
     # Coherent text: English words from the essays' own vocabulary, not a loop on one token.

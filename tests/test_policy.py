@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from h2o_vllm.footprint import Footprint
 from h2o_vllm.policy import Budget, PolicyConfig, SequenceView, make_policy, protected_mask
 
 
@@ -141,7 +142,7 @@ def test_keynorm_settings():
     with pytest.raises(ValueError, match="score_norm.*key norms"):
         PolicyConfig("keynorm", score_norm="mean")
     for prefill in ("whole", "chunked"):
-        assert PolicyConfig("keynorm", block_size=32, prefill=prefill).max_prefix_hit(1000, 1200) == 0
+        assert Footprint(PolicyConfig("keynorm", block_size=32, prefill=prefill)).max_prefix_hit(1000, 1200) == 0
     windowed = PolicyConfig("keynorm", prompt_window=8, score_reduce="max")
     view = SequenceView.fresh(10, 1, scores=[0, 9, 3, 9, 7, 0.5, 8, 2, 6, 99])
     assert make_policy(windowed.replace(budget=Budget(tokens=5), n_sink=1, n_recent=1)).select(view) == [1, 3, 4, 6, 8]
@@ -213,11 +214,11 @@ def test_a_prefix_cache_hit_never_takes_rows_a_decision_needs(policy, prefill, w
     so they run on a hit as on a miss; chunked, at most what an eviction keeps, so that the hit plus one
     chunk stays within the peak; otherwise vLLM's hit."""
     config = PolicyConfig(policy, block_size=32, prefill=prefill, prompt_window=window, budget=Budget(fraction=0.2))
-    cap = config.max_prefix_hit(prompt, prompt + new)
+    cap = Footprint(config).max_prefix_hit(prompt, prompt + new)
     if policy == "keynorm":
         assert cap == 0  # every key's norm must be computed
     elif prefill == "chunked":
-        assert cap == config.kept_blocks(prompt + new) * 32
+        assert cap == Footprint(config).kept_blocks(prompt + new) * 32
     elif policy == "h2o" and window is not None:
         assert cap % 32 == 0 and 0 <= cap <= max(0, prompt - window) < cap + 32
         assert config.first_scored_position(cap, prompt, prompt) == max(0, prompt - window)
@@ -226,11 +227,11 @@ def test_a_prefix_cache_hit_never_takes_rows_a_decision_needs(policy, prefill, w
 
 
 def test_which_requests_can_evict():
-    assert not PolicyConfig("none").can_evict(1000, 100)
-    assert not PolicyConfig(budget=Budget(tokens=1100)).can_evict(1000, 100)
-    assert PolicyConfig(budget=Budget(tokens=1099)).can_evict(1000, 100)
-    assert PolicyConfig(budget=Budget(tokens=1100)).can_evict(1000, None)  # unknown length: it may
-    assert PolicyConfig(budget=Budget(fraction=1.0)).can_evict(10, 1)
+    assert not Footprint(PolicyConfig("none")).can_evict(1000, 100)
+    assert not Footprint(PolicyConfig(budget=Budget(tokens=1100))).can_evict(1000, 100)
+    assert Footprint(PolicyConfig(budget=Budget(tokens=1099))).can_evict(1000, 100)
+    assert Footprint(PolicyConfig(budget=Budget(tokens=1100))).can_evict(1000, None)  # unknown length: it may
+    assert Footprint(PolicyConfig(budget=Budget(fraction=1.0))).can_evict(10, 1)
 
 
 def test_chunked_prefill_compresses_after_every_chunk():
@@ -255,8 +256,8 @@ def test_chunked_prefill_never_holds_more_than_its_peak(case, chunk_blocks, new_
     cfg = cfg.replace(prefill="chunked")
     bs, chunk = cfg.block_size, chunk_blocks * cfg.block_size - rng.randrange(cfg.block_size)
     prompt, new = view.num_tokens, new_blocks * bs
-    peak, most = cfg.peak_blocks(prompt + new, chunk), cfg.most_blocks(prompt, new, chunk)
-    assert cfg.kept_blocks(prompt) >= protected_mask(cfg, prompt, -(-prompt // bs)).sum()
+    peak, most = Footprint(cfg).peak_blocks(prompt + new, chunk), Footprint(cfg).most_blocks(prompt, new, chunk)
+    assert Footprint(cfg).kept_blocks(prompt) >= protected_mask(cfg, prompt, -(-prompt // bs)).sum()
     policy = make_policy(cfg)
     resident = np.zeros(0, dtype=bool)
     computed, held = 0, 0

@@ -5,7 +5,7 @@ vLLM sizes two things from a layer's :class:`KVCacheSpec`: the start-up check
 ``max_memory_usage_bytes``) and the manager that hands out blocks. Sliding-window
 layers bound the first by their window; an H2O engine whose requests are
 compressed while they prefill (``h2o_prefill: chunked``) is bounded the same way,
-by what a request keeps plus one prefill chunk (:meth:`PolicyConfig.peak_blocks`).
+by what a request keeps plus one prefill chunk (:meth:`Footprint.peak_blocks`).
 So the worker reports this spec instead of ``FullAttentionSpec``; everything else
 about it (page layout, manager, grouping) is full attention's: vLLM's spec registry
 finds ``FullAttentionManager`` by walking the class's bases.
@@ -23,6 +23,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from h2o_vllm.engine.settings import server_defaults
+from h2o_vllm.footprint import Footprint
 
 
 def request_block_bound(vllm_config) -> int:
@@ -30,7 +31,7 @@ def request_block_bound(vllm_config) -> int:
     max_len = vllm_config.model_config.max_model_len
     full = cdiv(max_len, vllm_config.cache_config.block_size)
     chunk = vllm_config.scheduler_config.max_num_batched_tokens
-    peak = server_defaults(vllm_config.additional_config).peak_blocks(max_len, chunk)
+    peak = Footprint(server_defaults(vllm_config.additional_config)).peak_blocks(max_len, chunk)
     return full if peak is None else min(peak, full)
 
 

@@ -7,7 +7,7 @@ freed blocks go straight back to the pool, so the same step can give them to
 running requests that need a new block and to waiting requests. With prefix
 caching on (vLLM's default), a request offers the prefix cache only the blocks it
 computed before its first eviction, and takes from it only what leaves its
-decisions unchanged (see :meth:`PolicyConfig.max_prefix_hit`). The evictions,
+decisions unchanged (see :meth:`Footprint.max_prefix_hit`). The evictions,
 the rows to score (H2O) and the requests whose new keys' norms to sum (key-norm
 eviction) travel to the workers on the step's ``SchedulerOutput``; the scores
 come back on the ``ModelRunnerOutput`` and are added to the ledgers: attention
@@ -34,6 +34,7 @@ from h2o_vllm import metrics, settings
 from h2o_vllm.engine.kv_spec import BudgetedAttentionSpec
 from h2o_vllm.engine.messages import PLAN_ATTR, SCORES_ATTR, ScoreRequest, StepPlan
 from h2o_vllm.engine.settings import server_defaults
+from h2o_vllm.footprint import Footprint
 from h2o_vllm.ledger import BlockLedger
 from h2o_vllm.patches import engine_seams
 from h2o_vllm.policy import PolicyConfig, make_policy
@@ -79,13 +80,14 @@ class RequestSettings:
     def of(cls, config: PolicyConfig, request: Request, max_model_len: int) -> RequestSettings:
         prompt, max_tokens = request.num_prompt_tokens, request.max_tokens
         longest = min(max_model_len, prompt + (max_tokens or 0))
-        can_evict = config.can_evict(prompt, max_tokens)
-        hit = config.max_prefix_hit(prompt, longest) if can_evict else None
+        footprint = Footprint(config)
+        can_evict = footprint.can_evict(prompt, max_tokens)
+        hit = footprint.max_prefix_hit(prompt, longest) if can_evict else None
         return cls(config, prompt, longest, can_evict, hit)
 
     def peak_blocks(self, num_tokens: int, chunk_tokens: int) -> int | None:
-        """:meth:`PolicyConfig.peak_blocks` for this request, at ``num_tokens`` so far (None: unbounded)."""
-        return self.config.peak_blocks(max(self.longest, num_tokens), chunk_tokens)
+        """:meth:`Footprint.peak_blocks` for this request, at ``num_tokens`` so far (None: unbounded)."""
+        return Footprint(self.config).peak_blocks(max(self.longest, num_tokens), chunk_tokens)
 
 
 class RequestEviction:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from h2o_vllm.footprint import Footprint
 from h2o_vllm.policy import PolicyConfig
 
 
@@ -24,15 +25,16 @@ class PagePlan:
     def __init__(self, config: PolicyConfig, margin_tokens: int):
         self.config = config
         self.block_size = config.block_size
+        self.footprint = Footprint(config)
         self.margin = max(1, ceil_div(margin_tokens, self.block_size))
         # A token budget keeps the same number of blocks at every length: one size fits the whole generation.
         fixed = config.policy != "none" and config.budget.tokens is not None
-        self.steady = config.kept_blocks(config.budget.tokens) + self.margin if fixed else None
+        self.steady = self.footprint.kept_blocks(config.budget.tokens) + self.margin if fixed else None
 
     def most_kept(self, num_tokens: int) -> int:
         """The most pages a row of ``num_tokens`` tokens holds after its eviction (padding adds none)."""
         blocks = ceil_div(num_tokens, self.block_size)
-        return blocks if self.config.policy == "none" else min(blocks, self.config.kept_blocks(num_tokens))
+        return blocks if self.config.policy == "none" else min(blocks, self.footprint.kept_blocks(num_tokens))
 
     def pages_for(self, current: int, num_before: int, new_tokens: int) -> int:
         """The pages a table of ``current`` pages needs for a forward of ``new_tokens`` after ``num_before``."""
