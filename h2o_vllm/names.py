@@ -1,7 +1,7 @@
 """One name grammar for a configuration, used by aliases, the evaluation and the benchmarks.
 
     NAME    := "full" | POLICY ["_" BUDGET] {"_" OPTION}
-    POLICY  := "h2o" | "keynorm" | "streaming"
+    POLICY  := a name in h2o_vllm.policy.POLICIES other than "none": "h2o" | "keynorm" | "streaming"
     BUDGET  := P% | a fraction up to 1 (0.2) | a token count (256)
     OPTION  := sinkN            N sink tokens
              | recentN          N recent tokens
@@ -30,11 +30,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from h2o_vllm.policy import Budget, PolicyConfig, PolicyConfigError
+from h2o_vllm.policy import POLICIES, Budget, PolicyConfig, PolicyConfigError
 from h2o_vllm.profiles import OBSERVATION_WINDOW, PAPER
 
 # The policies a name may start with ("full" is policy "none").
-_POLICIES = ("h2o", "keynorm", "streaming")
+_POLICIES = tuple(sorted(name for name in POLICIES if name != "none"))  # "none" is spelled "full"
 _POLICY = "|".join(_POLICIES)
 
 # Canonical order of the options in a name.

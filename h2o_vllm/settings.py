@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from h2o_vllm.policy import Budget, PolicyConfig, PolicyConfigError
+from h2o_vllm.policy import POLICIES, Budget, PolicyConfig, PolicyConfigError
 
 REQUEST_PREFIX = "h2o_"
 
@@ -93,7 +93,7 @@ class Field:
 
 
 FIELDS = (
-    Field("policy", "policy", _text, "h2o, keynorm, streaming or none (the full cache)"),
+    Field("policy", "policy", _text, f"{', '.join(p for p in POLICIES if p != 'none')} or none (the full cache)"),
     Field(
         "budget", "budget", Budget.parse, "KV kept per sequence: tokens (1024) or a fraction (0.2, 20%)", _budget_value
     ),
