@@ -1,4 +1,4 @@
-"""The Triton kernels of h2o_vllm.kernels.triton_scoring against their PyTorch references.
+"""The Triton kernels of h2o_vllm.kernels (triton_scoring, triton_jit) against their PyTorch references.
 
 - On CPU, always: each reference against an independent computation (block mass:
   a plain softmax over the gathered keys; compaction: the CPU engine's
@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from h2o_vllm.kernels import triton_jit
 from h2o_vllm.kernels import triton_scoring as ts
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -115,7 +116,7 @@ def make_batch(case: dict, dtype: torch.dtype, seed: int = 0, device: str = "cpu
     """Random queries, keys and block tables for ``case``'s requests; the log-sum-exp from :func:`brute_force`."""
     gen = torch.Generator().manual_seed(seed)
     bs, reqs = case["block_size"], case["reqs"]
-    blocks_per_req = [ts._cdiv(n, bs) for n, *_ in reqs]
+    blocks_per_req = [ts.cdiv(n, bs) for n, *_ in reqs]
     width = max(blocks_per_req) + 2
     num_blocks = sum(blocks_per_req) + 5
     physical = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # block 0 is vLLM's null block
@@ -156,8 +157,8 @@ def brute_force(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         q_start, q_end = qsl[r], qsl[r + 1]
         if q_end == q_start:
             continue
-        ids = [b for b in batch.holed_table[r, : ts._cdiv(length, bs)].tolist() if b != 0]
-        num_keys = length - (ts._cdiv(length, bs) - len(ids)) * bs
+        ids = [b for b in batch.holed_table[r, : ts.cdiv(length, bs)].tolist() if b != 0]
+        num_keys = length - (ts.cdiv(length, bs) - len(ids)) * bs
         keys = batch.key_cache[ids].float().cpu().flatten(0, 1)[:num_keys].repeat_interleave(group, dim=1)
         logits = torch.einsum("thd,khd->htk", batch.q[q_start:q_end].float().cpu(), keys) * batch.scale
         first = num_keys - (q_end - q_start)  # position of the first query row among the kept keys
@@ -227,11 +228,11 @@ def random_holed_tables(seed: int, rows: int = 9, width: int = 600, block_size: 
     lens = torch.randint(1, width * block_size, (rows,), generator=gen, dtype=torch.int32)
     lens[0], lens[1], lens[2] = 0, block_size * 3, width * block_size  # padding, exactly full, the whole width
     for r in range(rows):
-        blocks = ts._cdiv(int(lens[r]), block_size)
+        blocks = ts.cdiv(int(lens[r]), block_size)
         if blocks > 1 and r % 3:
             holes = torch.rand(blocks - 1, generator=gen) < (0.9 if r % 3 == 1 else 0.2)
             table[r, : blocks - 1][holes] = 0  # never the last, partly written block
-    table[3, : ts._cdiv(int(lens[3]), block_size) - 1] = 0
+    table[3, : ts.cdiv(int(lens[3]), block_size) - 1] = 0
     return table, lens
 
 
@@ -243,7 +244,7 @@ def test_compaction_reference_equals_cpu_engine():
     got_table, got_lens = ts.compact_block_tables_reference(table, lens, 16, out_table, out_lens, kept)
     expected = compact(table.clone(), lens.clone(), list(range(len(table))), 16)
     for r in range(len(table)):
-        blocks = ts._cdiv(int(lens[r]), 16)
+        blocks = ts.cdiv(int(lens[r]), 16)
         assert torch.equal(got_table[r, :blocks], expected.block_table[r, :blocks])
         assert torch.equal(got_table[r, blocks:], torch.zeros_like(got_table[r, blocks:]))
         assert kept[r, : len(expected.kept_blocks[r])].tolist() == expected.kept_blocks[r].tolist()
@@ -427,7 +428,9 @@ def compile_for_cuda(kernel, pointers: dict[str, str], constexprs: dict, capabil
     from triton.compiler import ASTSource
 
     signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in kernel.arg_names}
-    ts.triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", capability, 32))
+    triton_jit.triton.compile(
+        ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", capability, 32)
+    )
 
 
 def has_cuda_compiler() -> bool:
@@ -459,11 +462,13 @@ def test_kernels_compile_for_hopper(dtype, group, rows, block_size, head_dim, re
     constexprs = dict(
         GROUP=group, GROUP_P2=group, ROWS=rows, BLOCK_SIZE=block_size, BLOCK_P2=block_size, HEAD_DIM=head_dim
     )
-    constexprs |= dict(HEAD_DIM_P2=ts._next_power_of_2(head_dim), REQS_P2=8, DO_SUM=reductions[0], DO_MAX=reductions[1])
-    compile_for_cuda(ts._block_mass_kernel, pointers, constexprs | dict(DOT_FP32=dtype == "fp32"))
+    constexprs |= dict(HEAD_DIM_P2=ts.next_power_of_2(head_dim), REQS_P2=8, DO_SUM=reductions[0], DO_MAX=reductions[1])
+    compile_for_cuda(triton_jit.block_mass_kernel, pointers, constexprs | dict(DOT_FP32=dtype == "fp32"))
     pointers = {n: "*i32" for n in ("table_ptr", "seq_lens_ptr", "out_table_ptr", "out_lens_ptr", "kept_ptr")}
     compile_for_cuda(
-        ts._compact_kernel, pointers, dict(BLOCK_SIZE=block_size, CHUNK=ts.COMPACT_CHUNK, WRITE_KEPT=reductions[1])
+        triton_jit.compact_kernel,
+        pointers,
+        dict(BLOCK_SIZE=block_size, CHUNK=ts.COMPACT_CHUNK, WRITE_KEPT=reductions[1]),
     )
 
 
@@ -495,7 +500,7 @@ def test_kernels_run_in_triton_interpreter():
     )
     if probe.returncode != 0 and "only 0-dimensional arrays" in probe.stderr:
         pytest.skip(
-            f"Triton {ts.triton.__version__}'s interpreter cannot loop to a loaded bound with NumPy "
+            f"Triton {triton_jit.triton.__version__}'s interpreter cannot loop to a loaded bound with NumPy "
             f"{np.__version__} (triton-lang/triton#9171); the compiled kernels are tested on the GPU"
         )
     assert probe.returncode == 0, probe.stderr[-2000:]

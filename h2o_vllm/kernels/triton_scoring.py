@@ -25,24 +25,23 @@ Query heads ``h`` read KV head ``h // (num_heads // num_kv_heads)`` (GQA). The
 causal mask is FlashAttention's with ``seqused_k``: the query rows of a request
 are its last ones, so row ``i`` of ``q_len`` sees keys ``0 .. seq_len - q_len + i``.
 
-The module imports without Triton and without CUDA (``TRITON_AVAILABLE``); the
-references need neither. With ``TRITON_INTERPRET=1`` set before Triton is first
-imported, the kernels run on CPU tensors in Triton's interpreter (slowly).
+This module holds the Python side: the PyTorch references, the argument checks
+(shapes only), the launch shapes and the launchers, which pick the constexprs
+and start the ``@triton.jit`` bodies kept in :mod:`h2o_vllm.kernels.triton_jit`.
+``cdiv`` and ``next_power_of_2`` are the integer helpers they share.
+
+The module imports without Triton and without CUDA (``TRITON_AVAILABLE``, from
+``triton_jit``); the references need neither. With ``TRITON_INTERPRET=1`` set
+before Triton is first imported, the kernels run on CPU tensors in Triton's
+interpreter (slowly).
 """
 
 from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    TRITON_AVAILABLE = True
-except ImportError:  # CPU-only installs: the references still work
-    triton = None
-    tl = None
-    TRITON_AVAILABLE = False
+from h2o_vllm.kernels import triton_jit
+from h2o_vllm.kernels.triton_jit import TRITON_AVAILABLE
 
 # A tl.dot needs every dimension >= 16 on the GPU: tiles are padded up to it.
 MIN_DOT_DIM = 16
@@ -50,11 +49,13 @@ MIN_DOT_DIM = 16
 COMPACT_CHUNK = 256
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
+    """``a / b`` rounded up (blocks holding ``a`` tokens, tiles holding ``a`` rows)."""
     return -(-a // b)
 
 
-def _next_power_of_2(n: int) -> int:
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n``, for ``n >= 1``: Triton tile sizes are powers of two."""
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -124,7 +125,7 @@ def block_mass_reference(
         num_rows = ssl[r + 1] - ssl[r]
         if num_rows == 0:
             continue
-        seq_len, num_blocks = lens[r], _cdiv(lens[r], block_size)
+        seq_len, num_blocks = lens[r], cdiv(lens[r], block_size)
         rows = torch.arange(qsl[r + 1] - num_rows, qsl[r + 1], device=q.device)
         keys = key_cache[block_table[r, :num_blocks].long()].flatten(0, 1)[:seq_len]  # [seq_len, kv_heads, d]
         keys = keys.float().repeat_interleave(group, dim=1)  # [seq_len, heads, d]
@@ -152,14 +153,14 @@ def block_mass_launch_shape(q, key_cache, scored_start_loc, max_out, rows_per_ti
     """
     num_tokens, num_heads, _ = q.shape
     num_kv_heads = key_cache.shape[2]
-    group_p2 = _next_power_of_2(num_heads // num_kv_heads)
+    group_p2 = next_power_of_2(num_heads // num_kv_heads)
     if rows_per_tile is None:
         rows_per_tile = max(1, MIN_DOT_DIM // group_p2)  # tiles of at least 16 (row, head) pairs
     if rows_per_tile < 1 or rows_per_tile & (rows_per_tile - 1):
         raise ValueError(f"rows_per_tile must be a power of two, got {rows_per_tile}")
     max_rows = num_tokens if max_out is None else min(num_tokens, max_out.shape[0])
     num_reqs = scored_start_loc.shape[0] - 1
-    return rows_per_tile, (_cdiv(max_rows, rows_per_tile) + num_reqs, num_kv_heads, num_splits)
+    return rows_per_tile, (cdiv(max_rows, rows_per_tile) + num_reqs, num_kv_heads, num_splits)
 
 
 def _dot_in_fp32(key_cache: torch.Tensor) -> bool:
@@ -203,13 +204,13 @@ def block_mass(
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
     rows, grid = block_mass_launch_shape(q, key_cache, scored_start_loc, max_out, rows_per_tile, num_splits)
-    group_p2 = _next_power_of_2(group)
+    group_p2 = next_power_of_2(group)
     if q.is_cuda and rows * group_p2 < MIN_DOT_DIM:
         raise ValueError(f"rows_per_tile * {group_p2} query heads must be >= {MIN_DOT_DIM} on the GPU (tl.dot)")
     some_out = sum_out if sum_out is not None else max_out  # stands in for the one not asked (never written)
     sums = sum_out if sum_out is not None else some_out
     maxes = max_out if max_out is not None else some_out
-    _block_mass_kernel[grid](
+    triton_jit.block_mass_kernel[grid](
         q,
         q.stride(0),
         q.stride(1),
@@ -235,112 +236,14 @@ def block_mass(
         GROUP_P2=group_p2,
         ROWS=rows,
         BLOCK_SIZE=block_size,
-        BLOCK_P2=max(MIN_DOT_DIM, _next_power_of_2(block_size)),
+        BLOCK_P2=max(MIN_DOT_DIM, next_power_of_2(block_size)),
         HEAD_DIM=head_dim,
-        HEAD_DIM_P2=max(MIN_DOT_DIM, _next_power_of_2(head_dim)),
-        REQS_P2=_next_power_of_2(max(1, scored_start_loc.shape[0] - 1)),
+        HEAD_DIM_P2=max(MIN_DOT_DIM, next_power_of_2(head_dim)),
+        REQS_P2=next_power_of_2(max(1, scored_start_loc.shape[0] - 1)),
         DO_SUM=sum_out is not None,
         DO_MAX=max_out is not None,
         DOT_FP32=_dot_in_fp32(key_cache),
     )
-
-
-if TRITON_AVAILABLE:
-
-    @triton.jit
-    def _find_tile(scored_start_loc, num_reqs, tile, ROWS: tl.constexpr, REQS_P2: tl.constexpr):
-        """The request of row tile ``tile`` and the tile's first scored row within it (``num_reqs`` if none)."""
-        req = tl.arange(0, REQS_P2)
-        lo = tl.load(scored_start_loc + req, mask=req < num_reqs, other=0)
-        hi = tl.load(scored_start_loc + req + 1, mask=req < num_reqs, other=0)
-        tiles = (hi - lo + ROWS - 1) // ROWS
-        ends = tl.cumsum(tiles, 0)  # past each request's last tile
-        r = tl.sum((ends <= tile).to(tl.int32), 0)
-        first_tile = tl.sum(tl.where(req == r, ends - tiles, 0), 0)
-        return r, (tile - first_tile) * ROWS
-
-    @triton.jit
-    def _block_mass_kernel(
-        q_ptr,
-        stride_qt,
-        stride_qh,
-        lse_ptr,
-        stride_lh,
-        stride_lt,
-        k_ptr,
-        stride_kb,
-        stride_ks,
-        stride_kh,
-        block_table_ptr,
-        stride_bt,
-        seq_lens_ptr,
-        query_start_loc_ptr,
-        scored_start_loc_ptr,
-        sum_ptr,
-        stride_sum,
-        max_ptr,
-        stride_max,
-        num_reqs,
-        scale,
-        GROUP: tl.constexpr,
-        GROUP_P2: tl.constexpr,
-        ROWS: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr,
-        BLOCK_P2: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        HEAD_DIM_P2: tl.constexpr,
-        REQS_P2: tl.constexpr,
-        DO_SUM: tl.constexpr,
-        DO_MAX: tl.constexpr,
-        DOT_FP32: tl.constexpr,
-    ):
-        """Grid (row tiles, KV heads, splits): ROWS scored rows x GROUP query heads against every split-th block."""
-        r, first_row = _find_tile(scored_start_loc_ptr, num_reqs, tl.program_id(0), ROWS, REQS_P2)
-        if r >= num_reqs:
-            return
-        kv_head = tl.program_id(1)
-        row_lo = tl.load(scored_start_loc_ptr + r)
-        num_rows = tl.load(scored_start_loc_ptr + r + 1) - row_lo
-        q_end = tl.load(query_start_loc_ptr + r + 1)
-        seq_len = tl.load(seq_lens_ptr + r)
-
-        # The tile's (row, head) pairs, row-major: pair m is row m // GROUP_P2, head m % GROUP_P2.
-        m = tl.arange(0, ROWS * GROUP_P2)
-        row = first_row + m // GROUP_P2
-        head = kv_head * GROUP + m % GROUP_P2
-        live = (row < num_rows) & (m % GROUP_P2 < GROUP)
-        token = q_end - num_rows + row
-        position = seq_len - num_rows + row  # causal: sees keys 0 .. position
-        d = tl.arange(0, HEAD_DIM_P2)
-        q = tl.load(
-            q_ptr + token[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
-            mask=live[:, None] & (d[None, :] < HEAD_DIM),
-            other=0.0,
-        )
-        lse = tl.load(lse_ptr + head * stride_lh + token.to(tl.int64) * stride_lt, mask=live, other=float("inf"))
-
-        last_position = seq_len - num_rows + tl.minimum(first_row + ROWS, num_rows) - 1
-        s = tl.arange(0, BLOCK_P2)
-        for j in range(tl.program_id(2), last_position // BLOCK_SIZE + 1, tl.num_programs(2)):
-            block = tl.load(block_table_ptr + r * stride_bt + j).to(tl.int64)
-            k = tl.load(
-                k_ptr + block * stride_kb + s[:, None] * stride_ks + kv_head * stride_kh + d[None, :],
-                mask=(s[:, None] < BLOCK_SIZE) & (d[None, :] < HEAD_DIM),
-                other=0.0,
-            )
-            if DOT_FP32:
-                logits = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                logits = tl.dot(q.to(k.dtype), tl.trans(k))  # [pairs, keys], float32 accumulation
-            p = tl.exp(logits * scale - lse[:, None])
-            seen = live[:, None] & (s[None, :] < BLOCK_SIZE) & (j * BLOCK_SIZE + s[None, :] <= position[:, None])
-            mass = tl.sum(tl.where(seen, p, 0.0), 1)  # [pairs]: each (row, head)'s mass of block j
-            if DO_SUM:
-                tl.atomic_add(sum_ptr + r * stride_sum + j, tl.sum(mass, 0))
-            if DO_MAX:
-                best = tl.max(tl.reshape(mass, (ROWS, GROUP_P2)), 1)  # largest head, per row
-                rows = first_row + tl.arange(0, ROWS)
-                tl.atomic_max(max_ptr + (row_lo + rows).to(tl.int64) * stride_max + j, best, mask=rows < num_rows)
 
 
 # ---------------------------------------------------------------------------
@@ -380,7 +283,7 @@ def compact_block_tables_reference(
     _check_compact_args(block_table, seq_lens, out_block_table, out_seq_lens, out_kept)
     num_rows, width = block_table.shape
     for row, seq_len in enumerate(seq_lens[:num_rows].tolist()):
-        num_blocks = _cdiv(seq_len, block_size)
+        num_blocks = cdiv(seq_len, block_size)
         ids = block_table[row, :num_blocks]
         keep = torch.nonzero(ids != 0).flatten()
         out_block_table[row, :width] = 0
@@ -416,7 +319,7 @@ def compact_block_tables(
     num_rows, width = block_table.shape
     if num_rows:
         kept = out_kept if out_kept is not None else out_block_table  # stands in when not asked (never written)
-        _compact_kernel[(num_rows,)](
+        triton_jit.compact_kernel[(num_rows,)](
             block_table,
             block_table.stride(0),
             seq_lens,
@@ -431,44 +334,3 @@ def compact_block_tables(
             WRITE_KEPT=out_kept is not None,
         )
     return out_block_table[:num_rows, :width], out_seq_lens[:num_rows]
-
-
-if TRITON_AVAILABLE:
-
-    @triton.jit
-    def _compact_kernel(
-        table_ptr,
-        stride_table,
-        seq_lens_ptr,
-        out_table_ptr,
-        stride_out,
-        out_lens_ptr,
-        kept_ptr,
-        stride_kept,
-        width,
-        BLOCK_SIZE: tl.constexpr,
-        CHUNK: tl.constexpr,
-        WRITE_KEPT: tl.constexpr,
-    ):
-        """One row: kept ids packed to the front (a running prefix sum), zeros after, the shorter length."""
-        row = tl.program_id(0).to(tl.int64)
-        seq_len = tl.load(seq_lens_ptr + row)
-        num_blocks = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
-        num_kept = seq_len * 0
-        for start in range(0, num_blocks, CHUNK):
-            index = start + tl.arange(0, CHUNK)
-            used = index < num_blocks
-            ids = tl.load(table_ptr + row * stride_table + index, mask=used, other=0)
-            keep = used & (ids != 0)
-            dest = num_kept + tl.cumsum(keep.to(tl.int32), 0) - 1
-            tl.store(out_table_ptr + row * stride_out + dest, ids, mask=keep)
-            if WRITE_KEPT:
-                tl.store(kept_ptr + row * stride_kept + dest, index, mask=keep)
-            num_kept += tl.sum(keep.to(tl.int32), 0)
-        for start in range(0, width, CHUNK):
-            index = start + tl.arange(0, CHUNK)
-            tail = (index >= num_kept) & (index < width)
-            tl.store(out_table_ptr + row * stride_out + index, 0, mask=tail)
-            if WRITE_KEPT:
-                tl.store(kept_ptr + row * stride_kept + index, -1, mask=tail)
-        tl.store(out_lens_ptr + row, seq_len - (num_blocks - num_kept) * BLOCK_SIZE)
