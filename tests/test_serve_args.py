@@ -204,3 +204,42 @@ def test_an_fp8_cache_is_served_where_vllm_has_fp8_kernels_and_refused_with_why_
 def test_a_cache_dtype_h2o_cannot_read_is_refused(no_model_build):
     with pytest.raises(serve.ServeArgumentError, match="cannot score a 'int8' KV cache"):
         build(["--kv-cache-dtype", "int8"])
+
+
+@pytest.mark.parametrize("flag", serve.FLAGS, ids=lambda flag: flag.name)
+def test_every_flag_of_the_table_parses_alike_in_each_spelling(flag):
+    if flag.values == 0:
+        assert serve.parse_args([flag.name, "--seed", "3"]).values == {flag.name: True}
+        with pytest.raises(serve.ServeArgumentError, match=f"{flag.name} takes no value"):
+            serve.parse_args([f"{flag.name}=1"])
+        return
+    value = "v" if flag.values == 1 else ["v"]
+    spellings = [[flag.name, "v"], [f"{flag.name}=v"], ["--" + flag.name[2:].replace("-", "_"), "v"]]
+    spellings += [[flag.short, "v"], [f"{flag.short}=v"]] if flag.short else []
+    for args in spellings:
+        parsed = serve.parse_args(["--seed", "3", *args, "--enforce-eager"])
+        assert parsed.values == {flag.name: value}, args
+        taken = flag.owner in (serve.OURS, serve.H2O)
+        assert parsed.rest(h2o=True) == ["--seed", "3", *([] if taken else args), "--enforce-eager"]
+        assert parsed.rest(h2o=False) == ["--seed", "3", *([] if flag.owner == serve.OURS else args), "--enforce-eager"]
+    with pytest.raises(serve.ServeArgumentError, match=f"{flag.name} needs (a value|one or more values)"):
+        serve.parse_args(["--seed", "3", flag.name])
+
+
+def test_arguments_the_table_does_not_name_pass_through_untouched_and_in_order():
+    args = ["/models/m", "--seed", "3", "--max_model_len=512", "-O3", "--chat-template", "x=y", "--enforce-eager"]
+    parsed = serve.parse_args(args)
+    assert (parsed.model, parsed.values, parsed.rest(h2o=True)) == ("/models/m", {}, args[1:])
+    # several served names up to the next flag; a repeated flag takes its last value, as vLLM's parser does
+    parsed = serve.parse_args(["--served-model-name", "a", "b", "-tp", "2", "--port", "1", "--port=2"])
+    assert parsed.values == {"--served-model-name": ["a", "b"], "--tensor-parallel-size": "2", "--port": "2"}
+    assert parsed.rest(h2o=True) == ["-tp", "2", "--port", "1", "--port=2"]
+    with pytest.raises(serve.ServeArgumentError, match="--served-model-name needs one or more values"):
+        serve.parse_args(["--served-model-name", "--port", "1"])
+
+
+def test_the_h2o_engines_own_flags_reach_vllm_as_given_with_no_h2o(no_model_build):
+    argv = build(["--block-size", "16", "--additional-config", "{}", "--no-h2o"])
+    assert argv[-4:] == ["--block-size", "16", "--additional-config", "{}"]
+    with pytest.raises(serve.ServeArgumentError, match="--h2o-budget needs a value"):
+        build(["--h2o-budget"])
