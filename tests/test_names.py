@@ -133,6 +133,6 @@ def test_a_name_becomes_server_options_that_serve_reads_back(monkeypatch):
     named = names.parse_name("h2o_20%_window8_max", ENGINE_DEFAULTS)
     args = settings.to_server_args(named.config, named.named)
     assert args[:4] == ["--h2o-policy", "h2o", "--h2o-budget", "0.2"]
-    flags, _ = serve.h2o_engine_args(list(args), ["m"], env={})
+    flags, _ = serve.h2o_engine_args(serve.parse_args(args).values, ["m"], env={})
     section = json.loads(flags[flags.index("--additional-config") + 1])["h2o"]
     assert settings.apply(ENGINE_DEFAULTS, section) == named.config
