@@ -129,6 +129,7 @@ def run_reference(model, prompt, defaults, extra_args, new_tokens: int, chunks=N
 
     cache = H2OCache.for_model(model, settings.for_request(defaults, extra_args))
     ids, tokens, gaps, evicted_in_prefill = torch.tensor([prompt]), [], [], 0
+    cache.declare_prompt(len(prompt))  # fed in the engine's chunks: where the prompt ends decides what scores
     with torch.no_grad():
         start = 0
         for size in chunks or [len(prompt)]:

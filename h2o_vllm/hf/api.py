@@ -134,10 +134,13 @@ def prefill(model, cache: EvictingCache, input_ids, chunk_size: int | None = Non
 
     The cache evicts after every forward, so with ``prefill="chunked"`` configurations this
     is the engine's chunked prefill: the KV stays near the budget while the prompt goes in.
+    ``input_ids`` is declared to be the prompt (:meth:`EvictingCache.declare_prompt`); a caller
+    feeding one prompt through several calls declares the whole of it first.
     """
     import torch
 
     chunk_size = chunk_size or input_ids.shape[1]
+    cache.declare_prompt(input_ids.shape[1])
     with torch.no_grad():
         for start in range(0, input_ids.shape[1], chunk_size):
             out = model(input_ids=input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True)

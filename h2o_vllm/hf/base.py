@@ -50,7 +50,9 @@ class EvictingCache(Cache):
         self.rows_per_sequence = 1  # the number of KV heads with per_head
         self.score_chunk = score_chunk
         self.padding: torch.Tensor | None = None  # [rows] left-padding tokens per row
+        # The prompt's length, left padding included: the first forward's, unless declare_prompt said more.
         self.prompt_tokens = 0
+        self._declared_prompt_tokens: int | None = None
 
     @classmethod
     def for_model(cls, model, policy_config: PolicyConfig, **kwargs):
@@ -65,6 +67,17 @@ class EvictingCache(Cache):
             model.set_attn_implementation(wanted)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         return cls(policy_config, config.num_hidden_layers, **kwargs)
+
+    def declare_prompt(self, num_tokens: int) -> None:
+        """Say, before the first forward, that the prompt has ``num_tokens`` tokens (left padding
+        included) and will come in several forwards (chunked prefill, :func:`h2o_vllm.hf.prefill`);
+        otherwise the first forward is taken to be the whole prompt. Which rows score may depend
+        on where the prompt ends (:meth:`PolicyConfig.first_scored_position`). Of several
+        declarations the longest counts."""
+        self._declared_prompt_tokens = max(num_tokens, self._declared_prompt_tokens or 0)
+
+    def _prompt_length(self, first_forward: int) -> int:
+        return max(first_forward, self._declared_prompt_tokens or 0)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0

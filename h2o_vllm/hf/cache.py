@@ -195,7 +195,7 @@ class H2OCache(EvictingCache):
     def _start(self, attention_mask, batch: int, q_len: int) -> None:
         """First forward: learn each row's left padding and open the ledgers."""
         self.padding = left_padding(attention_mask, batch, q_len).repeat_interleave(self.rows_per_sequence)
-        self.prompt_tokens = q_len  # the first forward is the prompt (or its first chunk), left padding included
+        self.prompt_tokens = self._prompt_length(q_len)
         groups = len(self.layers) if self.per_layer else 1
         configs = self._row_configs or [self.policy_config] * batch
         if len(configs) != batch:

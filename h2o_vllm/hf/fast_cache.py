@@ -221,7 +221,7 @@ class FastH2OCache(EvictingCache):
         padding = left_padding(attention_mask, batch, q_len)
         self.host_padding = padding.tolist()
         self.padding = padding.to(key.device)
-        self.prompt_tokens = q_len
+        self.prompt_tokens = self._prompt_length(q_len)
         self.rows_per_sequence = kv_heads if self.per_head else 1
         for table in self.tables:
             table.start(self.padding, self.rows_per_sequence)
