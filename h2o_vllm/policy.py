@@ -211,8 +211,11 @@ class PolicyConfig:
         Without a prompt window every row scores. With a window of W rows, the prompt
         scores only its last W rows ("whole"), or the last W rows of each prefill chunk
         ("chunked", so that the cost of a prompt grows linearly with its length); rows
-        after the prompt (decoding) always score. ``chunk_end`` is returned when none does.
+        after the prompt (decoding) score unless the policy says they do not
+        (:attr:`EvictionPolicy.scores_decoding`). ``chunk_end`` is returned when none does.
         """
+        if chunk_start >= num_prompt_tokens and not POLICIES[self.policy].scores_decoding:
+            return chunk_end
         if self.prompt_window is None:
             return chunk_start
         if self.prefill == "chunked":
@@ -286,6 +289,8 @@ class EvictionPolicy(ABC):
     name: ClassVar[str]
     # What the scores it ranks by are (one of SCORE_SOURCES); engines compute them only for such policies.
     score_source: ClassVar[str | None] = None
+    # Attention scores only: whether the rows after the prompt (generated tokens) add to them.
+    scores_decoding: ClassVar[bool] = True
 
     def __init__(self, config: PolicyConfig):
         self.config = config
@@ -355,6 +360,22 @@ class H2O(EvictionPolicy):
         return scores
 
 
+class SnapKV(H2O):
+    """Sinks + recent window + the blocks the prompt's last rows attend to most (after SnapKV,
+    Li et al., 2024): H2O whose votes come from the prompt alone.
+
+    The prompt's rows score as H2O's do (with ``prompt_window`` W, its last W rows: SnapKV's
+    observation window; ``score_reduce`` as configured); generated tokens add nothing, so
+    what the prompt chose stays chosen and a generated block, scored 0, is the first to go
+    once it leaves the recent window. SnapKV's pooling of scores over neighbouring positions
+    is left out: a block already sums its tokens. A chunk that runs past the prompt (a
+    preempted request recomputing its output) scores whole.
+    """
+
+    name = "snapkv"
+    scores_decoding = False
+
+
 class KeyNorm(EvictionPolicy):
     """Sinks + recent window + the blocks of lowest key norm (after PagedEviction, arXiv 2509.04377).
 
@@ -383,7 +404,7 @@ class KeyNorm(EvictionPolicy):
         return -scores
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (H2O, KeyNorm, StreamingLLM, NoEviction)}
+POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (H2O, SnapKV, KeyNorm, StreamingLLM, NoEviction)}
 
 
 def make_policy(config: PolicyConfig) -> EvictionPolicy:

@@ -8,7 +8,7 @@ window (per-request ``h2o_prompt_window``), ``h2o_score_reduce="max"``,
 ``h2o_prefill="chunked"`` (compressed after each prefill chunk; the reference is fed the
 engine's chunks), and key-norm eviction (per-request ``h2o_policy="keynorm"``, whole and
 chunked: the engine sums the norms of the keys its attention writes, the reference those
-of transformers' keys).
+of transformers' keys), and SnapKV (``h2o_policy="snapkv"``: only prompt rows score).
 """
 
 import pytest
@@ -65,6 +65,9 @@ RUN_ARGS = {
     "prompt1-keynorm": (1, {"h2o_policy": "keynorm"}),
     "prompt2-keynorm-chunked": (2, {"h2o_policy": "keynorm", "h2o_prefill": "chunked"}),
     "long1-keynorm-chunked": (NUM_PROMPTS + 1, {"h2o_policy": "keynorm", "h2o_prefill": "chunked"}),
+    # SnapKV: H2O whose votes come from the prompt alone (no decode row scores).
+    f"prompt0-snapkv-window{WINDOW}": (0, {"h2o_policy": "snapkv", "h2o_prompt_window": WINDOW}),
+    "long2-snapkv-chunked": (NUM_PROMPTS + 2, {"h2o_policy": "snapkv", "h2o_prefill": "chunked"}),
 }
 RUNS = list(RUN_ARGS)
 CHUNKED = [name for name in RUNS if "chunked" in name]

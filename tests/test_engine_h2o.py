@@ -36,7 +36,8 @@ def test_large_budget_gives_vanilla_tokens(tiny_model_dir, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_chunked_prefill_with_a_budget_of_the_whole_sequence_gives_vanilla_tokens(tiny_model_dir, dtype):
     """Prefill "chunked" scores every chunk and asks the policy after each; with room for everything
-    (a budget of the whole sequence, a recent window longer than any) nothing goes and nothing changes."""
+    (a budget of the whole sequence, a recent window longer than any) nothing goes and nothing changes,
+    for H2O and for SnapKV (the same engine, per request)."""
     prompts = random_prompts(EQ_LENGTHS)
     common = dict(dtype=dtype, max_num_batched_tokens=128)
     with start_engine(tiny_model_dir, **common) as llm:
@@ -49,7 +50,11 @@ def test_chunked_prefill_with_a_budget_of_the_whole_sequence_gives_vanilla_token
         split = [i for i, n in first_chunk.items() if n < EQ_LENGTHS[i]]  # prompts prefilled in several chunks
         assert len(split) >= 5 and observer.log.max_running >= 8
         assert not observer.log.evictions
+        # SnapKV per request: the prompt's rows score, decode steps ask for no row at all.
+        snapkv = generate_tokens(llm, prompts, EQ_NEW, {"h2o_policy": "snapkv"})
+        assert not observer.log.evictions
     assert h2o == vanilla
+    assert snapkv == vanilla
 
 
 # -- eviction: memory bound, pool returns, per-request overrides, preemption, abort -------

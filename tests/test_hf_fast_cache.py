@@ -97,7 +97,7 @@ def _assert_same(model, config, layout="shared", device="cpu", tolerance=5e-5):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("policy", ["h2o", "keynorm", "streaming"])
+@pytest.mark.parametrize("policy", ["h2o", "snapkv", "keynorm", "streaming"])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_fast_cache_equals_the_reference(impl, policy, layout):
     _assert_same(_model(impl), _config(policy), layout)

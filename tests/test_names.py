@@ -16,6 +16,7 @@ from h2o_vllm.policy import Budget, PolicyConfig
         ("h2o_0.5_mean_b32", dict(budget=Budget(fraction=0.5), score_norm="mean", block_size=32)),
         ("streaming_512", dict(policy="streaming", budget=Budget(tokens=512))),
         ("keynorm_20%_chunked", dict(policy="keynorm", budget=Budget(fraction=0.2), prefill="chunked")),
+        ("snapkv_20%_window32", dict(policy="snapkv", budget=Budget(fraction=0.2), prompt_window=32)),
         ("full", dict(policy="none")),
     ],
 )

@@ -202,8 +202,28 @@ def test_which_query_rows_score_whole_and_chunked():
     assert [chunked.first_scored_position(s, e, 100) for s, e in chunks] == [32, 72, 92, 100]
 
 
+def test_snapkv_scores_the_prompt_as_h2o_does_and_decoding_not_at_all():
+    """The same chunks as above; a decode step's ``chunk_end`` back means none of its rows score."""
+    chunks = [(0, 40), (40, 80), (80, 100), (100, 101), (130, 131)]
+    for changes in ({}, {"prompt_window": 8}, {"prompt_window": 8, "prefill": "chunked"}):
+        h2o, snap = PolicyConfig("h2o", **changes), PolicyConfig("snapkv", **changes)
+        assert [snap.first_scored_position(s, e, 100) for s, e in chunks[:3]] == [
+            h2o.first_scored_position(s, e, 100) for s, e in chunks[:3]
+        ]
+        assert [snap.first_scored_position(s, e, 100) for s, e in chunks[3:]] == [101, 131]
+        assert [h2o.first_scored_position(s, e, 100) for s, e in chunks[3:]] == [100, 130]
+    assert PolicyConfig("snapkv").needs_scores  # the prompt's rows are attention scores
+
+
+def test_snapkv_ranks_as_h2o_does():
+    scores = np.array([0.0, 3.0, 1.0, 0.5, 2.0, 0.0, 9.0, 1.0])
+    view = SequenceView.fresh(8 * 4, 4, scores=scores)
+    config = PolicyConfig(budget=Budget(tokens=16), n_sink=4, n_recent=4, block_size=4)
+    assert make_policy(config.replace(policy="snapkv")).select(view) == make_policy(config).select(view)
+
+
 @given(
-    st.sampled_from(["h2o", "keynorm", "streaming"]),
+    st.sampled_from(["h2o", "snapkv", "keynorm", "streaming"]),
     st.sampled_from(["whole", "chunked"]),
     st.none() | st.integers(1, 300),
     st.integers(1, 3000),
@@ -219,7 +239,7 @@ def test_a_prefix_cache_hit_never_takes_rows_a_decision_needs(policy, prefill, w
         assert cap == 0  # every key's norm must be computed
     elif prefill == "chunked":
         assert cap == Footprint(config).kept_blocks(prompt + new) * 32
-    elif policy == "h2o" and window is not None:
+    elif policy in ("h2o", "snapkv") and window is not None:
         assert cap % 32 == 0 and 0 <= cap <= max(0, prompt - window) < cap + 32
         assert config.first_scored_position(cap, prompt, prompt) == max(0, prompt - window)
     else:
