@@ -39,7 +39,7 @@ def test_keynorm_with_room_for_everything_gives_vanilla_tokens(tiny_model_dir):
         for req_id, state in scheduler.h2o_requests.items():
             if state.needs_key_norms and state.ledger.scores.sum() > 0:
                 scored.add(req_id)
-        assert not output.h2o_plan.scores  # key-norm requests are never scored
+        assert not output.h2o_plan.score_requests  # key-norm requests are never scored
 
     with start_engine(tiny_model_dir, config, max_num_batched_tokens=CHUNK) as llm:
         observer = StepObserver(scheduler_of(llm), [norms_arrive])

@@ -41,7 +41,7 @@ class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         step = self.h2o_step
         cm = common_attn_metadata
-        if step is None or (not step.with_holes and not step.scores and not step.key_norms):
+        if step is None or (not step.with_holes and not step.score_requests and not step.key_norms):
             return super().build(common_prefix_len, cm, fast_build)
         num_reqs = cm.num_reqs
         block_size = engine_seams.attention_builder_block_size(self)
@@ -56,7 +56,7 @@ class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 seq_lens_cpu_upper_bound=compaction.seq_lens,
             )
         metadata = super().build(common_prefix_len, cm, fast_build)
-        if step.scores:
+        if step.score_requests:
             step.scorer = scoring.StepScorer.for_step(
                 step, compaction, cm.query_start_loc_cpu, logical_lens, block_size, self.h2o_key_layout
             )

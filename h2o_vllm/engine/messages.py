@@ -32,7 +32,7 @@ class StepPlan:
     evictions: dict[str, list[int]] = field(default_factory=dict)
     # Requests whose attention is scored. Requests not listed are not scored at all
     # (policies that need no scores cost nothing).
-    scores: dict[str, ScoreRequest] = field(default_factory=dict)
+    score_requests: dict[str, ScoreRequest] = field(default_factory=dict)
     # Requests whose new keys' L2 norms are summed per block this step (key-norm eviction).
     key_norms: set[str] = field(default_factory=set)
 

@@ -285,7 +285,7 @@ class H2OScheduler(Scheduler):
                 # vLLM has already counted this step's tokens as computed: they are the chunk's end.
                 end = request.num_computed_tokens
                 first = state.config.first_scored_position(end - num_scheduled, end, state.num_prompt_tokens)
-                plan.scores[req_id] = ScoreRequest(first, state.config.score_reduce)
+                plan.score_requests[req_id] = ScoreRequest(first, state.config.score_reduce)
             elif state.needs_key_norms:
                 plan.key_norms.add(req_id)  # every token it runs this step writes a key
             counters = state.counters

@@ -65,7 +65,7 @@ class StepContext:
     """What the H2O model runner tells its attention metadata builders about one step."""
 
     req_ids: list[str]  # batch order
-    scores: dict[str, ScoreRequest]  # requests to score (see StepPlan.scores)
+    score_requests: dict[str, ScoreRequest]  # requests to score (see StepPlan.score_requests)
     with_holes: set[str]  # requests with holes in their block table
     key_norms: set[str] = field(default_factory=set)  # requests whose new keys' norms are summed
     scorer: StepScorer | None = None  # set by the builder, collected by the runner after sampling
@@ -288,7 +288,7 @@ def scored_requests(
     qsl = query_start_loc.numpy()
     lens = compaction.seq_lens.numpy()
     for row, req_id in enumerate(context.req_ids[: len(logical_seq_lens)]):
-        ask = context.scores.get(req_id)
+        ask = context.score_requests.get(req_id)
         if ask is None:
             continue
         q_start, q_end = int(qsl[row]), int(qsl[row + 1])
