@@ -1,4 +1,5 @@
-"""The seed's API: switch a transformers model to H2O or StreamingLLM and call ``generate`` as usual.
+"""The transformers API (the one the project started from): switch a model to H2O or
+StreamingLLM and call ``generate`` as usual.
 
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
     enable_h2o_llm(model, n_sink=8, recent_window=32, max_capacity=256)
@@ -6,7 +7,7 @@
     enable_streaming_llm(model, n_sink=8, window_size=256)
     disable_eviction(model)                          # back to the full cache, whichever policy was on
 
-``disable_h2o_llm`` and ``disable_streaming_llm`` are the seed's names for ``disable_eviction``:
+``disable_h2o_llm`` and ``disable_streaming_llm`` are the original names of ``disable_eviction``:
 each restores the full cache whatever policy was enabled.
 
 Manual forward loops get the policy too, as streaming-perplexity scripts write them:
@@ -170,6 +171,6 @@ def disable_eviction(model):
     return model
 
 
-# The seed's names: each turns off whatever policy is enabled, not only its own.
+# The original names: each turns off whatever policy is enabled, not only its own.
 disable_h2o_llm = disable_eviction
 disable_streaming_llm = disable_eviction
