@@ -6,7 +6,9 @@ the folder last named. The subclasses in ``h2o_vllm/engine/`` only override the
 methods listed here and call the functions in this file for everything else;
 ``patches/request_*.py`` and ``patches/cli_version.py`` hold the rest. An upgrade
 re-checks this list against the new source and nothing else, then adds the release
-to ``versions.SUPPORTED_VLLM``.
+to ``versions.SUPPORTED_VLLM``. That is why this module is long (about 600 lines, a
+third of them this list) and stays one: each function is a few lines of vLLM access
+with no policy in it, and an upgrade reads one file.
 
 Scheduler side: ``H2OScheduler(Scheduler)`` in h2o_vllm/engine/scheduler.py
   overrides   vllm/v1/core/sched/scheduler.py: ``Scheduler.__init__``, ``schedule``,
