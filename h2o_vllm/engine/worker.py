@@ -40,7 +40,9 @@ class H2OCPUModelRunner(CPUModelRunner):
             for req_id, blocks in plan.evictions.items():
                 engine_seams.punch_worker_holes(self, req_id, blocks)
                 with_holes.add(req_id)
-            context = StepContext(engine_seams.batch_req_ids(self), plan.score_requests, set(with_holes), plan.key_norms)
+            context = StepContext(
+                engine_seams.batch_req_ids(self), plan.score_requests, set(with_holes), plan.key_norms
+            )
         self._h2o_step(context)
         return result
 
