@@ -45,7 +45,7 @@ def _decode(tokenizer, ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _length_label(tokens: int) -> str:
+def length_label(tokens: int) -> str:
     return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
 
 
@@ -82,7 +82,7 @@ def needle_items(tokenizer, corpus: str, lengths, depths, samples: int, seed: in
                         max_tokens=8,
                         prompt=prompt,
                         answer=passkey,
-                        group=_length_label(length),
+                        group=length_label(length),
                         prompt_tokens=len(tokenizer(prompt)["input_ids"]),
                         meta={"length": length, "depth": depth},
                     )
