@@ -111,3 +111,54 @@ def test_unknown_tasks_and_lengths_that_do_not_fit_are_refused(tokenizer):
 
     with pytest.raises(ValueError, match="does not fit"):
         ruler.ruler_items(tokenizer, essays_text(), ["niah_number"], [64], 1)
+
+
+def test_results_carry_intervals_and_a_paired_comparison_with_the_full_cache(tmp_path):
+    """60 single-needle cases: the full cache finds every key, h2o_20% misses the first 30 and
+    streaming_20% one (within noise of the full cache)."""
+    from h2o_vllm.evaluation import report
+    from h2o_vllm.evaluation.client import Answer
+    from h2o_vllm.evaluation.configs import eval_configs
+    from h2o_vllm.evaluation.scenarios import Item
+
+    items = [
+        Item("ruler", f"niah_number/1024/s{s}", 24, prompt="..", group="niah_number 1K", meta=meta)
+        for s, meta in ((s, {"task": "niah_number", "length": 1024, "expected": [str(1000000 + s)]}) for s in range(60))
+    ]
+    configs = eval_configs(["h2o", "streaming"], [0.2])
+    answers = []
+    for i, item in enumerate(items):
+        value = item.meta["expected"][0]
+        answers += [
+            Answer("full", "ruler", item.key, f" {value}."),
+            Answer("h2o_20%", "ruler", item.key, " 0000000." if i < 30 else f" {value}"),
+            Answer("streaming_20%", "ruler", item.key, None if i == 0 else value, "HTTP 500" if i == 0 else None),
+        ]
+    results = report.score(items, answers, configs, tokenizer=None)
+    full, h2o, streaming = (results[n]["ruler"] for n in ("full", "h2o_20%", "streaming_20%"))
+    assert full["tasks"]["niah_number"]["estimate"] == 1.0 and full["tasks"]["niah_number"]["method"] == "wilson"
+    assert h2o["tasks"]["niah_number"]["estimate"] == 0.5 and h2o["tasks"]["niah_number"]["n"] == 60
+    assert h2o["tasks"]["niah_number"]["low"] < 0.5 < h2o["tasks"]["niah_number"]["high"]
+    worse, same = h2o["vs_full"]["niah_number"], streaming["vs_full"]["niah_number"]
+    assert worse["high"] < 0 and worse["b_only"] == 30 and worse["p_value"] < 1e-6  # worse, shown
+    assert same["low"] <= 0 <= same["high"] and same["p_value"] == 1.0  # one miss: no difference shown
+    assert "vs_full" in full and not full["vs_full"] and len(h2o["cases"]) == 60
+    md = report.markdown(results, configs)
+    assert "| h2o_20% | 50.0 [" in md and "-50.0 [" in md and " *" in md
+    paths = report.save(tmp_path, "h2o-vllm eval --scenarios ruler", {}, items, answers, results, configs)
+    assert paths["ruler_png"].stat().st_size > 1000
+    assert '"expected": ["1000000"]' in paths["answers"].read_text()
+
+
+def test_the_papers_scoring_takes_no_prefix_cache_hit_from_another_configuration():
+    """Its decisions depend on which prompt rows run, so its requests carry a cache salt; those whose
+    hits the server caps to change nothing do not."""
+    from h2o_vllm.evaluation.configs import EvalConfig
+
+    paper = EvalConfig.of("h2o", 0.2)
+    _, fields = paper.request_fields("m", "xargs")
+    assert fields["cache_salt"] == "h2o-vllm-eval/h2o_20%" and fields["vllm_xargs"]["h2o_prompt_window"] == 0
+    assert paper.request_fields("m", "alias")[1] == {"cache_salt": "h2o-vllm-eval/h2o_20%"}
+    for family in ("full", "h2o_window8_max", "streaming", "keynorm", "h2o_chunked"):
+        config = EvalConfig.of(family) if family == "full" else EvalConfig.of(family, 0.2)
+        assert "cache_salt" not in config.request_fields("m", "xargs")[1], family

@@ -27,6 +27,14 @@ from ``--window``) are accepted spellings. Selected per request with
 model-name aliases that ``h2o-vllm serve`` lists (for clients that can only
 choose a model name): ``h2o-0.2`` and the other defaults, or ``h2o-1024`` and
 any other budget the server was given with ``--h2o-aliases``.
+
+Every configuration asks for the same prompts, so with vLLM's prefix caching on (its
+default) a request may take a prompt another configuration computed. The server caps that
+hit so that it changes no decision (``Footprint.max_prefix_hit``), except for H2O scored by
+every prompt row with the prompt compressed whole (the paper's scoring): a hit of H tokens
+then decides as a prompt window of N - H rows would. Those configurations send a
+``cache_salt`` of their own name (:attr:`EvalConfig.cache_salt`), so they never take a
+prompt computed for another configuration and are measured as a prompt never seen.
 """
 
 from __future__ import annotations
@@ -90,6 +98,16 @@ class EvalConfig:
     def name(self) -> str:
         return self.named.name
 
+    @property
+    def cache_salt(self) -> str | None:
+        """A ``cache_salt`` for configurations whose decisions a prefix-cache hit would change
+        (every prompt row scores, prompt compressed whole), so that they take no hit another
+        configuration left; None for the others."""
+        config = self.named.config
+        if self.named.is_full or not config.needs_scores or config.prefill != "whole":
+            return None
+        return f"h2o-vllm-eval/{self.name}" if config.prompt_window is None else None
+
     def xargs(self) -> dict:
         config = self.named.config
         fields = set(self.named.named)
@@ -112,9 +130,10 @@ class EvalConfig:
 
     def request_fields(self, model: str, select: str) -> tuple[str, dict]:
         """(model name, extra JSON fields) of a request under this configuration."""
+        salt = {} if self.cache_salt is None else {"cache_salt": self.cache_salt}
         if select == "alias":
-            return self.alias(model), {}
-        return model, {"vllm_xargs": self.xargs()}
+            return self.alias(model), salt
+        return model, {"vllm_xargs": self.xargs(), **salt}
 
 
 def eval_configs(policies, budgets, window: int = DEFAULT_WINDOW) -> list[EvalConfig]:

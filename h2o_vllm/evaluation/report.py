@@ -6,6 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from h2o_vllm.evaluation import ruler_report
 from h2o_vllm.evaluation.client import Answer
 from h2o_vllm.evaluation.configs import EvalConfig
 from h2o_vllm.evaluation.metrics import matched_prefix, passkey_found, rouge_l
@@ -30,7 +31,8 @@ def _mean(values: list[float]) -> float | None:
 
 
 def score(items: list[Item], answers: list[Answer], configs: list[EvalConfig], tokenizer) -> dict:
-    """{config name: {metric: value, ...}}; fidelity and summary are scored against ``full``."""
+    """{config name: {metric: value, ...}}; fidelity and summary are scored against ``full``; the
+    RULER-style tasks under ``"ruler"`` (:mod:`h2o_vllm.evaluation.ruler_report`)."""
     by_key = {(a.config, a.scenario, a.key): a for a in answers}
     reference = {(i.scenario, i.key): by_key.get(("full", i.scenario, i.key)) for i in items}
     results = {}
@@ -43,6 +45,8 @@ def score(items: list[Item], answers: list[Answer], configs: list[EvalConfig], t
             if answer is None:
                 continue
             failed += answer.error is not None
+            if item.scenario == "ruler":
+                continue  # scored by ruler_report below
             if item.scenario == "needle":
                 hit = 100.0 * (answer.text is not None and passkey_found(answer.text, item.answer))
                 found.append(hit)
@@ -70,6 +74,8 @@ def score(items: list[Item], answers: list[Answer], configs: list[EvalConfig], t
             "summary_rouge_l": _mean(summary_rouge),
             "samples": {"needle": len(found), "fidelity": len(tokens_matched), "summary": len(summary_rouge)},
         }
+    for name, ruler in ruler_report.score(items, answers, [c.name for c in configs]).items():
+        results[name]["ruler"] = ruler
     return results
 
 
@@ -126,6 +132,9 @@ def markdown(results: dict, configs: list[EvalConfig]) -> str:
             + "\n".join(rows)
             + "\n"
         )
+    ruler = ruler_report.markdown({name: r["ruler"] for name, r in results.items() if "ruler" in r})
+    if ruler:
+        out.append(ruler)
     failed = {name: r["failed"] for name, r in results.items() if r["failed"]}
     if failed:
         out.append("Failed requests (scored as misses): " + ", ".join(f"{k} {v}" for k, v in failed.items()) + "\n")
@@ -194,8 +203,12 @@ def save(
     with paths["answers"].open("w") as f:
         for a in answers:
             item = prompts[(a.scenario, a.key)]
-            f.write(json.dumps({**a.__dict__, "prompt_tokens": item.prompt_tokens, "expected": item.answer}) + "\n")
+            expected = item.answer if item.answer is not None else item.meta.get("expected")
+            f.write(json.dumps({**a.__dict__, "prompt_tokens": item.prompt_tokens, "expected": expected}) + "\n")
     png = plot(results, configs, out_dir / "eval.png")
     if png:
         paths["png"] = png
+    ruler_png = ruler_report.plot({n: r["ruler"] for n, r in results.items() if "ruler" in r}, out_dir / "ruler.png")
+    if ruler_png:
+        paths["ruler_png"] = ruler_png
     return paths

@@ -4,12 +4,15 @@
     h2o-vllm eval --base-url http://127.0.0.1:8000  # any running h2o-vllm server
     h2o-vllm eval --scenarios needle --budgets 0.2 --lengths 1024 --samples 4
     h2o-vllm eval --policies h2o_window8_max h2o_window8_max_chunked --budgets 0.2 1024
+    h2o-vllm eval --scenarios ruler --ruler-tasks niah_number vt --ruler-samples 100 --budgets 0.2
 
 Every scenario runs under the full cache and under each policy x budget, concurrently,
 with the policy chosen per request. Budgets are fractions of the sequence (0.2 or 20%)
 or token counts (1024); a policy family that ends in _chunked compresses the prompt
 after every prefill chunk. Results: OUT/eval.json, OUT/eval.md (tables),
-OUT/eval.png, OUT/answers.jsonl (every answer, for inspection).
+OUT/eval.png, OUT/answers.jsonl (every answer, for inspection). RULER-style tasks
+(--scenarios ruler) are reported with 95% intervals, and every configuration is
+compared with the full cache on the same cases (paired).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from h2o_vllm.evaluation import scenarios
+from h2o_vllm.evaluation import ruler, scenarios
 from h2o_vllm.evaluation.configs import (
     DEFAULT_POLICIES,
     DEFAULT_WINDOW,
@@ -51,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         "else the default model's)",
     )
     p.add_argument("--api-key", default=None)
-    p.add_argument("--scenarios", nargs="+", default=list(scenarios.SCENARIOS), choices=scenarios.SCENARIOS)
+    p.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=list(scenarios.DEFAULT_SCENARIOS),
+        choices=scenarios.SCENARIOS,
+        help=f"default: {' '.join(scenarios.DEFAULT_SCENARIOS)}",
+    )
     p.add_argument(
         "--policies",
         nargs="+",
@@ -96,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--summaries", type=int, default=3)
     g.add_argument("--summary-essay-tokens", type=int, default=1536)
     g.add_argument("--summary-new-tokens", type=int, default=128)
+    g = p.add_argument_group("ruler")
+    g.add_argument("--ruler-tasks", nargs="+", default=list(ruler.TASKS), choices=ruler.TASKS)
+    g.add_argument("--ruler-lengths", nargs="+", type=int, default=[1024, 2048, 4096], help="prompt tokens")
+    g.add_argument("--ruler-samples", type=int, default=2, help="cases per task and length")
+    g.add_argument("--ruler-seed", type=int, default=0, help="another seed draws other cases")
     g = p.add_argument_group("run")
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     g.add_argument("--request-timeout", type=float, default=1800.0, help="seconds per request")
@@ -118,6 +132,7 @@ POSITIVE_ARGS = (
     "fidelity_new_tokens",
     "summary_essay_tokens",
     "summary_new_tokens",
+    "ruler_samples",
 )
 
 
@@ -143,6 +158,10 @@ def build_items(args, tokenizer) -> list[scenarios.Item]:
     if "fidelity" in args.scenarios:
         items += scenarios.fidelity_items(
             tokenizer, corpus, args.fidelity_prompts, args.fidelity_prompt_tokens, args.fidelity_new_tokens
+        )
+    if "ruler" in args.scenarios:
+        items += ruler.ruler_items(
+            tokenizer, corpus, args.ruler_tasks, args.ruler_lengths, args.ruler_samples, args.ruler_seed
         )
     if "summary" in args.scenarios:
         essays = [(f.stem, f.read_text(encoding="utf-8", errors="replace")) for f in sorted(essays_dir().glob("*.txt"))]

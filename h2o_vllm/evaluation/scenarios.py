@@ -5,6 +5,8 @@ needle   Pass-key retrieval (Mohtashami & Jaggi, 2023): a five-digit key is hidd
 fidelity Greedy continuations of essay excerpts, ``ignore_eos``, compared with the
          full-cache continuation: tokens matched before the first divergence, ROUGE-L.
 summary  Chat request to summarise one essay; ROUGE-L against the full-cache summary.
+ruler    RULER-style synthetic tasks (:mod:`h2o_vllm.evaluation.ruler`); each case scores
+         the fraction of expected strings found. Not run unless asked for.
 
 Everything is deterministic: the same arguments and tokenizer give the same requests.
 """
@@ -14,7 +16,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-SCENARIOS = ("needle", "fidelity", "summary")
+SCENARIOS = ("needle", "fidelity", "summary", "ruler")
+DEFAULT_SCENARIOS = SCENARIOS[:3]
 
 NEEDLE_INTRO = (
     "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
