@@ -15,7 +15,11 @@ is stopped after each configuration, also on Ctrl-C.
 Configurations (a name may end in ``+`` suffixes, see :func:`modifiers`, such as
 ``h2o_20%+march=x86-64-v3`` or ``h2o_20%+pytorch-scoring``; each row records which scorer
 the server's log says it used): vanilla (vLLM as is, block size 32, same pool), streaming_P%,
-h2o_P%, and ``ideal``: vanilla with a pool large enough for everything, capped
+h2o_P% and any other name of :mod:`h2o_vllm.names`, and ``ideal``. A name is read over the
+in-process engine's profile and the server is given every field that decides it
+(``NamedConfig.pinned``), whatever the server's own defaults: ``h2o_20%`` is the paper's
+scoring (every prompt row, summed), ``h2o_20%_window8_max`` the server's default scoring.
+``ideal`` is vanilla with a pool large enough for everything, capped
 with ``--max-num-seqs`` at the most requests H2O 20% kept running in this run
 (the best any eviction could do on this machine with that concurrency). Every server
 runs with vLLM's prefix caching (on by default); a name ending in ``+no-prefix-caching``
@@ -150,7 +154,7 @@ def server_args(
         *common,
         "--num-gpu-blocks-override",
         str(pool_blocks + 1),  # +1: vLLM's null block
-        *settings.to_server_args(named.config, named.named),
+        *settings.to_server_args(named.config, named.pinned),  # the name over ENGINE_DEFAULTS, whatever the server's
         "--h2o-aliases",
         "",
     ]

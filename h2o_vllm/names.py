@@ -83,6 +83,19 @@ class NamedConfig:
             raise ConfigNameError(f"{self.name}: the engine has no per-layer, recent-share or block-size option")
         return self
 
+    @property
+    def pinned(self) -> frozenset:
+        """The fields to send a server so that it runs this configuration whatever its defaults:
+        those the name set, when a prompt is compressed for any evicting configuration, and
+        the scoring fields for one that scores attention (the server's default scoring is not
+        the base a name is read over)."""
+        fields = set(self.named)
+        if not self.is_full:
+            fields.add("prefill")
+        if self.config.needs_scores:
+            fields |= {"prompt_window", "score_reduce", "score_norm"}
+        return frozenset(fields)
+
     def with_budget(self, budget: Budget) -> NamedConfig:
         return NamedConfig(
             self.config.replace(budget=budget),

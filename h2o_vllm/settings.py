@@ -145,10 +145,13 @@ def to_dict(config: PolicyConfig) -> dict[str, Any]:
 
 
 def to_server_args(config: PolicyConfig, attrs) -> list[str]:
-    """The ``h2o-vllm serve`` options that set ``attrs`` of ``config`` (``--h2o-budget 0.2`` ...)."""
+    """The ``h2o-vllm serve`` options that set ``attrs`` of ``config`` (``--h2o-budget 0.2`` ...; a
+    window of None, every prompt row, is sent as 0)."""
     args = []
     for f in FIELDS:
         value = f.dump(getattr(config, f.attr))
+        if f.attr == "prompt_window" and value is None:
+            value = 0
         if f.attr in attrs and value is not None:
             args += [f.flag, str(value)]
     return args

@@ -5,6 +5,7 @@ import pytest
 from h2o_vllm import aliases, names, settings
 from h2o_vllm.engine.settings import ENGINE_DEFAULTS
 from h2o_vllm.policy import Budget, PolicyConfig
+from h2o_vllm.profiles import SERVER
 
 
 @pytest.mark.parametrize(
@@ -137,3 +138,25 @@ def test_a_name_becomes_server_options_that_serve_reads_back(monkeypatch):
     flags, _ = serve.h2o_engine_args(serve.parse_args(args).values, ["m"], env={})
     section = json.loads(flags[flags.index("--additional-config") + 1])["h2o"]
     assert settings.apply(ENGINE_DEFAULTS, section) == named.config
+
+
+@pytest.mark.parametrize("name", ["h2o_20%", "h2o_20%_window8_max", "streaming_20%", "keynorm_20%_chunked", "full"])
+def test_a_pinned_name_runs_as_named_whatever_the_servers_defaults(name):
+    """What a benchmark starts a server with: the name over ENGINE_DEFAULTS (the paper's scoring for
+    ``h2o_20%``), not over the server's own profile (an 8-row window, max)."""
+    import json
+
+    from h2o_vllm import serve
+
+    named = names.parse_name(name, ENGINE_DEFAULTS)
+    args = settings.to_server_args(named.config, named.pinned)
+    flags, _ = serve.h2o_engine_args(serve.parse_args(args).values, ["m"], env={})
+    section = json.loads(flags[flags.index("--additional-config") + 1])["h2o"]
+    served = settings.apply(SERVER, section)  # the server fills in what the flags leave out from its profile
+    attrs = ["policy"] if named.is_full else ["policy", "budget", "prefill"]
+    if named.config.needs_scores:
+        attrs += ["prompt_window", "score_reduce", "score_norm"]
+    for attr in attrs:
+        assert getattr(served, attr) == getattr(named.config, attr), attr
+    if name == "h2o_20%":
+        assert "--h2o-prompt-window" in args and served.prompt_window is None and served.score_reduce == "sum"

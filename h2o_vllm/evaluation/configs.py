@@ -48,10 +48,6 @@ from h2o_vllm.policy import Budget
 POLICIES = ("streaming", "h2o", "h2o-window", "h2o-window-max", "h2o-mean")  # the first wave's families
 DEFAULT_POLICIES = POLICIES[:4]
 SELECT_MODES = ("xargs", "alias")
-# Fields every evicting configuration sends, whatever the server's defaults: when the prompt is compressed.
-EVICTION_FIELDS = frozenset({"prefill"})
-# ... and every H2O configuration too (a window of 0 = every prompt row).
-SCORING_FIELDS = frozenset({"prompt_window", "score_reduce", "score_norm"})
 
 __all__ = [
     "DEFAULT_POLICIES",
@@ -109,13 +105,9 @@ class EvalConfig:
         return f"h2o-vllm-eval/{self.name}" if config.prompt_window is None else None
 
     def xargs(self) -> dict:
-        config = self.named.config
-        fields = set(self.named.named)
-        if not self.named.is_full:
-            fields |= EVICTION_FIELDS
-        if config.needs_scores:
-            fields |= SCORING_FIELDS
-        return settings.to_request_args(config, fields)
+        """The request's ``vllm_xargs``: every field that must not come from the server's defaults
+        (:attr:`NamedConfig.pinned`; a window of 0 is every prompt row)."""
+        return settings.to_request_args(self.named.config, self.named.pinned)
 
     def alias(self, model: str) -> str:
         if self.named.is_full:
