@@ -115,7 +115,7 @@ def test_configs_select_policy_per_request():
         configs[8].alias("m")
     with pytest.raises(EvalConfigError, match="no model-name alias"):
         configs[10].alias("m")
-    assert configs[4].request_fields("m", "alias") == ("m@h2o-0.2", {"cache_salt": "h2o-vllm-eval/h2o_20%"})
+    assert configs[4].request_fields("m", "alias") == ("m@h2o-0.2", {"cache_salt": "h2o-vllm-eval-h2o_20%"})
     assert configs[0].request_fields("m", "alias") == ("m@full", {})
     assert configs[2].request_fields("m", "xargs") == (
         "m",

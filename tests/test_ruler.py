@@ -157,8 +157,11 @@ def test_the_papers_scoring_takes_no_prefix_cache_hit_from_another_configuration
 
     paper = EvalConfig.of("h2o", 0.2)
     _, fields = paper.request_fields("m", "xargs")
-    assert fields["cache_salt"] == "h2o-vllm-eval/h2o_20%" and fields["vllm_xargs"]["h2o_prompt_window"] == 0
-    assert paper.request_fields("m", "alias")[1] == {"cache_salt": "h2o-vllm-eval/h2o_20%"}
+    assert fields["cache_salt"] == "h2o-vllm-eval-h2o_20%" and fields["vllm_xargs"]["h2o_prompt_window"] == 0
+    assert paper.request_fields("m", "alias")[1] == {"cache_salt": "h2o-vllm-eval-h2o_20%"}
+    for budget in (0.1, "20%", 4096):  # what vLLM accepts as a salt: no '/', '@', backslash or NUL, <= 128
+        salt = EvalConfig.of("h2o_mean", budget).cache_salt
+        assert salt and not set(salt) & set("/@\\\0") and len(salt) <= 128
     for family in ("full", "h2o_window8_max", "streaming", "keynorm", "h2o_chunked"):
         config = EvalConfig.of(family) if family == "full" else EvalConfig.of(family, 0.2)
         assert "cache_salt" not in config.request_fields("m", "xargs")[1], family

@@ -102,7 +102,8 @@ class EvalConfig:
         config = self.named.config
         if self.named.is_full or not config.needs_scores or config.prefill != "whole":
             return None
-        return f"h2o-vllm-eval/{self.name}" if config.prompt_window is None else None
+        # vLLM refuses a salt with '/', '@', '\\' or NUL, or over 128 characters; names have none of those.
+        return f"h2o-vllm-eval-{self.name}" if config.prompt_window is None else None
 
     def xargs(self) -> dict:
         """The request's ``vllm_xargs``: every field that must not come from the server's defaults

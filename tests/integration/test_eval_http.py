@@ -106,6 +106,41 @@ def test_eval_runs_every_scenario_under_each_policy(server, tmp_path):
     assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 25
 
 
+def test_ruler_tasks_report_intervals_and_paired_comparisons(server, tmp_path):
+    before = h2o_counts(server)
+    proc = run_eval(
+        server,
+        tmp_path,
+        "--scenarios",
+        "ruler",
+        "--ruler-tasks",
+        "niah_number",
+        "vt",
+        "--ruler-lengths",
+        "1024",
+        "--ruler-samples",
+        "2",
+        "--policies",
+        "h2o",
+        "h2o_window8_max",
+        "--budgets",
+        "0.2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert list(results) == ["full", "h2o_20%", "h2o_20%_window8_max"]
+    for name, r in results.items():
+        ruler = r["ruler"]
+        assert set(ruler["tasks"]) == {"niah_number", "vt"} and len(ruler["cases"]) == 4, name
+        for cell in ruler["tasks"].values():
+            assert cell["n"] == 2 and 0.0 <= cell["low"] <= cell["estimate"] <= cell["high"] <= 1.0
+        assert bool(ruler["vs_full"]) == (name != "full")
+    changed = delta(server, before)
+    assert changed.get("none") == 4 and changed.get("h2o") == 8, changed
+    table = (tmp_path / "eval.md").read_text()
+    assert "RULER-style tasks" in table and "niah_number (n=2)" in table and (tmp_path / "ruler.png").exists()
+
+
 def test_eval_selects_policies_through_model_aliases(server, tmp_path):
     before = h2o_counts(server)
     proc = run_eval(
