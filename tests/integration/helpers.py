@@ -17,6 +17,14 @@ def serve(tmp_path_factory, name: str, args: Sequence[str] = (), **kwargs) -> It
         yield proc
 
 
+def chat(client, model: str, content: str, max_tokens: int) -> dict:
+    """The assistant's message for one greedy user turn (the request must succeed)."""
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+    resp = client.post("/v1/chat/completions", json={**body, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    return resp.json()["choices"][0]["message"]
+
+
 def metrics(client, prefix: str = "h2o_vllm:") -> dict:
     """Series whose names start with ``prefix`` (ours by default) as {name or name{labels}: value}."""
     out = {}

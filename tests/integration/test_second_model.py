@@ -10,7 +10,7 @@ import pytest
 
 from h2o_vllm.assets import QWEN_CODER_05B
 
-from .helpers import metrics, serve, wait_until_idle
+from .helpers import chat, metrics, serve, wait_until_idle
 
 pytestmark = pytest.mark.integration
 MODEL = QWEN_CODER_05B.name
@@ -48,15 +48,8 @@ def test_served_under_its_short_name_with_aliases(client, second_model_dir):
 
 
 def test_chat_template_and_weights_are_the_coder_models(client):
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Write a Python function is_prime(n) that tests primality."}],
-        "max_tokens": 64,
-        "temperature": 0,
-    }
-    resp = client.post("/v1/chat/completions", json=body)
-    assert resp.status_code == 200, resp.text
-    assert "def is_prime(n" in resp.json()["choices"][0]["message"]["content"]  # random weights would not
+    message = chat(client, MODEL, "Write a Python function is_prime(n) that tests primality.", 64)
+    assert "def is_prime(n" in message["content"]  # random weights would not
 
 
 def test_a_budget_covering_the_sequence_gives_the_full_caches_tokens(client, essay):

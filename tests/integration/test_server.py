@@ -17,6 +17,8 @@ from h2o_vllm import plugin
 from h2o_vllm.assets import DEFAULT_SERVED_NAME
 from h2o_vllm.local_server import ServerProcess
 
+from .helpers import chat
+
 pytestmark = pytest.mark.integration
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -59,15 +61,7 @@ def test_completion_is_generated_by_smollm2(client):
 
 
 def test_chat_completion_uses_the_chat_template(client):
-    body = {
-        "model": DEFAULT_SERVED_NAME,
-        "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
-        "max_tokens": 16,
-        "temperature": 0,
-    }
-    resp = client.post("/v1/chat/completions", json=body)
-    assert resp.status_code == 200, resp.text
-    message = resp.json()["choices"][0]["message"]
+    message = chat(client, DEFAULT_SERVED_NAME, "What is the capital of France? Answer in one word.", 16)
     assert message["role"] == "assistant" and "Paris" in message["content"]
 
 
