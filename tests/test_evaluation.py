@@ -339,3 +339,67 @@ def test_unreachable_server_fails_every_request_and_says_so(tmp_path, capsys):
     results = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert results["full"]["failed"] == 1 and results["h2o_20%"]["failed"] == 1
     assert "2 failed" in capsys.readouterr().err
+
+
+def test_an_items_other_configurations_follow_its_first_request():
+    """The full cache's request of an item finishes before the item's other configurations start
+    (so they take its prompt from the prefix cache); salted configurations follow too; answers
+    come back in the jobs' order."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    from h2o_vllm.evaluation.client import item_groups, run_requests
+
+    log = []
+
+    async def complete(request):
+        body = await request.json()
+        config = body.get("cache_salt") or json.dumps(body.get("vllm_xargs", {}), sort_keys=True)
+        log.append(("start", body["prompt"], config, len(log)))
+        await asyncio.sleep(0.05)
+        log.append(("end", body["prompt"], config, len(log)))
+        reply = {"choices": [{"text": f"{body['prompt']}|{config}"}], "usage": {"completion_tokens": 1}}
+        return web.json_response(reply)
+
+    started = threading.Event()
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_post("/v1/completions", complete)
+    runner = web.AppRunner(app)
+
+    def serve():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(site.start())
+        serve.port = site._server.sockets[0].getsockname()[1]
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        configs = eval_configs(["h2o", "streaming", "h2o_window8_max"], ["0.2"])
+        assert [c.cache_salt is not None for c in configs] == [False, True, False, False]
+        items = [scenarios.Item("needle", f"k{i}", max_tokens=1, prompt=f"p{i}") for i in range(5)]
+        jobs = [(c, i) for c in configs for i in items]  # configuration-major, as the eval builds them
+        groups = item_groups(jobs)
+        assert [[jobs[j][1].key for j in g] for g in groups] == [[f"k{i}"] * 4 for i in range(5)]
+        assert all(jobs[g[0]][0].name == "full" and jobs[g[-1]][0].cache_salt for g in groups)
+        answers = run_requests(f"http://127.0.0.1:{serve.port}", jobs, "m", concurrency=3)
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+    assert [a.config for a in answers] == [c.name for c, _ in jobs]
+    assert [a.key for a in answers] == [i.key for _, i in jobs]
+    assert all(a.error is None and a.text.startswith(i.prompt + "|") for a, (_, i) in zip(answers, jobs))
+    full = json.dumps(configs[0].xargs(), sort_keys=True)
+    for item in items:
+        events = [e for e in log if e[1] == item.prompt]
+        leader_end = next(e[3] for e in events if e[0] == "end" and e[2] == full)
+        assert len(events) == 8
+        assert all(e[3] > leader_end for e in events if e[0] == "start" and e[2] != full)
+    assert max(sum(1 if e[0] == "start" else -1 for e in log[: i + 1]) for i in range(len(log))) <= 3

@@ -109,18 +109,44 @@ async def _one(
         )
 
 
+def item_groups(jobs: list[tuple[EvalConfig, Item]]) -> list[list[int]]:
+    """Indices of ``jobs`` grouped by item, in order of first appearance; in each group the first
+    configuration without a ``cache_salt`` leads (the full cache, when it is run)."""
+    groups: dict[int, list[int]] = {}
+    for index, (_, item) in enumerate(jobs):
+        groups.setdefault(id(item), []).append(index)
+    for group in groups.values():
+        group.sort(key=lambda i: jobs[i][0].cache_salt is not None)  # stable: salted ones last
+    return list(groups.values())
+
+
 async def _run(base_url, jobs, model, select, concurrency, timeout, api_key, progress) -> list[Answer]:
+    """Every job, at most ``concurrency`` requests in flight. An item's leading request runs alone
+    first and the item's other configurations after it, so that vLLM's prefix cache gives them the
+    prompt it computed (in-flight requests share nothing) and each prompt is prefilled about once
+    per cache salt, not once per configuration; at most ``concurrency`` items are open at once so
+    the leader's blocks are still cached when the others arrive. Hits decide nothing
+    (:meth:`Footprint.max_prefix_hit`), so answers do not depend on this order."""
     limit = asyncio.Semaphore(concurrency)
+    open_items = asyncio.Semaphore(concurrency)
+    answers: list[Answer | None] = [None] * len(jobs)
     client_timeout = aiohttp.ClientTimeout(total=timeout)
     async with aiohttp.ClientSession(timeout=client_timeout) as session:
 
-        async def guarded(config, item):
+        async def guarded(index):
+            config, item = jobs[index]
             async with limit:
                 answer = await _one(session, base_url, config, item, model, select, api_key)
             progress.update(answer)
-            return answer
+            answers[index] = answer
 
-        return await asyncio.gather(*(guarded(c, i) for c, i in jobs))
+        async def item(group):
+            async with open_items:
+                await guarded(group[0])
+                await asyncio.gather(*(guarded(i) for i in group[1:]))
+
+        await asyncio.gather(*(item(g) for g in item_groups(jobs)))
+    return answers
 
 
 def run_requests(
