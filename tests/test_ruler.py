@@ -143,8 +143,12 @@ def test_results_carry_intervals_and_a_paired_comparison_with_the_full_cache(tmp
     assert worse["high"] < 0 and worse["b_only"] == 30 and worse["p_value"] < 1e-6  # worse, shown
     assert same["low"] <= 0 <= same["high"] and same["p_value"] == 1.0  # one miss: no difference shown
     assert "vs_full" in full and not full["vs_full"] and len(h2o["cases"]) == 60
+    assert h2o["streaming"] == "streaming_20%" and "vs_streaming" not in streaming and "vs_streaming" not in full
+    against = h2o["vs_streaming"]["niah_number"]  # 30 misses against StreamingLLM's one failure
+    assert against["high"] < 0 and (against["a_only"], against["b_only"]) == (0, 29) and "all" not in h2o["vs_full"]
     md = report.markdown(results, configs)
     assert "| h2o_20% | 50.0 [" in md and "-50.0 [" in md and " *" in md
+    assert "against StreamingLLM at the same budget" in md and "| h2o_20% | -48.3 [" in md
     paths = report.save(tmp_path, "h2o-vllm eval --scenarios ruler", {}, items, answers, results, configs)
     assert paths["ruler_png"].stat().st_size > 1000
     assert '"expected": ["1000000"]' in paths["answers"].read_text()
@@ -165,3 +169,33 @@ def test_the_papers_scoring_takes_no_prefix_cache_hit_from_another_configuration
     for family in ("full", "h2o_window8_max", "streaming", "keynorm", "h2o_chunked"):
         config = EvalConfig.of(family) if family == "full" else EvalConfig.of(family, 0.2)
         assert "cache_salt" not in config.request_fields("m", "xargs")[1], family
+
+
+def test_ruler_comparisons_cover_every_task_together_and_match_streaming_by_prefill():
+    from h2o_vllm.evaluation import report
+    from h2o_vllm.evaluation.client import Answer
+    from h2o_vllm.evaluation.configs import eval_configs
+    from h2o_vllm.evaluation.scenarios import Item
+
+    items = [
+        Item("ruler", f"{task}/1024/s{s}", 24, prompt="..", group=f"{task} 1K", meta={"task": task, "expected": ["7"]})
+        for task in ("niah_number", "niah_uuid")
+        for s in range(20)
+    ]
+    configs = eval_configs(["h2o_window8_max", "streaming", "h2o_window8_max_chunked", "streaming_chunked"], [0.2])
+    assert report.streaming_of(configs) == {
+        "h2o_20%_window8_max": "streaming_20%",
+        "h2o_20%_window8_max_chunked": "streaming_20%_chunked",
+    }
+    answers = [
+        Answer(c.name, "ruler", i.key, "7" if c.policy != "streaming" or n % 2 else "no")
+        for c in configs
+        for n, i in enumerate(items)
+    ]
+    results = report.score(items, answers, configs, tokenizer=None)
+    ours = results["h2o_20%_window8_max"]["ruler"]
+    assert set(ours["vs_streaming"]) == {"niah_number", "niah_uuid", "all"} and ours["vs_streaming"]["all"]["n"] == 40
+    assert ours["vs_streaming"]["all"]["estimate"] == 0.5 and ours["vs_streaming"]["all"]["low"] > 0
+    assert ours["vs_full"]["all"]["estimate"] == 0.0 and ours["vs_full"]["all"]["n"] == 40
+    md = report.markdown(results, configs)
+    assert "| configuration | niah_number | niah_uuid | all |" in md

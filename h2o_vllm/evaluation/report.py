@@ -74,9 +74,26 @@ def score(items: list[Item], answers: list[Answer], configs: list[EvalConfig], t
             "summary_rouge_l": _mean(summary_rouge),
             "samples": {"needle": len(found), "fidelity": len(tokens_matched), "summary": len(summary_rouge)},
         }
-    for name, ruler in ruler_report.score(items, answers, [c.name for c in configs]).items():
+    for name, ruler in ruler_report.score(items, answers, [c.name for c in configs], streaming_of(configs)).items():
         results[name]["ruler"] = ruler
     return results
+
+
+def streaming_of(configs: list[EvalConfig]) -> dict[str, str]:
+    """{name: the StreamingLLM configuration at the same budget and prefill} for every other evicting
+    configuration that has one among ``configs``."""
+    streaming = {
+        (c.budget, c.named.config.prefill): c.name
+        for c in configs
+        if c.budget is not None and c.policy.startswith("streaming")
+    }
+    return {
+        c.name: streaming[(c.budget, c.named.config.prefill)]
+        for c in configs
+        if c.budget is not None
+        and not c.policy.startswith("streaming")
+        and (c.budget, c.named.config.prefill) in streaming
+    }
 
 
 def _grid(configs: list[EvalConfig]) -> tuple[list[Budget], list[str], dict[tuple[str, Budget], str]]:

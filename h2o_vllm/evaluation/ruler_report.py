@@ -7,7 +7,9 @@ Per configuration (``results[name]["ruler"]``):
     tasks      {task: Interval as a dict}, over every length
     by_length  {"task length": Interval as a dict}
     overall    Interval over every case (tasks weigh by their cases)
-    vs_full    {task: PairedDifference as a dict}, this configuration minus the full cache
+    vs_full    {task or "all": PairedDifference as a dict}, this configuration minus the full cache
+    vs_streaming  the same against StreamingLLM at the same budget and prefill (when it ran; the
+               name under "streaming"), the baseline an evicting policy must beat
     cases      {case key: score}, for other paired comparisons later
 """
 
@@ -31,15 +33,30 @@ def _as_dict(value) -> dict:
     return dataclasses.asdict(value)
 
 
-def score(items, answers, config_names: list[str]) -> dict[str, dict]:
-    """{config name: its RULER results} (see the module docstring); {} when no RULER case ran."""
+def _paired(got: dict, base: dict, by_task: dict) -> dict:
+    """{task: PairedDifference as a dict, "all": over every task's cases} of ``got`` minus ``base``
+    on the cases both answered."""
+    out = {}
+    for task, keys in by_task.items():
+        shared = [k for k in keys if k in base]
+        if shared:
+            out[task] = _as_dict(intervals.paired_difference([got[k] for k in shared], [base[k] for k in shared]))
+    shared = [k for k in got if k in base]
+    if len(by_task) > 1 and shared:
+        out["all"] = _as_dict(intervals.paired_difference([got[k] for k in shared], [base[k] for k in shared]))
+    return out
+
+
+def score(items, answers, config_names: list[str], streaming_of: dict[str, str] | None = None) -> dict[str, dict]:
+    """{config name: its RULER results} (see the module docstring); {} when no RULER case ran.
+    ``streaming_of`` names each configuration's StreamingLLM counterpart, when it ran."""
     cases = [i for i in items if i.scenario == "ruler"]
     if not cases:
         return {}
+    streaming_of = streaming_of or {}
     task_of = {i.key: i.meta["task"] for i in cases}
     group_of = {i.key: i.group for i in cases}
     scores = {name: case_scores(cases, answers, name) for name in config_names}
-    full = scores.get("full", {})
     out = {}
     for name, got in scores.items():
         if not got:
@@ -48,20 +65,17 @@ def score(items, answers, config_names: list[str]) -> dict[str, dict]:
         for key, value in got.items():
             by_task[task_of[key]].append(key)
             by_group[group_of[key]].append(value)
-        vs_full = {}
-        if name != "full":
-            for task, keys in by_task.items():
-                shared = [k for k in keys if k in full]
-                if shared:
-                    diff = intervals.paired_difference([got[k] for k in shared], [full[k] for k in shared])
-                    vs_full[task] = _as_dict(diff)
         out[name] = {
             "tasks": {t: _as_dict(intervals.mean_interval([got[k] for k in keys])) for t, keys in by_task.items()},
             "by_length": {g: _as_dict(intervals.mean_interval(v)) for g, v in by_group.items()},
             "overall": _as_dict(intervals.mean_interval(list(got.values()))),
-            "vs_full": vs_full,
+            "vs_full": {} if name == "full" else _paired(got, scores.get("full", {}), by_task),
             "cases": got,
         }
+        baseline = streaming_of.get(name)
+        if baseline and scores.get(baseline):
+            out[name]["streaming"] = baseline
+            out[name]["vs_streaming"] = _paired(got, scores[baseline], by_task)
     return out
 
 
@@ -99,15 +113,20 @@ def markdown(results: dict) -> str:
         "**RULER-style tasks: % of expected strings found, mean [95% interval]** (Wilson for 0/1 "
         "cases, else bootstrap)\n\n" + head + "\n".join(rows) + "\n"
     ]
-    compared = {name: r for name, r in results.items() if r["vs_full"]}
-    if compared:
-        head = "| configuration | " + " | ".join(tasks) + " |\n|---|" + "---|" * len(tasks) + "\n"
+    for field, title in (
+        ("vs_full", "against the full cache"),
+        ("vs_streaming", "against StreamingLLM at the same budget"),
+    ):
+        compared = {name: r[field] for name, r in results.items() if r.get(field)}
+        if not compared:
+            continue
+        columns = tasks + (["all"] if any("all" in d for d in compared.values()) else [])
+        head = "| configuration | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
         rows = [
-            f"| {name} | " + " | ".join(_diff_cell(r["vs_full"].get(t)) for t in tasks) + " |"
-            for name, r in compared.items()
+            f"| {name} | " + " | ".join(_diff_cell(d.get(t)) for t in columns) + " |" for name, d in compared.items()
         ]
         out.append(
-            "**RULER-style tasks against the full cache on the same cases: difference in points "
+            f"**RULER-style tasks {title} on the same cases: difference in points "
             "[95% paired bootstrap interval]**; * where the interval excludes 0\n\n" + head + "\n".join(rows) + "\n"
         )
     return "\n".join(out)
