@@ -403,3 +403,27 @@ def test_an_items_other_configurations_follow_its_first_request():
         assert len(events) == 8
         assert all(e[3] > leader_end for e in events if e[0] == "start" and e[2] != full)
     assert max(sum(1 if e[0] == "start" else -1 for e in log[: i + 1]) for i in range(len(log))) <= 3
+
+
+def test_rescore_scores_saved_answers_again_without_a_request(tmp_path, capsys):
+    argv = ["--base-url", "http://127.0.0.1:9", "--scenarios", "needle", "--lengths", "512", "--depths", "0.5"]
+    argv += ["--samples", "2", "--policies", "streaming", "--budgets", "0.2", "--out", str(tmp_path)]
+    assert eval_main(argv) == 1  # every request failed: nothing listens on port 9
+    lines = (tmp_path / "answers.jsonl").read_text().splitlines()
+    found = []
+    for line in lines:  # answer the first pass key under both configurations
+        row = json.loads(line)
+        if row["key"] == json.loads(lines[0])["key"]:
+            row.update(text=f" {row['expected']}.", error=None)
+        found.append(json.dumps(row))
+    (tmp_path / "answers.jsonl").write_text("\n".join(found) + "\n")
+    before = json.loads((tmp_path / "eval.json").read_text())
+    assert eval_main(["--rescore", str(tmp_path)]) == 0
+    after = json.loads((tmp_path / "eval.json").read_text())
+    assert after["command"] == before["command"] and after["settings"]["wall_s"] == before["settings"]["wall_s"]
+    assert after["results"]["full"]["needle_accuracy"] == after["results"]["streaming_20%"]["needle_accuracy"] == 50.0
+    assert after["results"]["full"]["failed"] == 1 and "| full cache | 50.0 |" in (tmp_path / "eval.md").read_text()
+    (tmp_path / "answers.jsonl").write_text("\n".join(found[:-1]) + "\n")
+    assert eval_main(["--rescore", str(tmp_path)]) == 2
+    assert "not the saved run's requests" in capsys.readouterr().err
+    assert eval_main(["--rescore", str(tmp_path / "missing")]) == 2

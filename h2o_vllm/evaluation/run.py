@@ -5,6 +5,7 @@
     h2o-vllm eval --scenarios needle --budgets 0.2 --lengths 1024 --samples 4
     h2o-vllm eval --policies h2o_window8_max h2o_window8_max_chunked --budgets 0.2 1024
     h2o-vllm eval --scenarios ruler --ruler-tasks niah_number vt --ruler-samples 100 --budgets 0.2
+    h2o-vllm eval --rescore results/ruler/smollm2      # score saved answers again, no request
 
 Every scenario runs under the full cache and under each policy x budget, concurrently,
 with the policy chosen per request. Budgets are fractions of the sequence (0.2 or 20%)
@@ -115,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--request-timeout", type=float, default=1800.0, help="seconds per request")
     g.add_argument("--out", type=Path, default=Path("results/eval"))
     g.add_argument(
+        "--rescore",
+        type=Path,
+        metavar="DIR",
+        help="score DIR/answers.jsonl again with the arguments saved in DIR/eval.json and rewrite DIR's "
+        "tables and plots (after a change to the scoring or the report); sends no request",
+    )
+    g.add_argument(
         "--serve-args",
         default="--enforce-eager",
         help="extra h2o-vllm serve arguments when this command starts the server",
@@ -175,8 +183,38 @@ def max_context(items) -> int:
     return max(i.prompt_tokens + i.max_tokens for i in items) + 64  # chat template and tokenizer drift
 
 
+def _saved_run(directory: Path, parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, str, float]:
+    """(the arguments, the command and the wall time) of the run saved in ``directory``."""
+    import json
+
+    saved = json.loads((directory / "eval.json").read_text())
+    args = parser.parse_args([])
+    for name, value in saved["settings"].items():
+        if hasattr(args, name) and name not in ("rescore", "base_url"):
+            setattr(args, name, Path(value) if name == "out" else value)
+    args.out = directory
+    return args, saved["command"], saved["settings"].get("wall_s")
+
+
+def _saved_answers(path: Path) -> list:
+    import json
+
+    from h2o_vllm.evaluation.client import Answer
+
+    fields = set(Answer.__dataclass_fields__)
+    return [Answer(**{k: v for k, v in json.loads(line).items() if k in fields}) for line in path.open()]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rescore = args.rescore
+    if rescore is not None:
+        try:
+            args, command, wall_s = _saved_run(rescore, parser)
+        except (OSError, ValueError, KeyError) as err:
+            print(f"h2o-vllm eval: error: cannot read the run saved in {rescore}: {err}", file=sys.stderr)
+            return 2
     try:
         configs = _checked_configs(args)
     except EvalConfigError as err:
@@ -197,6 +235,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"h2o-vllm eval: error: {err}", file=sys.stderr)
         return 2
+    if rescore is not None:
+        from h2o_vllm.evaluation import report
+
+        answers = _saved_answers(rescore / "answers.jsonl")
+        wanted = {(c.name, i.scenario, i.key) for c in configs for i in items}
+        if {(a.config, a.scenario, a.key) for a in answers} != wanted:
+            print(f"h2o-vllm eval: error: {rescore}/answers.jsonl is not the saved run's requests", file=sys.stderr)
+            return 2
+        results = report.score(items, answers, configs, tokenizer)
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "api_key"}
+        settings["wall_s"] = wall_s
+        paths = report.save(args.out, command, settings, items, answers, results, configs)
+        print(report.markdown(results, configs))
+        print("rescored: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+        return 0
     jobs = [(c, i) for c in configs for i in items]
     print(
         f"[eval] {len(items)} items x {len(configs)} configurations = {len(jobs)} requests "
