@@ -258,7 +258,9 @@ def test_scores_and_tables(tokenizer, tmp_path):
     assert h2o["summary_rouge_l"] == pytest.approx(0.5)
     md = report.markdown(results, configs)
     assert "| policy | 20% |" in md
-    assert "| full cache | 100.0 |" in md and "| h2o | 50.0 |" in md and "h2o_20% 1" in md
+    assert "| full cache | 100.0 [34.2, 100.0] |" in md and "| h2o | 50.0 [9.5, 90.5] |" in md and "h2o_20% 1" in md
+    assert h2o["intervals"]["needle_accuracy"]["n"] == 2 and h2o["cases"]["needle_accuracy"] == {"n0": 1.0, "n1": 0.0}
+    assert "| h2o | 0.833 [0.833, 0.833] |" in md  # one prompt: the bootstrap has nothing to resample
     paths = report.save(tmp_path, "h2o-vllm eval --test", {}, items, answers, results, configs)
     saved = json.loads(paths["json"].read_text())
     assert saved["command"] == "h2o-vllm eval --test" and saved["results"]["h2o_20%"]["needle_accuracy"] == 50.0
@@ -275,8 +277,9 @@ def test_tables_order_fractions_then_token_budgets(tmp_path):
     results = report.score(items, answers, configs, tokenizer=None)  # needle only: no re-tokenizing
     md = report.markdown(results, configs)
     assert "| policy | 10% | 50% | 256 tokens | 1024 tokens |" in md
-    assert "| full cache | 100.0 | 100.0 | 100.0 | 100.0 |" in md
-    assert "| h2o | 100.0 | 100.0 | 0.0 | 100.0 |" in md and "| h2o_chunked | 100.0 | 100.0 | 0.0 | 100.0 |" in md
+    yes, no = "100.0 [20.7, 100.0]", "0.0 [0.0, 79.3]"  # one pass key each: Wilson intervals
+    assert f"| full cache | {yes} | {yes} | {yes} | {yes} |" in md
+    assert f"| h2o | {yes} | {yes} | {no} | {yes} |" in md and f"| h2o_chunked | {yes} | {yes} | {no} | {yes} |" in md
     paths = report.save(tmp_path, "h2o-vllm eval --test", {}, items, answers, results, configs)
     saved = json.loads(paths["json"].read_text())["results"]
     assert saved["h2o_1024_chunked"]["budget"] is None and saved["h2o_1024_chunked"]["budget_tokens"] == 1024
@@ -422,8 +425,32 @@ def test_rescore_scores_saved_answers_again_without_a_request(tmp_path, capsys):
     after = json.loads((tmp_path / "eval.json").read_text())
     assert after["command"] == before["command"] and after["settings"]["wall_s"] == before["settings"]["wall_s"]
     assert after["results"]["full"]["needle_accuracy"] == after["results"]["streaming_20%"]["needle_accuracy"] == 50.0
-    assert after["results"]["full"]["failed"] == 1 and "| full cache | 50.0 |" in (tmp_path / "eval.md").read_text()
+    assert (
+        after["results"]["full"]["failed"] == 1
+        and "| full cache | 50.0 [9.5, 90.5] |" in (tmp_path / "eval.md").read_text()
+    )
     (tmp_path / "answers.jsonl").write_text("\n".join(found[:-1]) + "\n")
     assert eval_main(["--rescore", str(tmp_path)]) == 2
     assert "not the saved run's requests" in capsys.readouterr().err
     assert eval_main(["--rescore", str(tmp_path / "missing")]) == 2
+
+
+def test_fidelity_with_intervals_and_against_streaming_on_the_same_prompts():
+    items = [scenarios.Item("fidelity", f"p{k}", 8, prompt="..", ignore_eos=True) for k in range(30)]
+    configs = eval_configs(["h2o_window8_max", "streaming"], [0.2])
+    answers = [Answer("full", "fidelity", i.key, "a b c d e f g h") for i in items]
+    answers += [Answer("h2o_20%_window8_max", "fidelity", i.key, "a b c d e f g h") for i in items]
+    answers += [
+        Answer("streaming_20%", "fidelity", i.key, "a b c d x y z w" if k % 2 else "a b c d e f g h")
+        for k, i in enumerate(items)
+    ]
+    results = report.score(items, answers, configs, tokenizer=lambda text: {"input_ids": text.split()})
+    ours, theirs = results["h2o_20%_window8_max"], results["streaming_20%"]
+    assert ours["fidelity_rouge_l"] == 1.0 and theirs["fidelity_rouge_l"] == pytest.approx(0.75)
+    low, high = theirs["intervals"]["fidelity_rouge_l"]["low"], theirs["intervals"]["fidelity_rouge_l"]["high"]
+    assert 0.6 < low < 0.75 < high < 0.9 and theirs["intervals"]["fidelity_rouge_l"]["method"] == "bootstrap"
+    better = ours["vs_streaming"]["fidelity_rouge_l"]
+    assert ours["streaming"] == "streaming_20%" and better["estimate"] == pytest.approx(0.25) and better["low"] > 0
+    assert "vs_streaming" not in theirs and "vs_streaming" not in results["full"]
+    md = report.markdown(results, configs)
+    assert "Against StreamingLLM at the same budget" in md and "| h2o_20%_window8_max | +0.250 [" in md

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
-from h2o_vllm.evaluation import ruler_report
+from h2o_vllm.evaluation import intervals, ruler_report
 from h2o_vllm.evaluation.client import Answer
 from h2o_vllm.evaluation.configs import EvalConfig
 from h2o_vllm.evaluation.metrics import matched_prefix, passkey_found, rouge_l
@@ -39,6 +40,7 @@ def score(items: list[Item], answers: list[Answer], configs: list[EvalConfig], t
     for config in configs:
         found, by_length = [], defaultdict(list)
         tokens_matched, fidelity_rouge, summary_rouge = [], [], []
+        cases = {"needle_accuracy": {}, "fidelity_rouge_l": {}, "summary_rouge_l": {}}  # per item, for pairing
         failed = 0
         for item in items:
             answer = by_key.get((config.name, item.scenario, item.key))
@@ -51,6 +53,7 @@ def score(items: list[Item], answers: list[Answer], configs: list[EvalConfig], t
                 hit = 100.0 * (answer.text is not None and passkey_found(answer.text, item.answer))
                 found.append(hit)
                 by_length[item.group].append(hit)
+                cases["needle_accuracy"][item.key] = hit / 100
                 continue
             ref = reference[(item.scenario, item.key)]
             if ref is None or ref.text is None:
@@ -59,8 +62,10 @@ def score(items: list[Item], answers: list[Answer], configs: list[EvalConfig], t
             if item.scenario == "fidelity":
                 tokens_matched.append(matched_prefix(tokenizer(ref.text)["input_ids"], tokenizer(text)["input_ids"]))
                 fidelity_rouge.append(rouge_l(text, ref.text))
+                cases["fidelity_rouge_l"][item.key] = fidelity_rouge[-1]
             else:
                 summary_rouge.append(rouge_l(text, ref.text))
+                cases["summary_rouge_l"][item.key] = summary_rouge[-1]
         budget = config.budget  # None for the full cache
         results[config.name] = {
             "policy": config.policy,
@@ -73,6 +78,16 @@ def score(items: list[Item], answers: list[Answer], configs: list[EvalConfig], t
             "fidelity_rouge_l": _mean(fidelity_rouge),
             "summary_rouge_l": _mean(summary_rouge),
             "samples": {"needle": len(found), "fidelity": len(tokens_matched), "summary": len(summary_rouge)},
+            "intervals": {m: asdict(intervals.mean_interval(list(v.values()))) for m, v in cases.items() if v},
+            "cases": {m: v for m, v in cases.items() if v},
+        }
+    for name, baseline in streaming_of(configs).items():
+        ours, theirs = results[name]["cases"], results[baseline]["cases"]
+        results[name]["streaming"] = baseline
+        results[name]["vs_streaming"] = {
+            metric: asdict(intervals.paired_difference([v[k] for k in shared], [theirs[metric][k] for k in shared]))
+            for metric, v in ours.items()
+            if (shared := [k for k in v if k in theirs.get(metric, {})])
         }
     for name, ruler in ruler_report.score(items, answers, [c.name for c in configs], streaming_of(configs)).items():
         results[name]["ruler"] = ruler
@@ -111,8 +126,20 @@ def budget_label(budget: Budget) -> str:
     return f"{budget.fraction * 100:g}%" if budget.fraction is not None else f"{budget.tokens} tokens"
 
 
-def _cell(value, fmt: str) -> str:
-    return "n/a" if value is None else fmt.format(value)
+def _cell(value, fmt: str, interval: dict | None = None, scale: float = 1.0) -> str:
+    """``value``, and its 95% interval when there is one: ``"66.7 [35.4, 87.9]"``."""
+    if value is None:
+        return "n/a"
+    if interval is None:
+        return fmt.format(value)
+    return f"{fmt.format(value)} [{fmt.format(scale * interval['low'])}, {fmt.format(scale * interval['high'])}]"
+
+
+def _metric_cell(result: dict | None, metric: str, fmt: str) -> str:
+    if not result:
+        return "n/a"
+    scale = 100.0 if metric == "needle_accuracy" else 1.0
+    return _cell(result.get(metric), fmt, result.get("intervals", {}).get(metric), scale)
 
 
 def markdown(results: dict, configs: list[EvalConfig]) -> str:
@@ -125,15 +152,34 @@ def markdown(results: dict, configs: list[EvalConfig]) -> str:
         rows = []
         full = results.get("full")
         if full is not None and metric.startswith("needle"):
-            rows.append("| full cache | " + " | ".join(_cell(full[metric], fmt) for _ in budgets) + " |")
+            rows.append("| full cache | " + " | ".join(_metric_cell(full, metric, fmt) for _ in budgets) + " |")
         for policy in policies:
-            cells = [_cell(results.get(names.get((policy, b)), {}).get(metric), fmt) for b in budgets]
+            cells = [_metric_cell(results.get(names.get((policy, b))), metric, fmt) for b in budgets]
             rows.append(f"| {policy} | " + " | ".join(cells) + " |")
         note = {
             "fidelity": " (the full cache is the reference: all tokens equal, ROUGE-L 1)",
             "summary": " (the full cache is the reference: ROUGE-L 1)",
         }.get(scenario, "")
+        if metric in INTERVAL_METRICS:
+            note += " [95% Wilson interval]" if metric == "needle_accuracy" else " [95% bootstrap interval]"
         out.append(f"**{title}**{note}\n\n{head}" + "\n".join(rows) + "\n")
+    compared = {name: r["vs_streaming"] for name, r in results.items() if r.get("vs_streaming")}
+    if compared:
+        columns = [m for m in INTERVAL_METRICS if any(m in d for d in compared.values())]
+        rows = [
+            f"| {name} | " + " | ".join(_difference_cell(d.get(m), m) for m in columns) + " |"
+            for name, d in compared.items()
+        ]
+        out.append(
+            "**Against StreamingLLM at the same budget, on the same prompts: difference [95% paired "
+            "bootstrap interval]**; * where the interval excludes 0 (pass keys in points)\n\n| configuration | "
+            + " | ".join(columns)
+            + " |\n|---|"
+            + "---|" * len(columns)
+            + "\n"
+            + "\n".join(rows)
+            + "\n"
+        )
     lengths = sorted({k for r in results.values() for k in r["needle_accuracy_by_length"]}, key=_length_key)
     if lengths:
         rows = [
@@ -156,6 +202,18 @@ def markdown(results: dict, configs: list[EvalConfig]) -> str:
     if failed:
         out.append("Failed requests (scored as misses): " + ", ".join(f"{k} {v}" for k, v in failed.items()) + "\n")
     return "\n".join(out)
+
+
+INTERVAL_METRICS = ("needle_accuracy", "fidelity_rouge_l", "summary_rouge_l")
+
+
+def _difference_cell(d: dict | None, metric: str) -> str:
+    if d is None:
+        return "n/a"
+    scale, fmt = (100.0, "{:+.1f}") if metric == "needle_accuracy" else (1.0, "{:+.3f}")
+    mark = "" if d["low"] <= 0 <= d["high"] else " *"
+    bounds = ", ".join(fmt.format(scale * d[k]) for k in ("low", "high"))
+    return f"{fmt.format(scale * d['estimate'])} [{bounds}]{mark}"
 
 
 def _length_key(label: str) -> float:
