@@ -213,8 +213,9 @@ def test_lm_evaluation_harness_local_completions_through_an_alias(server, defaul
 
 
 def test_helm_deployments_name_served_aliases_and_their_request_shape_works(server):
-    """serving/helm/prod_env: every deployment's vllm_model_name is served, and a request shaped like
-    HELM's VLLMChatClient's (crfm-helm 0.5.16, OpenAIClient chat path) runs under that alias's policy."""
+    """serving/helm/prod_env: every deployment's served name is served, and a request shaped like
+    its HELM client's (crfm-helm 0.5.16: VLLMChatClient's chat path, OpenAILegacyCompletionsClient's
+    completions path) runs under that alias's policy. benchmarks/helm.py runs HELM itself."""
     import yaml
 
     deployments = yaml.safe_load((ROOT / "serving/helm/prod_env/model_deployments.yaml").read_text())[
@@ -224,24 +225,28 @@ def test_helm_deployments_name_served_aliases_and_their_request_shape_works(serv
     assert {d["model_name"] for d in deployments} == {m["name"] for m in metadata}
     served = {m["id"] for m in httpx.get(server.base_url + "/v1/models", timeout=30).json()["data"]}
     expected_policy = {"full": "none", "h2o": "h2o", "streaming": "streaming"}
+    sampling = {"temperature": 0.0, "top_p": 1, "n": 1, "max_tokens": 8, "presence_penalty": 0, "frequency_penalty": 0}
     for deployment in deployments:
         spec = deployment["client_spec"]
-        assert spec["class_name"] == "helm.clients.vllm_client.VLLMChatClient"
-        name = spec["args"]["vllm_model_name"]
+        if spec["class_name"] == "helm.clients.vllm_client.VLLMChatClient":
+            name = spec["args"]["vllm_model_name"]
+            path = "/v1/chat/completions"
+            body = {"model": name, "messages": [{"role": "user", "content": "Name a colour."}], "stop": None}
+        else:
+            assert spec["class_name"] == "helm.clients.openai_client.OpenAILegacyCompletionsClient"
+            name = spec["args"]["openai_model_name"]
+            path = "/v1/completions"
+            body = {
+                "model": name,
+                "prompt": "Colours: red, green,",
+                "stop": ["\n"],
+                "best_of": 1,
+                "logprobs": 1,
+                "echo": False,
+            }
         assert name in served, name
         before = h2o_counts(server)
-        body = {
-            "model": name,
-            "messages": [{"role": "user", "content": "Name a colour."}],
-            "temperature": 0.0,
-            "top_p": 1,
-            "n": 1,
-            "stop": None,
-            "max_tokens": 8,
-            "presence_penalty": 0,
-            "frequency_penalty": 0,
-        }
-        reply = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=120)
+        reply = httpx.post(server.base_url + path, json={**body, **sampling}, timeout=120)
         assert reply.status_code == 200, reply.text
         policy = expected_policy[name.split("@")[1].split("-")[0]]
         assert delta(server, before).get(policy) == 1, name
