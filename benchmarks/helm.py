@@ -211,6 +211,7 @@ def ensure_helm_venv(venv: Path) -> str:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv_python(venv)), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "--no-deps", f"crfm-helm=={HELM_VERSION}"], check=True)
+    log("pip will say crfm-helm requires torch and torchvision: left out on purpose (see --help)")
     subprocess.run([*pip, *helm_requirements(venv)], check=True)
     version = helm_version(venv)
     if version != HELM_VERSION:
