@@ -11,13 +11,22 @@ active. Recorded per layout: seconds to healthy, the workload's wall time and ou
 second, the resident memory of the server's processes after it, the blocks evicted
 (``/metrics``), and every request's tokens. A layout matches when its tokens and its evicted
 blocks equal ``single``'s. A layout vLLM refuses for the model (``tp2`` with 9 query heads) is
-recorded with vLLM's reason.
+recorded with vLLM's reason. Every server is stopped with SIGTERM: it must exit 0 and leave no
+process behind.
+
+Two node processes on loopback (``tp2-nodes``, ``dp2-nodes``; docs/parallelism.md, "Multi-node"):
+node 0 runs the API server, node 1 is ``--headless``, each bound to its own share of the CPUs
+(one core each on 2). The blocks evicted are node 0's ``/metrics`` plus the H2O snapshots node 1's
+engines write on node 1 (a data-parallel engine there is not in node 0's ``h2o_vllm:`` series).
+Each node is stopped in turn, node 0 first: a headless node does not stop when node 0 does.
 
     python benchmarks/parallel.py                                   # the default model
     python benchmarks/parallel.py --model qwen2.5-coder-0.5b --out results/parallel-qwen
     python benchmarks/parallel.py --vanilla --layouts single,pp2,dp2 --out results/parallel-vanilla
+    python benchmarks/parallel.py --model qwen2.5-coder-0.5b --layouts single,tp2,dp2,tp2-nodes,dp2-nodes \\
+        --out results/parallel-nodes
 
-Results: OUT/parallel.json, OUT/parallel.md, OUT/parallel.png.
+Results: OUT/parallel.json, OUT/parallel.md, OUT/parallel.png; each server's log in OUT.
 """
 
 from __future__ import annotations
@@ -26,7 +35,11 @@ import argparse
 import json
 import os
 import random
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,9 +49,96 @@ import psutil
 from report import ROOT, Run, markdown, pyplot
 
 from h2o_vllm import assets
-from h2o_vllm.local_server import ServerFailed, ServerProcess
+from h2o_vllm.local_server import LOOPBACK, ServerFailed, ServerProcess, free_port
+from h2o_vllm.metrics import METRICS_FILE_ENV, H2OCollector, sum_snapshots
+from h2o_vllm.serve import BIND_ENV, cpu_binding
 
 LAYOUTS = {"single": [], "tp2": ["-tp", "2"], "pp2": ["-pp", "2"], "dp2": ["-dp", "2"]}
+# Two node processes on loopback: what both take ("PORT": a free port where they meet), then each
+# node's own. Node 0 runs the API server, node 1 none (--headless).
+NODES = {
+    "tp2-nodes": (
+        ["-tp", "2", "--nnodes", "2", "--master-addr", LOOPBACK, "--master-port", "PORT"],
+        [["--node-rank", "0"], ["--node-rank", "1", "--headless"]],
+    ),
+    "dp2-nodes": (
+        ["-dp", "2", "--data-parallel-size-local", "1"]
+        + ["--data-parallel-address", LOOPBACK, "--data-parallel-rpc-port", "PORT"],
+        [[], ["--headless", "--data-parallel-start-rank", "1"]],
+    ),
+}
+
+
+def node_args(name: str, port: int) -> list[list[str]]:
+    """Each node's ``h2o-vllm serve`` arguments for layout ``name`` (one node for a LAYOUTS one)."""
+    if name in LAYOUTS:
+        return [LAYOUTS[name]]
+    both, own = NODES[name]
+    both = [str(port) if arg == "PORT" else arg for arg in both]
+    return [both + extra for extra in own]
+
+
+def node_cpus(nodes: int, cpus=None) -> list[str]:
+    """Each node's ``VLLM_CPU_OMP_THREADS_BIND``: this process's CPUs split as ``h2o-vllm serve`` splits
+    them per rank ("0", "1" on 2 cores)."""
+    return cpu_binding(["-dp", str(nodes)], env={}, cpus=cpus, numa_nodes=1).split("|")
+
+
+def servers(name: str, args: list[str], out: Path, snapshots: Path) -> list[ServerProcess]:
+    """The layout's server processes, node 0 first, each node's H2O snapshots under ``snapshots``."""
+    per_node = node_args(name, free_port())
+    if len(per_node) == 1:
+        return [ServerProcess(args + per_node[0], log_path=out / f"{name}.log")]
+    return [
+        ServerProcess(
+            args + extra,
+            env={BIND_ENV: cpus, METRICS_FILE_ENV: str(snapshots / f"node{rank}.json")},
+            log_path=out / f"{name}.node{rank}.log",
+        )
+        for rank, (extra, cpus) in enumerate(zip(per_node, node_cpus(len(per_node)), strict=True))
+    ]
+
+
+def start(nodes: list[ServerProcess], timeout: float = 900.0) -> None:
+    """Launch every node, node 0 last, and wait for node 0's API server; ServerFailed once any node exits."""
+    for node in reversed(nodes):
+        node.launch()
+    deadline = time.monotonic() + timeout
+    while not nodes[0].healthy():
+        exited = [rank for rank, node in enumerate(nodes) if node.proc.poll() is not None]
+        if exited or time.monotonic() > deadline:
+            raise ServerFailed(f"nodes {exited} exited during start" if exited else f"not healthy after {timeout} s")
+        time.sleep(1.0)
+
+
+def session(sid: int) -> list[psutil.Process]:
+    """The live processes of a server's session (its own: API server, engine cores, workers)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "name"]):
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+def stop(nodes: list[ServerProcess], timeout: float = 120.0) -> dict:
+    """SIGTERM to each node in turn, node 0 first: each one's exit code (None: still running after
+    ``timeout``) and the processes of its session still there 30 s after it exited."""
+    codes, left = [], []
+    for rank, node in enumerate(nodes):
+        node.proc.send_signal(signal.SIGTERM)
+        try:
+            codes.append(node.proc.wait(timeout))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+        deadline = time.monotonic() + 30.0  # Python's resource tracker may take a while on a busy machine
+        while (found := session(node.proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left += [f"node {rank}: {proc.pid} {proc.info['name']}" for proc in found]
+        node.stop()  # what is left goes, and the log is closed
+    return {"exit_codes": codes, "left_behind": left}
 
 
 def prompts(model_dir: Path, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -57,14 +157,12 @@ def prompts(model_dir: Path, n: int, lo: int, hi: int, seed: int) -> list[list[i
     return out
 
 
-def server_rss_mib(pid: int) -> float:
-    """Resident memory of the server's session: API server, engine cores, workers."""
-    sid = os.getsid(pid)
+def server_rss_mib(nodes: list[ServerProcess]) -> float:
+    """Resident memory of the servers' sessions: API server, engine cores, workers."""
     total = 0
-    for proc in psutil.process_iter(["pid"]):
+    for proc in (proc for node in nodes for proc in session(node.proc.pid)):
         try:
-            if os.getsid(proc.pid) == sid:
-                total += proc.memory_info().rss
+            total += proc.memory_info().rss
         except (ProcessLookupError, psutil.Error):
             continue
     return total / 2**20
@@ -75,6 +173,12 @@ def evicted(client: httpx.Client) -> float:
         if line.startswith("h2o_vllm:evicted_blocks_total "):
             return float(line.split()[1])
     return 0.0
+
+
+def snapshot_evicted(node: ServerProcess) -> float:
+    """Blocks evicted by a node's engines, from the H2O snapshots they write on that node."""
+    engines = H2OCollector(node.env[METRICS_FILE_ENV]).read_engines()
+    return sum_snapshots(list(engines.values())).get("evicted_blocks", 0)
 
 
 def refusal(log: Path) -> str:
@@ -89,18 +193,26 @@ def refusal(log: Path) -> str:
 def run_layout(
     name: str, args: list[str], served: str, workload: list[list[int]], new: int, out: Path, vanilla: bool = False
 ) -> dict:
-    log = out / f"{name}.log"
-    server = ServerProcess(args + LAYOUTS[name], log_path=log)
+    snapshots = Path(tempfile.mkdtemp(prefix="h2o-parallel-"))
+    nodes = servers(name, args, out, snapshots)
     t0 = time.monotonic()
     try:
-        server.start()
-    except ServerFailed:
-        server.stop()
-        return {"layout": name, "refused": refusal(log)}
+        start(nodes)
+    except ServerFailed as exc:  # a node exited (vLLM's reason is in its log), or node 0 never got healthy
+        failed = next((node for node in nodes if node.proc.poll() is not None), None)
+        reason = refusal(failed.log_path) if failed else str(exc)
+        for node in nodes:
+            node.stop()
+        shutil.rmtree(snapshots, ignore_errors=True)
+        return {"layout": name, "refused": reason}
     startup = time.monotonic() - t0
     try:
-        with httpx.Client(base_url=server.base_url, timeout=1800) as client:
-            before = evicted(client)
+        with httpx.Client(base_url=nodes[0].base_url, timeout=1800) as client:
+
+            def evicted_by_node() -> list[float]:  # node 0's /metrics counts only its own engines
+                return [evicted(client)] + [snapshot_evicted(node) for node in nodes[1:]]
+
+            before = evicted_by_node()
 
             def send(i: int) -> list[int]:
                 body = {"model": served, "prompt": workload[i], "max_tokens": new, "temperature": 0}
@@ -116,23 +228,32 @@ def run_layout(
                 tokens = list(pool.map(send, range(len(workload))))
             wall = time.monotonic() - t1
             time.sleep(1.0)  # the idle snapshot
+            by_node = [int(a - b) for a, b in zip(evicted_by_node(), before, strict=True)]
             row = {
                 "layout": name,
                 "startup_s": round(startup, 1),
                 "wall_s": round(wall, 2),
                 "output_tok_s": round(sum(len(t) for t in tokens) / wall, 1),
-                "rss_mib": round(server_rss_mib(server.proc.pid)),
-                "evicted_blocks": int(evicted(client) - before),
+                "rss_mib": round(server_rss_mib(nodes)),
+                "evicted_blocks": sum(by_node),
+                **({"evicted_by_node": by_node} if len(nodes) > 1 else {}),
                 "tokens": tokens,
             }
     finally:
-        server.stop()
+        stopped = stop(nodes)
+        shutil.rmtree(snapshots, ignore_errors=True)
+    row |= stopped
     print(
         f"{name}: healthy in {row['startup_s']} s, workload {row['wall_s']} s, {row['output_tok_s']} tok/s, "
-        f"{row['rss_mib']} MiB, {row['evicted_blocks']} blocks evicted",
+        f"{row['rss_mib']} MiB, {row['evicted_blocks']} blocks evicted {by_node}, SIGTERM: exit codes "
+        f"{row['exit_codes']}, {len(row['left_behind'])} processes left",
         flush=True,
     )
     return row
+
+
+def stopped_cleanly(row: dict) -> bool:
+    return all(code == 0 for code in row.get("exit_codes", [0])) and not row.get("left_behind")
 
 
 def report(rows: list[dict], settings: dict) -> str:
@@ -147,19 +268,33 @@ def report(rows: list[dict], settings: dict) -> str:
         "Ratios against `single` in the same run.",
         "",
         "| layout | healthy after (s) | workload (s) | output tok/s | x single | server RSS (MiB) | evicted blocks "
-        "| tokens and evictions = single |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tokens and evictions = single | SIGTERM: exit 0, nothing left |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "refused" in r:
-            lines.append(f"| {r['layout']} | refused: {r['refused']} | | | | | | |")
+            lines.append(f"| {r['layout']} | refused: {r['refused']} | | | | | | | |")
             continue
         ratio = f"{r['output_tok_s'] / base['output_tok_s']:.2f}" if base else "-"
         same = "-" if base is None or r is base else ("yes" if r["matches_single"] else "**no**")
+        evicted = r["evicted_blocks"]
+        if "evicted_by_node" in r:
+            evicted = f"{evicted} ({' + '.join(str(n) for n in r['evicted_by_node'])})"
+        clean = "-" if "exit_codes" not in r else "yes"
+        if not stopped_cleanly(r):
+            clean = f"**no**: exit codes {r['exit_codes']}, {len(r['left_behind'])} processes left"
         lines.append(
             f"| {r['layout']} | {r['startup_s']} | {r['wall_s']} | {r['output_tok_s']} | {ratio} | {r['rss_mib']} "
-            f"| {r['evicted_blocks']} | {same} |"
+            f"| {evicted} | {same} | {clean} |"
         )
+    if any(r["layout"] in NODES for r in rows):
+        lines += [
+            "",
+            "`-nodes`: two `h2o-vllm serve` processes on loopback, node 0 with the API server, node 1 `--headless`, "
+            "each bound to its own share of the CPUs; evicted blocks: node 0's `/metrics` + node 1's own H2O "
+            "snapshots; stopped with SIGTERM one after the other, node 0 first. Each node's log: "
+            "`LAYOUT.node0.log`, `LAYOUT.node1.log`.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -185,7 +320,9 @@ def plot(rows: list[dict], settings: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=assets.DEFAULT_MODEL.name, choices=sorted(assets.MODELS))
-    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated, from " + ",".join(LAYOUTS))
+    parser.add_argument(
+        "--layouts", default=",".join(LAYOUTS), help="comma-separated, from " + ",".join([*LAYOUTS, *NODES])
+    )
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--min-len", type=int, default=400)
     parser.add_argument("--max-len", type=int, default=900)
@@ -208,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run = Run.start(__file__, argv)
     layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
-    unknown = [name for name in layouts if name not in LAYOUTS]
+    unknown = [name for name in layouts if name not in LAYOUTS and name not in NODES]
     if unknown:
-        parser.error(f"unknown layouts {unknown}; choose from {', '.join(LAYOUTS)}")
+        parser.error(f"unknown layouts {unknown}; choose from {', '.join([*LAYOUTS, *NODES])}")
     args.out.mkdir(parents=True, exist_ok=True)
 
     spec = assets.model_spec(args.model)
@@ -237,8 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     mismatched = [r["layout"] for r in rows if r.get("matches_single") is False]
     if mismatched:
         print(f"layouts whose tokens or evictions differ from single: {mismatched}", file=sys.stderr)
-        return 1
-    return 0
+    unclean = [r["layout"] for r in rows if not stopped_cleanly(r)]
+    if unclean:
+        print(f"layouts that did not exit 0 on SIGTERM, or left processes: {unclean}", file=sys.stderr)
+    return 1 if mismatched or unclean else 0
 
 
 if __name__ == "__main__":
