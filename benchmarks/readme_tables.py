@@ -45,6 +45,7 @@ SECTIONS = {
         "results/parallel-vanilla/parallel.md",
         "results/parallel-qwen/parallel.md",
         "results/parallel-qwen-pp/parallel.md",
+        "results/parallel-nodes/parallel.md",
     ],
     "engine-table": [
         "results/engine/capacity-intro.md",
