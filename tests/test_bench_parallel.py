@@ -1,25 +1,13 @@
 """benchmarks/parallel.py: the command lines of each layout's nodes, and how a run is reported (fast: no engine)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def parallel():
-    # Loaded from its file: benchmarks/ is a folder of scripts (it imports its sibling report.py).
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_parallel", ROOT / "benchmarks" / "parallel.py")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("parallel") as module:
         yield module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def test_one_process_layouts_are_one_node(parallel):

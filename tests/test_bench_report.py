@@ -1,25 +1,16 @@
 """benchmarks/report.py: what a benchmark records about its run, and what it writes (fast: no engine)."""
 
-import importlib.util
 import json
 import shlex
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def report():
-    # Loaded from its file: benchmarks/ is a folder of scripts, not a package on sys.path.
-    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks itself up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("report") as module:
+        yield module
 
 
 def test_command_is_a_shell_quoted_line(report):

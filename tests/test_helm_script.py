@@ -1,13 +1,12 @@
 """benchmarks/helm.py without HELM: its options, the prod_env it writes, HELM's environment's
 requirements, and the tables it builds from HELM's run directories (fast: no server, no network)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from benchmark_scripts import benchmark_script
 
 from h2o_vllm.aliases import DEFAULT_ALIASES, alias_settings
 from h2o_vllm.assets import DEFAULT_SERVED_NAME
@@ -17,15 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def helm():
-    # Loaded from its file: benchmarks/ is a folder of scripts (it imports its sibling report.py).
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_helm", ROOT / "benchmarks" / "helm.py")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("helm") as module:
         yield module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def test_defaults_run_two_offline_scenarios_on_two_aliases_over_completions(helm):
