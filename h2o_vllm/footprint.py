@@ -21,32 +21,37 @@ class Footprint:
 
     config: PolicyConfig
 
-    def kept_blocks(self, num_tokens: int) -> int:
+    def kept_blocks(self, num_tokens: int, prefilling: bool = False) -> int:
         """The most blocks an eviction leaves a sequence of up to ``num_tokens``: its budget, or the
-        sinks, the recent window and the partly written block if they are more."""
+        sinks, the recent window and the partly written block if they are more. ``prefilling``:
+        between prefill chunks, where prefill "staged" keeps its working set instead of the budget."""
         bs = self.config.block_size
         protected = -(-self.config.n_sink // bs) + -(-self.config.recent_tokens(num_tokens) // bs) + 2
+        if prefilling and self.config.prefill == "staged":
+            return max(self.config.prefilling_budget_blocks(num_tokens), protected)
         return max(self.config.budget.blocks_for(num_tokens, bs), protected)
 
-    def peak_blocks(self, max_tokens: int, chunk_tokens: int) -> int | None:
+    def peak_blocks(self, max_tokens: int, chunk_tokens: int, prefilling: bool = True) -> int | None:
         """The most blocks a sequence of up to ``max_tokens`` holds at once, prefilled ``chunk_tokens`` at a time.
 
-        With prefill "chunked": what an eviction keeps (the budget, or the sinks, the recent
-        window and the partly written block if they are more), plus the new blocks of the
-        next chunk: ``ceil(chunk_tokens / block_size)``, as the chunk first fills the partly
-        written block it continues (so a decoding request takes one block at a time). None
-        where it is not bounded below the whole sequence (no eviction, or a prompt prefilled
-        whole before it is compressed).
+        With prefill "chunked" or "staged": what an eviction keeps between chunks (the budget,
+        "staged" its working set, or the sinks, the recent window and the partly written block
+        if they are more), plus the new blocks of the next chunk: ``ceil(chunk_tokens /
+        block_size)``, as the chunk first fills the partly written block it continues. Once
+        the prompt is in (``prefilling`` False), what an eviction keeps is the budget and a
+        decoding request takes one block at a time (``chunk_tokens`` 1). None where it is not
+        bounded below the whole sequence (no eviction, or a prompt prefilled whole before it
+        is compressed).
         """
-        if self.config.policy == "none" or self.config.prefill != "chunked":
+        if self.config.policy == "none" or not self.config.compresses_while_prefilling:
             return None
-        return self.kept_blocks(max_tokens) + -(-chunk_tokens // self.config.block_size)
+        return self.kept_blocks(max_tokens, prefilling) + -(-chunk_tokens // self.config.block_size)
 
     def most_blocks(self, num_prompt_tokens: int, max_new_tokens: int, chunk_tokens: int) -> int:
         """The most blocks one request (a prompt and up to ``max_new_tokens``) holds at once, over its life.
 
         No eviction: all of it. Prefill "whole": its whole prompt, then what an eviction
-        keeps plus the block being written. "chunked": :meth:`peak_blocks`.
+        keeps plus the block being written. "chunked" and "staged": :meth:`peak_blocks`.
         """
         bs = self.config.block_size
         total = num_prompt_tokens + max_new_tokens
@@ -74,6 +79,9 @@ class Footprint:
         A hit skips its tokens' queries, so only what they would have decided may depend on it:
         - prefill "chunked": what an eviction keeps (:meth:`kept_blocks` of ``longest_tokens``),
           so that the hit plus the first chunk stays within :meth:`peak_blocks`;
+        - "staged": the same with its working set, and with a prompt window of W rows no
+          further than the block boundary at or before ``num_prompt_tokens - W``, so the
+          window's rows run (their chunk resets the scores and ranks what was kept);
         - "whole" with a prompt window of W rows: up to the last block boundary at or before
           ``num_prompt_tokens - W``, so the window's rows always run and see every key, and a
           hit decides as a miss does;
@@ -94,6 +102,11 @@ class Footprint:
             return 0
         if self.config.prefill == "chunked":
             return self.kept_blocks(longest_tokens) * bs
+        if self.config.prefill == "staged":
+            hit = self.kept_blocks(longest_tokens, prefilling=True) * bs
+            if self.config.needs_scores and self.config.prompt_window is not None:
+                hit = min(hit, max(0, num_prompt_tokens - self.config.prompt_window) // bs * bs)
+            return hit
         if self.config.needs_scores and self.config.prompt_window is not None:
             return max(0, num_prompt_tokens - self.config.prompt_window) // bs * bs
         return None

@@ -15,8 +15,9 @@ from h2o_vllm.policy import EvictionPolicy, SequenceView
 
 
 class BlockLedger:
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, num_prompt_tokens: int | None = None):
         self.block_size = block_size
+        self.num_prompt_tokens = num_prompt_tokens
         self.num_tokens = 0
         self.scores = np.zeros(0)
         self.visibility = np.zeros(0)
@@ -51,8 +52,13 @@ class BlockLedger:
         if visibility is not None:
             np.add.at(self.visibility, blocks, np.asarray(visibility, dtype=np.float64))
 
+    def reset_scores(self) -> None:
+        """Forget every score added so far (prefill "staged": the prompt's last rows rank alone)."""
+        self.scores[:] = 0.0
+        self.visibility[:] = 0.0
+
     def view(self) -> SequenceView:
-        return SequenceView(self.num_tokens, self.resident, self.scores, self.visibility)
+        return SequenceView(self.num_tokens, self.resident, self.scores, self.visibility, self.num_prompt_tokens)
 
     def evict(self, policy: EvictionPolicy) -> list[int]:
         """Ask ``policy`` which blocks to drop, record it, and return their logical indices."""

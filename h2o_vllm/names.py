@@ -9,11 +9,13 @@
              | windowN          the prompt is scored by its last N query rows (observation window)
              | mean | max       score_norm="mean", score_reduce="max"
              | chunked          prefill="chunked": compressed after every prefill chunk
+             | stagedN          prefill="staged", working_set=N: N budgets kept while prefilling,
+                                then the budget, ranked by the prompt's last rows
              | bN               blocks of N tokens
              | layer | head     transformers only: per-layer, or per-layer-and-KV-head decisions
 
 Examples: ``h2o_20%``, ``h2o_20%_window8_max``, ``streaming_256``, ``keynorm_20%``,
-``h2o_1024_sink32_recent64``.
+``h2o_1024_sink32_recent64``, ``h2o_20%_window8_max_staged2``.
 A name without a budget (``h2o_window8_max``) is a *family*: the evaluation
 crosses families with budgets. What a name leaves out comes from a base
 configuration (the server's defaults, or a benchmark's).
@@ -46,6 +48,7 @@ _OPTIONS = (
     ("mean", r"mean"),
     ("max", r"max"),
     ("chunked", r"chunked"),
+    ("staged", r"staged(\d+)"),
     ("block", r"b(\d+)"),
     ("layer", r"layer"),
     ("head", r"head"),
@@ -92,6 +95,8 @@ class NamedConfig:
         fields = set(self.named)
         if not self.is_full:
             fields.add("prefill")
+        if self.config.prefill == "staged":
+            fields.add("working_set")
         if self.config.needs_scores:
             fields |= {"prompt_window", "score_reduce", "score_norm"}
         return frozenset(fields)
@@ -134,6 +139,7 @@ def format_name(named: NamedConfig, budget: bool = True) -> str:
         "mean": ("score_norm" in named.named and c.score_norm == "mean") or None,
         "max": ("score_reduce" in named.named and c.score_reduce == "max") or None,
         "chunked": ("prefill" in named.named and c.prefill == "chunked") or None,
+        "staged": c.working_set if "prefill" in named.named and c.prefill == "staged" else None,
         "block": c.block_size if "block_size" in named.named else None,
         "layer": (named.per_layer and not named.per_head) or None,
         "head": named.per_head or None,
@@ -197,8 +203,13 @@ def parse_name(name: str, base: PolicyConfig | None = None, *, window: int = DEF
         changes["score_norm"] = "mean"
     if "max" in found:
         changes["score_reduce"] = "max"
+    if "chunked" in found and "staged" in found:
+        raise ConfigNameError(f"configuration {name!r}: chunked and stagedN both set when a prompt is compressed")
     if "chunked" in found:
         changes["prefill"] = "chunked"
+    if "staged" in found:
+        changes["prefill"] = "staged"
+        changes["working_set"] = int(found["staged"])
     try:
         config = base.replace(**changes)
     except PolicyConfigError as exc:

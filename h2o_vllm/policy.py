@@ -47,8 +47,10 @@ SCORE_NORMS = ("sum", "mean")
 # "sum" as in the paper, or "max": each query's largest mass from one head of one layer.
 SCORE_REDUCE = ("sum", "max")
 # When a prompt is compressed: "whole" once it is all in the cache (the paper), "chunked" after
-# every prefill chunk, so its KV stays near the budget from its first tokens.
-PREFILL_MODES = ("whole", "chunked")
+# every prefill chunk, so its KV stays near the budget from its first tokens; "staged" after every
+# chunk to a working set of ``working_set`` times the budget, then to the budget once the prompt's
+# last rows (the question) have scored everything kept.
+PREFILL_MODES = ("whole", "chunked", "staged")
 # What a policy ranks blocks by (EvictionPolicy.score_source); None: positions only.
 ATTENTION, KEY_NORM = "attention", "key_norm"
 SCORE_SOURCES = (None, ATTENTION, KEY_NORM)
@@ -141,6 +143,7 @@ class PolicyConfig:
     prompt_window: int | None = None  # None: every prompt query row scores (the paper); W: only the last W
     score_reduce: str = "sum"  # one of SCORE_REDUCE
     prefill: str = "whole"  # one of PREFILL_MODES
+    working_set: int = 2  # prefill "staged": budgets kept while the prompt prefills
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -154,6 +157,7 @@ class PolicyConfig:
             ("n_recent", self.n_recent, 0),
             ("block_size", self.block_size, 1),
             ("prompt_window", self.prompt_window, 1),
+            ("working_set", self.working_set, 1),
         ):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
@@ -188,19 +192,36 @@ class PolicyConfig:
         """Whether this policy ranks blocks by their keys' norms (engines compute them only then)."""
         return self.score_source == KEY_NORM
 
+    @property
+    def compresses_while_prefilling(self) -> bool:
+        """Whether a prompt is compressed between its prefill chunks ("chunked", "staged")."""
+        return self.prefill != "whole"
+
+    def prefilling_budget_blocks(self, num_prompt_tokens: int) -> int:
+        """Blocks a prompt of ``num_prompt_tokens`` keeps between its chunks with prefill "staged":
+        ``working_set`` times its budget, the budget taken of the whole prompt."""
+        return self.working_set * self.budget.blocks_for(num_prompt_tokens, self.block_size)
+
     def recent_tokens(self, num_tokens: int) -> int:
         if self.n_recent is not None:
             return self.n_recent
         return max(0, self.budget.tokens_for(num_tokens) - self.n_sink) // 2
 
-    def bounds(self, num_tokens: int) -> Bounds:
-        """What an eviction of a sequence of ``num_tokens`` tokens may touch and how far it goes."""
+    def bounds(self, num_tokens: int, num_prompt_tokens: int | None = None) -> Bounds:
+        """What an eviction of a sequence of ``num_tokens`` tokens may touch and how far it goes.
+
+        With prefill "staged", a sequence still short of its ``num_prompt_tokens`` keeps its
+        working set (:meth:`prefilling_budget_blocks`); sinks and recent window are as ever.
+        """
         bs = self.block_size
         recent = self.recent_tokens(num_tokens)
         full_blocks = num_tokens // bs
         first_recent = max(0, (num_tokens - recent) // bs) if recent > 0 else full_blocks
+        staging = self.prefill == "staged" and num_prompt_tokens is not None and num_tokens < num_prompt_tokens
         return Bounds(
-            budget_blocks=self.budget.blocks_for(num_tokens, bs),
+            budget_blocks=(
+                self.prefilling_budget_blocks(num_prompt_tokens) if staging else self.budget.blocks_for(num_tokens, bs)
+            ),
             sink_blocks=-(-self.n_sink // bs),
             protected_from=min(first_recent, full_blocks),
         )
@@ -210,25 +231,42 @@ class PolicyConfig:
 
         Without a prompt window every row scores. With a window of W rows, the prompt
         scores only its last W rows ("whole"), or the last W rows of each prefill chunk
-        ("chunked", so that the cost of a prompt grows linearly with its length); rows
-        after the prompt (decoding) score unless the policy says they do not
-        (:attr:`EvictionPolicy.scores_decoding`). ``chunk_end`` is returned when none does.
+        ("chunked", so that the cost of a prompt grows linearly with its length), or both
+        ("staged": each chunk's last W rows, and the prompt's last W rows even where they
+        span two chunks); rows after the prompt (decoding) score unless the policy says they
+        do not (:attr:`EvictionPolicy.scores_decoding`). ``chunk_end`` is returned when none does.
         """
         if chunk_start >= num_prompt_tokens and not POLICIES[self.policy].scores_decoding:
             return chunk_end
         if self.prompt_window is None:
             return chunk_start
-        if self.prefill == "chunked":
+        window_start = max(0, num_prompt_tokens - self.prompt_window)
+        if self.prefill == "staged" and chunk_end > window_start:
+            return max(chunk_start, window_start)
+        if self.prefill != "whole":
             return max(chunk_start, chunk_end - self.prompt_window)
         return max(chunk_start, min(chunk_end, num_prompt_tokens - self.prompt_window))
+
+    def resets_scores(self, chunk_start: int, chunk_end: int, num_prompt_tokens: int) -> bool:
+        """Whether a sequence's accumulated scores are dropped before the rows ``[chunk_start, chunk_end)`` add theirs.
+
+        With prefill "staged" and a prompt window of W rows, the prompt's last W rows alone
+        rank what the working set kept, as "whole" ranks the whole prompt: the chunk that
+        holds the first of them starts from zero. Rows that score later (decoding) add as ever.
+        """
+        if self.prefill != "staged" or not self.needs_scores or self.prompt_window is None:
+            return False
+        window_start = max(0, num_prompt_tokens - self.prompt_window)
+        return chunk_start <= window_start < chunk_end
 
     def evicts_after(self, num_computed_tokens: int, num_tokens: int) -> bool:
         """Whether a sequence with ``num_computed_tokens`` of its ``num_tokens`` in the cache is compressed now.
 
         "whole": once every known token but the newest is in the cache (a prompt is
-        compressed once it is all prefilled); "chunked": after every prefill chunk too.
+        compressed once it is all prefilled); "chunked" and "staged": after every prefill
+        chunk too.
         """
-        if self.prefill == "chunked":
+        if self.compresses_while_prefilling:
             return num_computed_tokens > 0
         return num_computed_tokens >= num_tokens - 1
 
@@ -259,6 +297,7 @@ class SequenceView:
     resident: np.ndarray  # bool: the block's KV is still in memory
     scores: np.ndarray  # accumulated score per block: attention mass or key norms (see EvictionPolicy.score_source)
     visibility: np.ndarray | None = None  # number of (query, token) pairs that could attend each block
+    num_prompt_tokens: int | None = None  # the prompt's length, where the budget depends on it ("staged")
 
     @classmethod
     def fresh(cls, num_tokens: int, block_size: int, scores=None, visibility=None) -> SequenceView:
@@ -302,7 +341,7 @@ class EvictionPolicy(ABC):
 
     def select(self, view: SequenceView) -> list[int]:
         """Logical indices (ascending) of the blocks to evict now."""
-        bounds = self.config.bounds(view.num_tokens)
+        bounds = self.config.bounds(view.num_tokens, view.num_prompt_tokens)
         excess = int(view.resident.sum()) - bounds.budget_blocks
         if excess <= 0:
             return []

@@ -17,7 +17,7 @@ Server-wide defaults travel to every vLLM process inside
 
     {"h2o_policy": "h2o", "h2o_budget": 0.2, "h2o_sink": 32, "h2o_recent": 64,
      "h2o_prompt_window": 32, "h2o_score_norm": "sum", "h2o_score_reduce": "max",
-     "h2o_prefill": "chunked"}
+     "h2o_prefill": "staged", "h2o_working_set": 2}
 
 Parsing is strict: a bad value raises :class:`H2OSettingError` naming the field
 as the caller spelled it, so the server can answer 400 with ``param`` set.
@@ -104,7 +104,14 @@ FIELDS = (
         "score_norm", "score_norm", _text, "sum (the paper) or mean (divided by how many queries saw a block; h2o only)"
     ),
     Field("score_reduce", "score_reduce", _text, "sum (the paper) or max (each query's largest head-and-layer mass)"),
-    Field("prefill", "prefill", _text, "whole (compress a prompt once it is prefilled) or chunked (after each chunk)"),
+    Field(
+        "prefill",
+        "prefill",
+        _text,
+        "whole (compress a prompt once it is prefilled), chunked (after each chunk) or staged (after each chunk "
+        "to working_set x the budget, then to the budget by the prompt's last rows)",
+    ),
+    Field("working_set", "working_set", _integer, "prefill staged: budgets kept while a prompt prefills"),
 )
 _BY_ATTR = {f.attr: f for f in FIELDS}
 

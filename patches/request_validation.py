@@ -83,13 +83,22 @@ def validate_fits_pool(vllm_config, engine_request) -> None:
         return
     if config.policy == "none":
         why, param = f"a full cache of {prompt} prompt and up to {max_new} new tokens", "max_tokens"
-        advice = "lower max_tokens, or evict (h2o_policy: h2o, h2o_prefill: chunked)"
+        advice = "lower max_tokens, or evict (h2o_policy: h2o, h2o_prefill: chunked or staged)"
     elif config.prefill == "whole" and -(-prompt // bs) > usable:
         why, param = f"its {prompt}-token prompt, prefilled whole before it is compressed", "h2o_prefill"
-        advice = 'compress it while it prefills (h2o_prefill: "chunked")'
+        advice = 'compress it while it prefills (h2o_prefill: "chunked" or "staged")'
+    elif (
+        config.prefill == "staged"
+        and Footprint(config.replace(working_set=1)).most_blocks(prompt, max_new, chunk) <= usable
+    ):
+        why = (
+            f"budget {config.budget}, {config.working_set}x while it prefills, plus one prefill chunk of {chunk} tokens"
+        )
+        param, advice = "h2o_working_set", "lower h2o_working_set"
     else:
-        chunk_part = f" plus one prefill chunk of {chunk} tokens" if config.prefill == "chunked" else ""
-        why, param = f"budget {config.budget}{chunk_part}", "h2o_budget"
+        chunk_part = f" plus one prefill chunk of {chunk} tokens" if config.compresses_while_prefilling else ""
+        staged_part = f", {config.working_set}x while it prefills," if config.prefill == "staged" else ""
+        why, param = f"budget {config.budget}{staged_part}{chunk_part}", "h2o_budget"
         advice = "lower h2o_budget"
     whole = "this server's whole KV cache" if engines == 1 else f"the whole KV cache of each of its {engines} engines"
     raise VLLMValidationError(

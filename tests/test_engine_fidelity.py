@@ -8,7 +8,9 @@ window (per-request ``h2o_prompt_window``), ``h2o_score_reduce="max"``,
 ``h2o_prefill="chunked"`` (compressed after each prefill chunk; the reference is fed the
 engine's chunks), and key-norm eviction (per-request ``h2o_policy="keynorm"``, whole and
 chunked: the engine sums the norms of the keys its attention writes, the reference those
-of transformers' keys), and SnapKV (``h2o_policy="snapkv"``: only prompt rows score).
+of transformers' keys), and SnapKV (``h2o_policy="snapkv"``: only prompt rows score), and ``h2o_prefill="staged"``
+(a working set of ``h2o_working_set`` budgets while prefilling, then the budget ranked by the
+prompt's last rows alone: with room for the whole prompt it evicts what "whole" evicts).
 """
 
 import pytest
@@ -68,9 +70,20 @@ RUN_ARGS = {
     # SnapKV: H2O whose votes come from the prompt alone (no decode row scores).
     f"prompt0-snapkv-window{WINDOW}": (0, {"h2o_policy": "snapkv", "h2o_prompt_window": WINDOW}),
     "long2-snapkv-chunked": (NUM_PROMPTS + 2, {"h2o_policy": "snapkv", "h2o_prefill": "chunked"}),
+    # Staged: two budgets while the 3,072-token prompt prefills, then its last 64 rows rank what was kept.
+    f"long0-staged-window{WINDOW}-max": (
+        NUM_PROMPTS,
+        {"h2o_prefill": "staged", "h2o_prompt_window": WINDOW, "h2o_score_reduce": "max"},
+    ),
+    # Room for the whole prompt (8 budgets of 8 blocks): nothing goes while it prefills.
+    f"prompt0-roomy-staged8-window{WINDOW}": (
+        0,
+        {"h2o_prefill": "staged", "h2o_working_set": 8, "h2o_prompt_window": WINDOW},
+    ),
 }
 RUNS = list(RUN_ARGS)
-CHUNKED = [name for name in RUNS if "chunked" in name]
+FED_IN_CHUNKS = [name for name in RUNS if "chunked" in name or "staged" in name]  # the reference gets the chunks
+CHUNKED = [name for name in FED_IN_CHUNKS if "roomy" not in name]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +110,7 @@ def engine(default_model_dir, prompts):
 def reference(hf_model, prompts, engine):
     return [
         run_reference(
-            hf_model, prompts[i], SETTINGS, args, NEW_TOKENS, engine[k]["chunks"] if "chunked" in name else None
+            hf_model, prompts[i], SETTINGS, args, NEW_TOKENS, engine[k]["chunks"] if name in FED_IN_CHUNKS else None
         )
         for k, (name, (i, args)) in enumerate(RUN_ARGS.items())
     ]
@@ -122,6 +135,12 @@ def test_keynorm_requests_evict_by_key_norm_not_by_the_engines_default(reference
     assert engine[keynorm]["evicted"] != engine[prompt]["evicted"]  # the engine's default, H2O
     evicted = reference[keynorm]["evicted"]
     assert sorted(evicted) != list(range(1, len(evicted) + 1))  # not StreamingLLM's oldest first
+
+
+def test_staged_prefill_with_room_for_the_prompt_evicts_what_whole_evicts(reference, engine):
+    roomy, whole = RUNS.index(f"prompt0-roomy-staged8-window{WINDOW}"), RUNS.index(f"prompt0-window{WINDOW}")
+    assert len(engine[roomy]["chunks"]) >= 3 and reference[roomy]["evicted_in_prefill"] == 0
+    assert engine[roomy]["evicted"] == engine[whole]["evicted"]
 
 
 @pytest.mark.parametrize("name", CHUNKED)

@@ -66,13 +66,24 @@ def test_the_engine_starts_with_a_pool_smaller_than_one_request(engine):
     assert type(group.kv_cache_spec) is BudgetedAttentionSpec
 
 
-def test_a_7000_token_prompt_holds_its_budget_plus_one_chunk(engine, essay_ids):
+STAGED = {"h2o_prefill": "staged", "h2o_budget": 512, "h2o_prompt_window": 8}  # 2 x 512 while prefilling
+
+
+@pytest.mark.parametrize(
+    "extra_args, peak",
+    [(None, PEAK), (STAGED, 2 * 512 // BLOCK + CHUNK // BLOCK + 1)],
+    ids=["chunked", "staged"],
+)
+def test_a_7000_token_prompt_holds_its_budget_plus_one_chunk(engine, essay_ids, extra_args, peak):
+    from h2o_vllm import settings
+
     prompt = essay_ids[20000 : 20000 + LONG]
     assert len(prompt) == LONG and LONG > POOL * BLOCK
-    outputs, log, peaks, counted = generate_watched(engine, [prompt])
+    outputs, log, peaks, counted = generate_watched(engine, [prompt], extra_args)
     (rid,) = peaks
-    assert peaks[rid] <= PEAK and counted[rid] <= PEAK
-    assert max(peaks[rid], counted[rid]) <= Footprint(CONFIG).peak_blocks(LONG + NEW, CHUNK)  # what admission reserved
+    assert peaks[rid] <= peak and counted[rid] <= peak
+    config = settings.for_request(CONFIG, extra_args)
+    assert max(peaks[rid], counted[rid]) <= Footprint(config).peak_blocks(LONG + NEW, CHUNK)  # what admission reserved
     assert log.preemptions == 0
     assert len(log.evictions[rid]) >= LONG // BLOCK - PEAK
     # Coherent text: English words from the essays' own vocabulary, not a loop on one token.
@@ -108,6 +119,7 @@ def test_mixed_budgets_are_admitted_by_their_own_peaks(engine, essay_ids):
         ({"h2o_policy": "none"}, "max_tokens"),  # a full cache of 7,000 tokens
         ({"h2o_prefill": "whole"}, "h2o_prefill"),  # the whole prompt before it is compressed
         ({"h2o_budget": 3000}, "h2o_budget"),  # a budget larger than the pool
+        ({"h2o_prefill": "staged"}, "h2o_working_set"),  # 2 x 1,024 while prefilling; 1 x would fit
     ],
 )
 def test_requests_that_can_never_fit_are_refused_at_the_door(engine, essay_ids, extra_args, param):

@@ -175,6 +175,28 @@ def test_prompt_is_compressed_right_after_prefill_and_scoring_is_chunked(tiny_mo
     assert full.stats.per_row_evicted != windowed.stats.per_row_evicted  # the window changes the choice
 
 
+def test_staged_prefill_with_room_for_the_prompt_keeps_what_a_whole_prefill_keeps(tiny_model_dir):
+    """Prefill "staged" in chunks: with a working set that holds the prompt, nothing goes while it
+    prefills and the prompt's last rows alone rank it, so the blocks kept are those of a whole
+    prefill; with a working set of 2 budgets, blocks go between chunks and the budget holds after."""
+    from h2o_vllm.hf import prefill
+
+    model = _load(tiny_model_dir, "sdpa")
+    ids = torch.randint(0, 1000, (1, 203), generator=torch.Generator().manual_seed(6))
+    cfg = PolicyConfig("h2o", Budget(fraction=0.2), n_sink=4, block_size=8, prompt_window=8, score_reduce="max")
+    caches = {}
+    for name, config, chunk in (
+        ("whole", cfg, None),
+        ("roomy", cfg.replace(prefill="staged", working_set=10), 48),
+        ("staged2", cfg.replace(prefill="staged", working_set=2), 48),
+    ):
+        caches[name] = H2OCache.for_model(model, config, score_chunk=16)
+        prefill(model, caches[name], ids, chunk)
+    assert caches["roomy"].stats.per_row_evicted == caches["whole"].stats.per_row_evicted != [[]]
+    assert caches["staged2"].stats.per_row_evicted != caches["whole"].stats.per_row_evicted
+    assert caches["staged2"].layers[0].keys.shape[-2] == caches["whole"].layers[0].keys.shape[-2]  # the budget
+
+
 def test_chunked_scores_equal_eager_probabilities(tiny_model_dir):
     """SDPA scoring (recomputed in chunks) ranks exactly as eager's own probabilities do."""
     ids = torch.randint(0, 1000, (1, 90), generator=torch.Generator().manual_seed(5))

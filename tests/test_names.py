@@ -18,6 +18,10 @@ from h2o_vllm.profiles import SERVER
         ("streaming_512", dict(policy="streaming", budget=Budget(tokens=512))),
         ("keynorm_20%_chunked", dict(policy="keynorm", budget=Budget(fraction=0.2), prefill="chunked")),
         ("snapkv_20%_window32", dict(policy="snapkv", budget=Budget(fraction=0.2), prompt_window=32)),
+        (
+            "h2o_20%_window8_staged3",
+            dict(budget=Budget(fraction=0.2), prompt_window=8, prefill="staged", working_set=3),
+        ),
         ("full", dict(policy="none")),
     ],
 )
@@ -55,6 +59,7 @@ def test_canonical_names_round_trip_and_families_drop_the_budget():
         "h2o_20%_r75_mean_layer",
         "streaming_10%",
         "keynorm_20%_sink64_head",
+        "h2o_20%_window8_max_staged2",
     ]:
         assert names.parse_name(name).name == name
     named = names.parse_name("h2o_window8_max")
@@ -64,7 +69,18 @@ def test_canonical_names_round_trip_and_families_drop_the_budget():
 
 
 @pytest.mark.parametrize(
-    "bad", ["lru_20%", "h2o_20%_foo", "h2o_20%_max_max", "h2o_0", "h2o-x", "h2o_20%_window0", "keynorm_20%_mean"]
+    "bad",
+    [
+        "lru_20%",
+        "h2o_20%_foo",
+        "h2o_20%_max_max",
+        "h2o_0",
+        "h2o-x",
+        "h2o_20%_window0",
+        "keynorm_20%_mean",
+        "h2o_20%_chunked_staged2",
+        "h2o_20%_staged0",
+    ],
 )
 def test_bad_names_are_refused_with_the_name(bad):
     with pytest.raises(names.ConfigNameError, match=bad):
@@ -140,7 +156,9 @@ def test_a_name_becomes_server_options_that_serve_reads_back(monkeypatch):
     assert settings.apply(ENGINE_DEFAULTS, section) == named.config
 
 
-@pytest.mark.parametrize("name", ["h2o_20%", "h2o_20%_window8_max", "streaming_20%", "keynorm_20%_chunked", "full"])
+@pytest.mark.parametrize(
+    "name", ["h2o_20%", "h2o_20%_window8_max", "streaming_20%", "keynorm_20%_chunked", "h2o_20%_staged3", "full"]
+)
 def test_a_pinned_name_runs_as_named_whatever_the_servers_defaults(name):
     """What a benchmark starts a server with: the name over ENGINE_DEFAULTS (the paper's scoring for
     ``h2o_20%``), not over the server's own profile (an 8-row window, max)."""
@@ -154,6 +172,8 @@ def test_a_pinned_name_runs_as_named_whatever_the_servers_defaults(name):
     section = json.loads(flags[flags.index("--additional-config") + 1])["h2o"]
     served = settings.apply(SERVER, section)  # the server fills in what the flags leave out from its profile
     attrs = ["policy"] if named.is_full else ["policy", "budget", "prefill"]
+    if named.config.prefill == "staged":
+        attrs.append("working_set")
     if named.config.needs_scores:
         attrs += ["prompt_window", "score_reduce", "score_norm"]
     for attr in attrs:

@@ -202,6 +202,84 @@ def test_which_query_rows_score_whole_and_chunked():
     assert [chunked.first_scored_position(s, e, 100) for s, e in chunks] == [32, 72, 92, 100]
 
 
+def test_staged_prefill_scores_each_chunk_end_and_the_prompts_last_rows_alone():
+    """Staged: each chunk's last W rows, and the prompt's last W rows even where they span two
+    chunks; the chunk holding the first of those starts from zero (its scores reset)."""
+    staged = PolicyConfig("h2o", prompt_window=8, prefill="staged")
+    chunks = [(0, 40), (40, 95), (95, 100), (100, 101)]
+    assert [staged.first_scored_position(s, e, 100) for s, e in chunks] == [32, 92, 95, 100]
+    assert [staged.resets_scores(s, e, 100) for s, e in chunks] == [False, True, False, False]
+    assert [staged.first_scored_position(s, e, 100) for s, e in [(0, 40), (40, 80), (80, 100)]] == [32, 72, 92]
+    assert staged.resets_scores(80, 100, 100) and staged.resets_scores(0, 100, 100)  # one chunk: as "whole"
+    for other in (
+        staged.replace(prefill="chunked"),
+        staged.replace(prompt_window=None),  # every row scores: nothing to reset
+        staged.replace(policy="streaming"),
+        staged.replace(policy="keynorm"),
+    ):
+        assert not other.resets_scores(40, 95, 100)
+    assert staged.evicts_after(40, 100) and not staged.evicts_after(0, 100)
+    assert staged.compresses_while_prefilling and not PolicyConfig().compresses_while_prefilling
+    with pytest.raises(ValueError, match="working_set"):
+        PolicyConfig(prefill="staged", working_set=0)
+
+
+def test_staged_prefill_keeps_its_working_set_until_the_prompt_is_in():
+    """Working set: ``working_set`` x the budget of the whole prompt; after the prompt, the budget."""
+    cfg = PolicyConfig("h2o", budget=Budget(fraction=0.2), block_size=32, prefill="staged", working_set=3)
+    assert cfg.bounds(1024, 4096).budget_blocks == 3 * 25
+    assert cfg.bounds(4096, 4096).budget_blocks == 25 and cfg.bounds(4100, 4096).budget_blocks == 25
+    assert cfg.bounds(1024).budget_blocks == 6  # prompt unknown: the budget, as "chunked"
+    assert cfg.replace(prefill="chunked").bounds(1024, 4096).budget_blocks == 6
+    footprint = Footprint(cfg)
+    assert footprint.kept_blocks(4096, prefilling=True) == 75 and footprint.kept_blocks(4096) == 25
+    assert footprint.peak_blocks(4096, 512) == 75 + 16
+    assert footprint.peak_blocks(4096, 1, prefilling=False) == 25 + 1  # decoding: one block at a time
+
+
+def _run_prompt(cfg, attention, chunks, block_size):
+    """Prefill ``attention`` (rows: queries, columns: keys, causal) chunk by chunk through a ledger as an
+    engine does: reset where the policy says, add the scored rows, evict after each chunk (as the policy
+    says). Returns the resident blocks once the prompt is in, and the most blocks held at once."""
+    from h2o_vllm.ledger import BlockLedger
+
+    prompt = attention.shape[0]
+    ledger, policy, held = BlockLedger(block_size, prompt), make_policy(cfg), 0
+    for start, end in chunks:
+        if cfg.evicts_after(start, prompt):
+            ledger.evict(policy)
+        ledger.grow(end)
+        held = max(held, int(ledger.resident.sum()))
+        if cfg.resets_scores(start, end, prompt):
+            ledger.reset_scores()
+        for row in range(cfg.first_scored_position(start, end, prompt), end):
+            keys = np.flatnonzero(ledger.resident.repeat(block_size)[: row + 1])
+            ledger.add(keys, attention[row, keys])
+    ledger.evict(policy)  # the step after the last chunk: the prompt is in
+    return np.flatnonzero(ledger.resident), held
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(6, 24), st.integers(1, 64), st.integers(1, 6), st.randoms(use_true_random=False))
+def test_staged_prefill_with_room_for_the_prompt_keeps_what_whole_keeps(blocks, window, chunk_blocks, rng):
+    """A working set that holds the whole prompt evicts nothing while prefilling, and the prompt's last
+    rows alone rank it: the blocks kept are those of "whole". With a working set of 2, the blocks held
+    never exceed the peak admission reserves, and the budget is met once the prompt is in."""
+    bs = 4
+    prompt = blocks * bs - rng.randrange(bs)
+    attention = np.array([[rng.random() for _ in range(prompt)] for _ in range(prompt)])
+    chunk = chunk_blocks * bs
+    chunks = [(s, min(s + chunk, prompt)) for s in range(0, prompt, chunk)]
+    base = PolicyConfig("h2o", budget=Budget(fraction=0.25), n_sink=4, block_size=bs, prompt_window=window)
+    whole, _ = _run_prompt(base, attention, [(0, prompt)], bs)
+    staged, _ = _run_prompt(base.replace(prefill="staged", working_set=blocks), attention, chunks, bs)
+    assert list(staged) == list(whole)
+    two = base.replace(prefill="staged", working_set=2)
+    kept, held = _run_prompt(two, attention, chunks, bs)
+    assert held <= Footprint(two).peak_blocks(prompt, chunk)
+    assert len(kept) <= Footprint(two).kept_blocks(prompt)
+
+
 def test_snapkv_scores_the_prompt_as_h2o_does_and_decoding_not_at_all():
     """The same chunks as above; a decode step's ``chunk_end`` back means none of its rows score."""
     chunks = [(0, 40), (40, 80), (80, 100), (100, 101), (130, 131)]
@@ -224,7 +302,7 @@ def test_snapkv_ranks_as_h2o_does():
 
 @given(
     st.sampled_from(["h2o", "snapkv", "keynorm", "streaming"]),
-    st.sampled_from(["whole", "chunked"]),
+    st.sampled_from(["whole", "chunked", "staged"]),
     st.none() | st.integers(1, 300),
     st.integers(1, 3000),
     st.integers(0, 1000),
@@ -239,6 +317,11 @@ def test_a_prefix_cache_hit_never_takes_rows_a_decision_needs(policy, prefill, w
         assert cap == 0  # every key's norm must be computed
     elif prefill == "chunked":
         assert cap == Footprint(config).kept_blocks(prompt + new) * 32
+    elif prefill == "staged":
+        assert cap % 32 == 0 and cap <= Footprint(config).kept_blocks(prompt + new, prefilling=True) * 32
+        if policy in ("h2o", "snapkv") and window is not None:
+            assert cap <= max(0, prompt - window)
+            assert config.first_scored_position(cap, prompt, prompt) <= max(0, prompt - window)
     elif policy in ("h2o", "snapkv") and window is not None:
         assert cap % 32 == 0 and 0 <= cap <= max(0, prompt - window) < cap + 32
         assert config.first_scored_position(cap, prompt, prompt) == max(0, prompt - window)
@@ -265,29 +348,34 @@ def test_chunked_prefill_compresses_after_every_chunk():
 @settings(max_examples=300, deadline=None)
 @given(
     scenarios(policy=st.sampled_from(["h2o", "keynorm", "streaming"])),
+    st.sampled_from(["chunked", "staged"]),
     st.integers(1, 12),
     st.integers(1, 4),
     st.randoms(),
 )
-def test_chunked_prefill_never_holds_more_than_its_peak(case, chunk_blocks, new_blocks, rng):
+def test_chunked_prefill_never_holds_more_than_its_peak(case, prefill, chunk_blocks, new_blocks, rng):
     """Prefill a prompt chunk by chunk, evicting after each, then decode: the blocks held never
-    exceed ``peak_blocks`` (what admission reserves) nor ``most_blocks`` (what the door checks)."""
+    exceed ``peak_blocks`` (what admission reserves) nor ``most_blocks`` (what the door checks);
+    once decoding, never more than the decoding peak."""
     cfg, view = case
-    cfg = cfg.replace(prefill="chunked")
+    cfg = cfg.replace(prefill=prefill)
     bs, chunk = cfg.block_size, chunk_blocks * cfg.block_size - rng.randrange(cfg.block_size)
     prompt, new = view.num_tokens, new_blocks * bs
     peak, most = Footprint(cfg).peak_blocks(prompt + new, chunk), Footprint(cfg).most_blocks(prompt, new, chunk)
     assert Footprint(cfg).kept_blocks(prompt) >= protected_mask(cfg, prompt, -(-prompt // bs)).sum()
     policy = make_policy(cfg)
     resident = np.zeros(0, dtype=bool)
-    computed, held = 0, 0
+    decoding_peak = Footprint(cfg).peak_blocks(prompt + new, 1, prefilling=False)
+    computed, held, held_decoding = 0, 0, 0
     while computed < prompt + new:
         step = min(chunk, prompt - computed) if computed < prompt else 1
         computed += step
         blocks = -(-computed // bs)
         resident = np.concatenate([resident, np.ones(blocks - len(resident), dtype=bool)])
         held = max(held, int(resident.sum()))
+        if computed > prompt:
+            held_decoding = max(held_decoding, int(resident.sum()))
         scores = np.array([rng.random() for _ in range(blocks)])
-        evicted = policy.select(SequenceView(computed, resident.copy(), scores, np.ones(blocks)))
+        evicted = policy.select(SequenceView(computed, resident.copy(), scores, np.ones(blocks), prompt))
         resident[evicted] = False
-    assert held <= peak and held <= most
+    assert held <= peak and held <= most and held_decoding <= decoding_peak

@@ -102,8 +102,14 @@ def test_h2o_options_and_their_environment_variables(no_model_build):
     import json
 
     argv = build(
-        ["--h2o-policy", "streaming", "--h2o-budget=20%", "--h2o-sink", "64", "--h2o-aliases", "h2o-256,full"],
-        env={"H2O_VLLM_PROMPT_WINDOW": "32", "H2O_VLLM_POLICY": "h2o", "H2O_VLLM_SCORE_REDUCE": "max"},
+        ["--h2o-policy", "streaming", "--h2o-budget=20%", "--h2o-sink", "64", "--h2o-aliases", "h2o-256,full"]
+        + ["--h2o-prefill", "staged"],
+        env={
+            "H2O_VLLM_PROMPT_WINDOW": "32",
+            "H2O_VLLM_POLICY": "h2o",
+            "H2O_VLLM_SCORE_REDUCE": "max",
+            "H2O_VLLM_WORKING_SET": "3",
+        },
     )
     h2o = json.loads(flag_values(argv, "--additional-config")[0])["h2o"]
     assert h2o == {
@@ -114,7 +120,8 @@ def test_h2o_options_and_their_environment_variables(no_model_build):
         "prompt_window": 32,
         "score_norm": "sum",
         "score_reduce": "max",
-        "prefill": "whole",
+        "prefill": "staged",
+        "working_set": 3,
     }
     assert flag_values(argv, "--served-model-name") == ["smollm2-135m", "smollm2-135m@h2o-256", "smollm2-135m@full"]
     assert not any(a.startswith("--h2o") for a in argv)

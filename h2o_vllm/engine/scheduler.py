@@ -85,9 +85,9 @@ class RequestSettings:
         hit = footprint.max_prefix_hit(prompt, longest) if can_evict else None
         return cls(config, prompt, longest, can_evict, hit)
 
-    def peak_blocks(self, num_tokens: int, chunk_tokens: int) -> int | None:
+    def peak_blocks(self, num_tokens: int, chunk_tokens: int, prefilling: bool = True) -> int | None:
         """:meth:`Footprint.peak_blocks` for this request, at ``num_tokens`` so far (None: unbounded)."""
-        return Footprint(self.config).peak_blocks(max(self.longest, num_tokens), chunk_tokens)
+        return Footprint(self.config).peak_blocks(max(self.longest, num_tokens), chunk_tokens, prefilling)
 
 
 class RequestEviction:
@@ -101,7 +101,7 @@ class RequestEviction:
         config = settings.config
         self.config = config
         self.policy = make_policy(config)
-        self.ledger = BlockLedger(config.block_size)
+        self.ledger = BlockLedger(config.block_size, settings.num_prompt_tokens)
         self.counters = RequestCounters(config.policy)
         self.num_prompt_tokens = settings.num_prompt_tokens
         self.can_evict = settings.can_evict
@@ -192,12 +192,13 @@ class H2OScheduler(Scheduler):
         self.h2o_totals.requests_by_policy[config.policy] += 1
 
     def _peak_blocks(self, request: Request, decoding: bool = False) -> int | None:
-        """Most blocks a request holds at once: prefilling, one chunk beyond what it keeps; decoding, one block.
+        """Most blocks a request holds at once: prefilling, one chunk beyond what it keeps between
+        chunks (prefill "staged": its working set); decoding, one block beyond its budget.
 
         What it keeps is sized for its longest possible sequence (a fraction budget grows with it).
         """
         chunk = 1 if decoding else self.h2o_chunk_tokens
-        return self.request_settings(request).peak_blocks(request.num_tokens, chunk)
+        return self.request_settings(request).peak_blocks(request.num_tokens, chunk, prefilling=not decoding)
 
     def _eviction_state(self, request: Request) -> RequestEviction:
         state = self.h2o_requests.get(request.request_id)
@@ -254,7 +255,7 @@ class H2OScheduler(Scheduler):
             if not state.can_evict or engine_seams.in_flight(request):
                 continue
             # A prompt (or a preempted request's re-prefill) is compressed once it is whole,
-            # or with prefill "chunked" after each chunk; then one block at a time as it decodes.
+            # or with prefill "chunked" or "staged" after each chunk; then one block at a time as it decodes.
             if not state.config.evicts_after(request.num_computed_tokens, request.num_tokens):
                 continue
             state.ledger.grow(request.num_computed_tokens)
@@ -276,7 +277,7 @@ class H2OScheduler(Scheduler):
             if (
                 self.h2o_steps_overlap
                 and state.can_evict
-                and state.config.prefill == "chunked"
+                and state.config.compresses_while_prefilling
                 and request.num_computed_tokens < request.num_tokens
             ):
                 # Its next chunk is compressed on this one's scores: vLLM would pipeline it now.
@@ -284,6 +285,8 @@ class H2OScheduler(Scheduler):
             if state.needs_scores:
                 # vLLM has already counted this step's tokens as computed: they are the chunk's end.
                 end = request.num_computed_tokens
+                if state.config.resets_scores(end - num_scheduled, end, state.num_prompt_tokens):
+                    state.ledger.reset_scores()  # "staged": the prompt's last rows rank what was kept
                 first = state.config.first_scored_position(end - num_scheduled, end, state.num_prompt_tokens)
                 plan.score_requests[req_id] = ScoreRequest(first, state.config.score_reduce)
             elif state.needs_key_norms:

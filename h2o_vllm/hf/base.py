@@ -38,8 +38,10 @@ class EvictingCache(Cache):
         self.policy_config = policy_config
         configs = policy_config if isinstance(policy_config, list) else [policy_config]
         scored = [c for c in configs if c.needs_scores]
-        if len({(c.prompt_window, c.score_reduce) for c in scored}) > 1:
-            raise ValueError(f"the scored rows of one {type(self).__name__} must share prompt_window and score_reduce")
+        if len({(c.prompt_window, c.score_reduce, c.prefill) for c in scored}) > 1:
+            raise ValueError(
+                f"the scored rows of one {type(self).__name__} must share prompt_window, score_reduce and prefill"
+            )
         # How attention is scored (prompt window, score reduction): the scored rows' common settings.
         self.scoring: PolicyConfig | None = scored[0] if scored else None
         self.key_norms = any(c.needs_key_norms for c in configs)  # some row ranks by its keys' norms

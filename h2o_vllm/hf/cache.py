@@ -179,6 +179,8 @@ class H2OCache(EvictingCache):
         )
         if self.evicts:
             self._grow_ledgers(layer, layer_idx)
+            if self.scoring is not None and (self.per_layer or layer_idx == 0):
+                self._reset_scores(layer_idx, first_query, q_len)
             if self.scoring is not None:
                 self._score(module, layer, layer_idx, query, key, weights, first_query, scaling)
             if self.key_norms:
@@ -204,7 +206,8 @@ class H2OCache(EvictingCache):
         batch *= self.rows_per_sequence
         self.policies = [make_policy(c) for c in configs]
         self.row_sources = [c.score_source for c in configs]
-        self.ledgers = [[BlockLedger(c.block_size) for c in configs] for _ in range(groups)]
+        prompts = [self.prompt_tokens - int(p) for p in self.padding]  # each row's own prompt, without padding
+        self.ledgers = [[BlockLedger(c.block_size, p) for c, p in zip(configs, prompts)] for _ in range(groups)]
         self.stats.per_row_evicted = [[] for _ in range(batch)]
 
     def _allowed(self, layer: ReferenceLayer, first_query: int, row_start: int, row_end: int) -> torch.Tensor:
@@ -216,6 +219,13 @@ class H2OCache(EvictingCache):
         # A padding query would see nothing (NaN softmax); let it see itself. Its output is never used.
         allowed |= pos[:, None, :] == q_pos[None, :, None]
         return allowed[:, None]
+
+    def _reset_scores(self, layer_idx: int, first_query: int, q_len: int) -> None:
+        """Prefill "staged": the forward that holds the prompt's last scoring rows starts the scores from zero."""
+        if self.scoring.resets_scores(first_query, first_query + q_len, self.prompt_tokens):
+            for row, ledger in enumerate(self.ledgers[layer_idx if self.per_layer else 0]):
+                if self.row_sources[row] == ATTENTION:
+                    ledger.reset_scores()
 
     def _grow_ledgers(self, layer: ReferenceLayer, layer_idx: int) -> None:
         for row, ledger in enumerate(self.ledgers[layer_idx if self.per_layer else 0]):

@@ -150,6 +150,8 @@ class FastH2OCache(EvictingCache):
     ):
         if isinstance(policy_config, list):
             raise ValueError("FastH2OCache takes one PolicyConfig for every row; use H2OCache for one per row")
+        if policy_config.prefill == "staged":
+            raise ValueError('FastH2OCache has no prefill "staged" yet (its page plan keeps one budget); use H2OCache')
         with_visibility = policy_config.needs_scores and policy_config.score_norm == "mean"
         groups = num_layers if per_layer else 1
         self.tables = [SlotTable(policy_config.block_size, with_visibility) for _ in range(groups)]
