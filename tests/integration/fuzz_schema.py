@@ -26,7 +26,8 @@ VALID_VALUES = {
     "prompt_window": [0, 8],
     "score_norm": ["sum", "mean"],
     "score_reduce": ["sum", "max"],
-    "prefill": ["whole", "chunked"],
+    "prefill": ["whole", "chunked", "staged"],
+    "working_set": [1, 2],
 }
 ANY_JSON = [
     {"type": "string"},
