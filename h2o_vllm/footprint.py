@@ -100,13 +100,11 @@ class Footprint:
         bs = self.config.block_size
         if self.config.needs_key_norms:
             return 0
+        window = self.config.prompt_window if self.config.needs_scores else None
+        before_window = None if window is None else max(0, num_prompt_tokens - window) // bs * bs
         if self.config.prefill == "chunked":
             return self.kept_blocks(longest_tokens) * bs
         if self.config.prefill == "staged":
-            hit = self.kept_blocks(longest_tokens, prefilling=True) * bs
-            if self.config.needs_scores and self.config.prompt_window is not None:
-                hit = min(hit, max(0, num_prompt_tokens - self.config.prompt_window) // bs * bs)
-            return hit
-        if self.config.needs_scores and self.config.prompt_window is not None:
-            return max(0, num_prompt_tokens - self.config.prompt_window) // bs * bs
-        return None
+            working_set = self.kept_blocks(longest_tokens, prefilling=True) * bs
+            return working_set if before_window is None else min(working_set, before_window)
+        return before_window

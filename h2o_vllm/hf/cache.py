@@ -179,9 +179,9 @@ class H2OCache(EvictingCache):
         )
         if self.evicts:
             self._grow_ledgers(layer, layer_idx)
-            if self.scoring is not None and (self.per_layer or layer_idx == 0):
-                self._reset_scores(layer_idx, first_query, q_len)
             if self.scoring is not None:
+                if self.per_layer or layer_idx == 0:
+                    self._reset_scores(layer_idx, first_query, q_len)
                 self._score(module, layer, layer_idx, query, key, weights, first_query, scaling)
             if self.key_norms:
                 self._add_key_norms(layer, layer_idx, q_len)
