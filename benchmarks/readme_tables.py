@@ -56,6 +56,8 @@ SECTIONS = {
         "results/engine/capacity.md",
         "results/engine/long-prompts-intro.md",
         "results/engine/long-prompts.md",
+        "results/engine/long-prompts-staged-intro.md",
+        "results/engine/long-prompts-staged.md",
         "results/engine/overhead-intro.md",
         "results/engine/overhead.md",
         "results/engine/scoring-cost-intro.md",
