@@ -39,6 +39,10 @@ SECTIONS = {
     "ruler-chunked-table": ["results/ruler/smollm2-chunked-4k/intro.md", "results/ruler/smollm2-chunked-4k/eval.md"],
     "ruler-qwen-table": ["results/ruler/qwen/intro.md", "results/ruler/qwen/eval.md"],
     "ruler-staged-table": ["results/ruler/smollm2-staged-4k/intro.md"],
+    "needle-survival-table": [
+        "results/ruler/needle-survival/intro.md",
+        "results/ruler/needle-survival/smollm2-4096.md",
+    ],
     "fidelity-table": ["results/fidelity/smollm2/intro.md", "results/fidelity/smollm2/eval.md"],
     "eval-table": ["results/eval/eval-intro.md", "results/eval/eval.md"],
     "eval-long-table": ["results/eval-long-prompts/eval-intro.md", "results/eval-long-prompts/eval.md"],
@@ -75,6 +79,7 @@ PAGES = {
     "ruler-chunked-table": "results/README.md",
     "ruler-qwen-table": "results/README.md",
     "ruler-staged-table": "results/README.md",
+    "needle-survival-table": "results/README.md",
     "fidelity-table": "results/README.md",
     "eval-table": "results/README.md",
     "eval-long-table": "results/README.md",
