@@ -11,11 +11,12 @@
              | chunked          prefill="chunked": compressed after every prefill chunk
              | stagedN          prefill="staged", working_set=N: N budgets kept while prefilling,
                                 then the budget, ranked by the prompt's last rows
+             | keys             prefill_score="key_norm": the staged working set ranked by key norms
              | bN               blocks of N tokens
              | layer | head     transformers only: per-layer, or per-layer-and-KV-head decisions
 
 Examples: ``h2o_20%``, ``h2o_20%_window8_max``, ``streaming_256``, ``keynorm_20%``,
-``h2o_1024_sink32_recent64``, ``h2o_20%_window8_max_staged2``.
+``h2o_1024_sink32_recent64``, ``h2o_20%_window8_max_staged2``, ``h2o_20%_window8_max_staged2_keys``.
 A name without a budget (``h2o_window8_max``) is a *family*: the evaluation
 crosses families with budgets. What a name leaves out comes from a base
 configuration (the server's defaults, or a benchmark's).
@@ -49,6 +50,7 @@ _OPTIONS = (
     ("max", r"max"),
     ("chunked", r"chunked"),
     ("staged", r"staged(\d+)"),
+    ("keys", r"keys"),
     ("block", r"b(\d+)"),
     ("layer", r"layer"),
     ("head", r"head"),
@@ -96,7 +98,7 @@ class NamedConfig:
         if not self.is_full:
             fields.add("prefill")
         if self.config.prefill == "staged":
-            fields.add("working_set")
+            fields |= {"working_set", "prefill_score"}
         if self.config.needs_scores:
             fields |= {"prompt_window", "score_reduce", "score_norm"}
         return frozenset(fields)
@@ -140,6 +142,7 @@ def format_name(named: NamedConfig, budget: bool = True) -> str:
         "max": ("score_reduce" in named.named and c.score_reduce == "max") or None,
         "chunked": ("prefill" in named.named and c.prefill == "chunked") or None,
         "staged": c.working_set if "prefill" in named.named and c.prefill == "staged" else None,
+        "keys": ("prefill_score" in named.named and c.prefill_score == "key_norm") or None,
         "block": c.block_size if "block_size" in named.named else None,
         "layer": (named.per_layer and not named.per_head) or None,
         "head": named.per_head or None,
@@ -210,6 +213,8 @@ def parse_name(name: str, base: PolicyConfig | None = None, *, window: int = DEF
     if "staged" in found:
         changes["prefill"] = "staged"
         changes["working_set"] = int(found["staged"])
+    if "keys" in found:
+        changes["prefill_score"] = "key_norm"
     try:
         config = base.replace(**changes)
     except PolicyConfigError as exc:

@@ -54,6 +54,9 @@ PREFILL_MODES = ("whole", "chunked", "staged")
 # What a policy ranks blocks by (EvictionPolicy.score_source); None: positions only.
 ATTENTION, KEY_NORM = "attention", "key_norm"
 SCORE_SOURCES = (None, ATTENTION, KEY_NORM)
+# Prefill "staged": what ranks the working set before the question is in: the attention of each
+# chunk's last rows (ATTENTION), or the norms of the keys (KEY_NORM: lowest kept, no question needed).
+PREFILL_SCORES = (ATTENTION, KEY_NORM)
 
 
 class PolicyConfigError(ValueError):
@@ -144,6 +147,7 @@ class PolicyConfig:
     score_reduce: str = "sum"  # one of SCORE_REDUCE
     prefill: str = "whole"  # one of PREFILL_MODES
     working_set: int = 2  # prefill "staged": budgets kept while the prompt prefills
+    prefill_score: str = ATTENTION  # prefill "staged": what ranks the working set (one of PREFILL_SCORES)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -171,6 +175,17 @@ class PolicyConfig:
         if self.prefill not in PREFILL_MODES:
             choices = ", ".join(repr(m) for m in PREFILL_MODES)
             raise PolicyConfigError("prefill", f"must be one of {choices}, got {self.prefill!r}")
+        if self.prefill_score not in PREFILL_SCORES:
+            choices = ", ".join(repr(m) for m in PREFILL_SCORES)
+            raise PolicyConfigError("prefill_score", f"must be one of {choices}, got {self.prefill_score!r}")
+        if self.prefill_score == KEY_NORM and not (
+            self.prefill == "staged" and self.needs_scores and self.prompt_window is not None
+        ):
+            raise PolicyConfigError(
+                "prefill_score",
+                "'key_norm' ranks a staged working set until the prompt's last rows score it: it needs "
+                "prefill 'staged', an attention policy (h2o) and a prompt window",
+            )
         POLICIES[self.policy].check(self)
 
     def replace(self, **changes) -> PolicyConfig:
@@ -217,7 +232,7 @@ class PolicyConfig:
         recent = self.recent_tokens(num_tokens)
         full_blocks = num_tokens // bs
         first_recent = max(0, (num_tokens - recent) // bs) if recent > 0 else full_blocks
-        staging = self.prefill == "staged" and num_prompt_tokens is not None and num_tokens < num_prompt_tokens
+        staging = self.staging(num_tokens, num_prompt_tokens)
         return Bounds(
             budget_blocks=(
                 self.prefilling_budget_blocks(num_prompt_tokens) if staging else self.budget.blocks_for(num_tokens, bs)
@@ -246,6 +261,19 @@ class PolicyConfig:
         if self.prefill != "whole":
             return max(chunk_start, chunk_end - self.prompt_window)
         return max(chunk_start, min(chunk_end, num_prompt_tokens - self.prompt_window))
+
+    def ranks_by_keys(self, num_tokens: int, num_prompt_tokens: int | None) -> bool:
+        """With ``prefill_score="key_norm"``: whether a sequence whose first ``num_tokens`` are computed
+        is ranked by its keys' norms (lowest kept), and a chunk ending there adds its keys' norms
+        instead of attention: until the chunk that holds the first of the prompt's scored rows,
+        which starts the scores from zero (:meth:`resets_scores`)."""
+        if self.prefill_score != KEY_NORM or num_prompt_tokens is None:
+            return False
+        return num_tokens <= max(0, num_prompt_tokens - self.prompt_window)
+
+    def staging(self, num_tokens: int, num_prompt_tokens: int | None) -> bool:
+        """Whether a sequence of ``num_tokens`` is still filling a "staged" working set."""
+        return self.prefill == "staged" and num_prompt_tokens is not None and num_tokens < num_prompt_tokens
 
     def resets_scores(self, chunk_start: int, chunk_end: int, num_prompt_tokens: int) -> bool:
         """Whether a sequence's accumulated scores are dropped before the rows ``[chunk_start, chunk_end)`` add theirs.
@@ -349,7 +377,10 @@ class EvictionPolicy(ABC):
         if len(candidates) == 0:
             return []
         visibility = None if view.visibility is None else view.visibility[candidates]
-        key = self.order_key(view.scores[candidates], candidates, visibility)
+        if self.config.ranks_by_keys(view.num_tokens, view.num_prompt_tokens):
+            key = -view.scores[candidates]  # the working set keeps the lowest key norms (as KeyNorm does)
+        else:
+            key = self.order_key(view.scores[candidates], candidates, visibility)
         # A stable sort of the ascending candidates: among equal keys the older block goes first.
         order = candidates[np.argsort(key, kind="stable")]
         return sorted(int(i) for i in order[:excess])

@@ -112,6 +112,13 @@ FIELDS = (
         "to working_set x the budget, then to the budget by the prompt's last rows)",
     ),
     Field("working_set", "working_set", _integer, "prefill staged: budgets kept while a prompt prefills"),
+    Field(
+        "prefill_score",
+        "prefill_score",
+        _text,
+        "prefill staged: what ranks the working set before the prompt's last rows: attention (each chunk's "
+        "last rows) or key_norm (its keys' norms, lowest kept)",
+    ),
 )
 _BY_ATTR = {f.attr: f for f in FIELDS}
 

@@ -10,7 +10,8 @@ engine's chunks), and key-norm eviction (per-request ``h2o_policy="keynorm"``, w
 chunked: the engine sums the norms of the keys its attention writes, the reference those
 of transformers' keys), and SnapKV (``h2o_policy="snapkv"``: only prompt rows score), and ``h2o_prefill="staged"``
 (a working set of ``h2o_working_set`` budgets while prefilling, then the budget ranked by the
-prompt's last rows alone: with room for the whole prompt it evicts what "whole" evicts).
+prompt's last rows alone: with room for the whole prompt it evicts what "whole" evicts), its working
+set ranked by key norms too (``h2o_prefill_score="key_norm"``).
 """
 
 import pytest
@@ -74,6 +75,16 @@ RUN_ARGS = {
     f"long0-staged-window{WINDOW}-max": (
         NUM_PROMPTS,
         {"h2o_prefill": "staged", "h2o_prompt_window": WINDOW, "h2o_score_reduce": "max"},
+    ),
+    # The same, its working set ranked by its keys' norms until those rows score (h2o_prefill_score).
+    f"long0-staged-keys-window{WINDOW}-max": (
+        NUM_PROMPTS,
+        {
+            "h2o_prefill": "staged",
+            "h2o_prefill_score": "key_norm",
+            "h2o_prompt_window": WINDOW,
+            "h2o_score_reduce": "max",
+        },
     ),
     # Room for the whole prompt (8 budgets of 8 blocks): nothing goes while it prefills.
     f"prompt0-roomy-staged8-window{WINDOW}": (
@@ -141,6 +152,15 @@ def test_staged_prefill_with_room_for_the_prompt_evicts_what_whole_evicts(refere
     roomy, whole = RUNS.index(f"prompt0-roomy-staged8-window{WINDOW}"), RUNS.index(f"prompt0-window{WINDOW}")
     assert len(engine[roomy]["chunks"]) >= 3 and reference[roomy]["evicted_in_prefill"] == 0
     assert engine[roomy]["evicted"] == engine[whole]["evicted"]
+
+
+def test_a_working_set_ranked_by_keys_is_not_the_one_attention_ranks(reference, engine):
+    keys, attention = (
+        RUNS.index(f"long0-staged-keys-window{WINDOW}-max"),
+        RUNS.index(f"long0-staged-window{WINDOW}-max"),
+    )
+    assert reference[keys]["evicted_in_prefill"] > 0
+    assert engine[keys]["evicted"][:24] != engine[attention]["evicted"][:24]
 
 
 @pytest.mark.parametrize("name", CHUNKED)

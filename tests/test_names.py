@@ -22,6 +22,12 @@ from h2o_vllm.profiles import SERVER
             "h2o_20%_window8_staged3",
             dict(budget=Budget(fraction=0.2), prompt_window=8, prefill="staged", working_set=3),
         ),
+        (
+            "h2o_20%_window8_staged2_keys",
+            dict(
+                budget=Budget(fraction=0.2), prompt_window=8, prefill="staged", working_set=2, prefill_score="key_norm"
+            ),
+        ),
         ("full", dict(policy="none")),
     ],
 )
@@ -60,6 +66,7 @@ def test_canonical_names_round_trip_and_families_drop_the_budget():
         "streaming_10%",
         "keynorm_20%_sink64_head",
         "h2o_20%_window8_max_staged2",
+        "h2o_20%_window8_max_staged2_keys",
     ]:
         assert names.parse_name(name).name == name
     named = names.parse_name("h2o_window8_max")
@@ -80,6 +87,8 @@ def test_canonical_names_round_trip_and_families_drop_the_budget():
         "keynorm_20%_mean",
         "h2o_20%_chunked_staged2",
         "h2o_20%_staged0",
+        "h2o_20%_window8_keys",
+        "h2o_20%_staged2_keys",
     ],
 )
 def test_bad_names_are_refused_with_the_name(bad):
@@ -157,7 +166,16 @@ def test_a_name_becomes_server_options_that_serve_reads_back(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "name", ["h2o_20%", "h2o_20%_window8_max", "streaming_20%", "keynorm_20%_chunked", "h2o_20%_staged3", "full"]
+    "name",
+    [
+        "h2o_20%",
+        "h2o_20%_window8_max",
+        "streaming_20%",
+        "keynorm_20%_chunked",
+        "h2o_20%_staged3",
+        "h2o_20%_window8_max_staged2_keys",
+        "full",
+    ],
 )
 def test_a_pinned_name_runs_as_named_whatever_the_servers_defaults(name):
     """What a benchmark starts a server with: the name over ENGINE_DEFAULTS (the paper's scoring for
@@ -173,7 +191,7 @@ def test_a_pinned_name_runs_as_named_whatever_the_servers_defaults(name):
     served = settings.apply(SERVER, section)  # the server fills in what the flags leave out from its profile
     attrs = ["policy"] if named.is_full else ["policy", "budget", "prefill"]
     if named.config.prefill == "staged":
-        attrs.append("working_set")
+        attrs += ["working_set", "prefill_score"]
     if named.config.needs_scores:
         attrs += ["prompt_window", "score_reduce", "score_norm"]
     for attr in attrs:

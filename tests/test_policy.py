@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from h2o_vllm.footprint import Footprint
-from h2o_vllm.policy import Budget, PolicyConfig, SequenceView, make_policy, protected_mask
+from h2o_vllm.policy import Budget, PolicyConfig, PolicyConfigError, SequenceView, make_policy, protected_mask
 
 
 @st.composite
@@ -222,6 +222,29 @@ def test_staged_prefill_scores_each_chunk_end_and_the_prompts_last_rows_alone():
     assert staged.compresses_while_prefilling and not PolicyConfig().compresses_while_prefilling
     with pytest.raises(ValueError, match="working_set"):
         PolicyConfig(prefill="staged", working_set=0)
+
+
+def test_a_working_set_ranked_by_keys_keeps_the_lowest_norms_until_the_question_scores():
+    cfg = PolicyConfig(
+        "h2o", Budget(tokens=4), n_sink=0, n_recent=0, prompt_window=2, prefill="staged", working_set=1
+    ).replace(prefill_score="key_norm")
+    policy, scores = make_policy(cfg), np.array([5.0, 1, 4, 2, 3, 9, 8, 7, 6, 0])
+    assert [cfg.ranks_by_keys(n, 20) for n in (10, 18, 19, 20, 21)] == [True, True, False, False, False]
+    assert not cfg.ranks_by_keys(10, None) and not cfg.replace(prefill_score="attention").ranks_by_keys(10, 20)
+    staging = SequenceView(10, np.ones(10, dtype=bool), scores, None, 20)
+    assert policy.select(staging) == [0, 2, 5, 6, 7, 8]  # the four lowest norms stay: 9, 1, 3, 4
+    asked = SequenceView(20, np.ones(20, dtype=bool), np.concatenate([scores, np.zeros(10)]), None, 20)
+    assert 5 not in policy.select(asked)  # the prompt is in: the highest attention stays, as h2o ranks
+    for bad in (
+        dict(prefill="chunked"),
+        dict(prompt_window=None),  # nothing would reset the norms before the question ranks
+        dict(policy="keynorm"),
+        dict(policy="streaming"),
+    ):
+        with pytest.raises(PolicyConfigError, match="prefill_score"):
+            cfg.replace(**bad)
+    with pytest.raises(PolicyConfigError, match="prefill_score"):
+        cfg.replace(prefill_score="keys")
 
 
 def test_staged_prefill_keeps_its_working_set_until_the_prompt_is_in():

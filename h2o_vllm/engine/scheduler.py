@@ -282,9 +282,10 @@ class H2OScheduler(Scheduler):
             ):
                 # Its next chunk is compressed on this one's scores: vLLM would pipeline it now.
                 engine_seams.hold_request(request)
-            if state.needs_scores:
-                # vLLM has already counted this step's tokens as computed: they are the chunk's end.
-                end = request.num_computed_tokens
+            end = request.num_computed_tokens  # vLLM has already counted this step's tokens: the chunk's end
+            if state.needs_scores and state.config.ranks_by_keys(end, state.num_prompt_tokens):
+                plan.key_norms.add(req_id)  # a "staged" working set ranked by its keys, before the question
+            elif state.needs_scores:
                 if state.config.resets_scores(end - num_scheduled, end, state.num_prompt_tokens):
                     state.ledger.reset_scores()  # "staged": the prompt's last rows rank what was kept
                 first = state.config.first_scored_position(end - num_scheduled, end, state.num_prompt_tokens)

@@ -270,7 +270,9 @@ class H2OCache(EvictingCache):
                 per_head.scatter_add_(2, blocks.expand_as(probs[row]), probs[row])
                 rows = self._row_max[row][start - row_start : end - row_start]
                 torch.maximum(rows, per_head[..., :-1].amax(dim=0), out=rows)
-        scored = [row for row, source in enumerate(self.row_sources) if source == ATTENTION]
+        scored = [
+            row for row, source in enumerate(self.row_sources) if source == ATTENTION and not self._ranks_by_keys(row)
+        ]
         for row in scored:
             real = logical[row] >= 0
             ledgers[row].add(logical[row][real].cpu().numpy(), mass[row, real].numpy(), visibility[row, real].numpy())
@@ -286,9 +288,15 @@ class H2OCache(EvictingCache):
         logical = layer.positions[:, -q_len:] - self.padding[:, None]  # < 0: padding
         ledgers = self.ledgers[layer_idx if self.per_layer else 0]
         for row, source in enumerate(self.row_sources):
-            if source == KEY_NORM:
+            if source == KEY_NORM or self._ranks_by_keys(row):
                 real = logical[row] >= 0
                 ledgers[row].add(logical[row][real].cpu().numpy(), norms[row, real].cpu().numpy())
+
+    def _ranks_by_keys(self, row: int) -> bool:
+        """Whether ``row`` is filling a staged working set ranked by its keys' norms (its ledger has grown
+        to this forward's end, as :meth:`PolicyConfig.ranks_by_keys` counts it)."""
+        ledger = self.ledgers[0][row]
+        return self.policies[row].config.ranks_by_keys(ledger.num_tokens, ledger.num_prompt_tokens)
 
     def _evict(self, group: int, layers: list[ReferenceLayer]) -> None:
         decisions = [ledger.evict(policy) for ledger, policy in zip(self.ledgers[group], self.policies)]
