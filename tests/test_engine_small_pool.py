@@ -71,8 +71,12 @@ STAGED = {"h2o_prefill": "staged", "h2o_budget": 512, "h2o_prompt_window": 8}  #
 
 @pytest.mark.parametrize(
     "extra_args, peak",
-    [(None, PEAK), (STAGED, 2 * 512 // BLOCK + CHUNK // BLOCK + 1)],
-    ids=["chunked", "staged"],
+    [
+        (None, PEAK),
+        (STAGED, 2 * 512 // BLOCK + CHUNK // BLOCK + 1),
+        ({**STAGED, "h2o_prefill_score": "key_norm"}, 2 * 512 // BLOCK + CHUNK // BLOCK + 1),  # ranked by keys
+    ],
+    ids=["chunked", "staged", "staged-keys"],
 )
 def test_a_7000_token_prompt_holds_its_budget_plus_one_chunk(engine, essay_ids, extra_args, peak):
     from h2o_vllm import settings
