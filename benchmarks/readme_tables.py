@@ -65,6 +65,7 @@ SECTIONS = {
         "results/engine/long-prompts.md",
         "results/engine/long-prompts-staged-intro.md",
         "results/engine/long-prompts-staged.md",
+        "results/engine/long-prompts-staged-keys.md",
         "results/engine/overhead-intro.md",
         "results/engine/overhead.md",
         "results/engine/scoring-cost-intro.md",
