@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from h2o_vllm.policy import KEY_NORM, PolicyConfig
+from h2o_vllm.policy import PolicyConfig
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,8 @@ class Footprint:
           after the hit) score, so a hit of H tokens decides as a miss with ``prompt_window``
           ``num_prompt_tokens - H`` would;
         - StreamingLLM ("whole"): no limit, its choice depends on positions only;
-        - key norms (either prefill, or ranking a staged working set): no hit at all (0). A hit skips computing its tokens' keys,
-          so their norms would be missing from the ledger and the hit blocks would look the
+        - key norms (either prefill, or ranking a staged working set): no hit at all (0). A hit
+          skips computing its tokens' keys, so their norms would be missing from the ledger and the hit blocks would look the
           least important of all; a hit decides as a miss does only if the request computes
           every key itself. (Remembering each cached block's norms would need a store keyed
           by block hash that lives as long as the prefix cache's blocks; the request still
@@ -98,7 +98,7 @@ class Footprint:
         Hits are whole blocks, so every limit is a multiple of ``block_size``.
         """
         bs = self.config.block_size
-        if self.config.needs_key_norms or self.config.prefill_score == KEY_NORM:
+        if self.config.uses_key_norms:
             return 0
         window = self.config.prompt_window if self.config.needs_scores else None
         before_window = None if window is None else max(0, num_prompt_tokens - window) // bs * bs

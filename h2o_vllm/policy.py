@@ -208,6 +208,12 @@ class PolicyConfig:
         return self.score_source == KEY_NORM
 
     @property
+    def uses_key_norms(self) -> bool:
+        """Whether engines compute this policy's key norms at some point: it ranks by them, or its staged
+        working set does (``prefill_score="key_norm"``)."""
+        return self.needs_key_norms or self.prefill_score == KEY_NORM
+
+    @property
     def compresses_while_prefilling(self) -> bool:
         """Whether a prompt is compressed between its prefill chunks ("chunked", "staged")."""
         return self.prefill != "whole"

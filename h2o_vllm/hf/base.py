@@ -9,7 +9,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from h2o_vllm.hf import attention
-from h2o_vllm.policy import KEY_NORM, PolicyConfig
+from h2o_vllm.policy import PolicyConfig
 
 
 class EvictingCache(Cache):
@@ -45,7 +45,7 @@ class EvictingCache(Cache):
         # How attention is scored (prompt window, score reduction): the scored rows' common settings.
         self.scoring: PolicyConfig | None = scored[0] if scored else None
         # Some row ranks by its keys' norms (always, or while a staged working set fills).
-        self.key_norms = any(c.needs_key_norms or c.prefill_score == KEY_NORM for c in configs)
+        self.key_norms = any(c.uses_key_norms for c in configs)
         self.evicts = any(c.policy != "none" for c in configs)
         self.per_layer = per_layer
         self.per_head = per_head
