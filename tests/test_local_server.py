@@ -49,10 +49,12 @@ SCRIPT = SLEEPER + textwrap.dedent(
 # A pytest run whose fixture starts a Sleeper and whose test waits to be signalled.
 PYTEST_MODULE = SLEEPER + textwrap.dedent(
     """
-    import os, time
+    import faulthandler, os, signal, time
     from pathlib import Path
 
     import pytest
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, if it does (stuck_at)
 
 
     @pytest.fixture
@@ -144,6 +146,16 @@ def pytest_run(tmp_path: Path, *plugins: str) -> tuple[subprocess.Popen, int]:
     pytest.fail(f"the pytest run ended before its test ran (exit {run.wait(10)})")
 
 
+def stuck_at(run: subprocess.Popen) -> str:
+    """The stacks of every thread of a pytest run that does not end (faulthandler, on SIGUSR1), and
+    what else it printed since SIGTERM."""
+    run.send_signal(signal.SIGUSR1)
+    time.sleep(2)
+    run.kill()
+    out, _ = run.communicate(timeout=10)
+    return out[-6000:]
+
+
 @pytest.mark.parametrize("plugins", [("conftest",), ()], ids=["conftest", "without-conftest"])
 def test_sigterm_lets_the_fixtures_stop_their_servers(tmp_path, plugins):
     """With tests/conftest.py SIGTERM interrupts the run and the fixture stops its server; without
@@ -151,7 +163,11 @@ def test_sigterm_lets_the_fixtures_stop_their_servers(tmp_path, plugins):
     run, server = pytest_run(tmp_path, *plugins)
     try:
         run.send_signal(signal.SIGTERM)
-        code = run.wait(30)
+        try:
+            run.communicate(timeout=60)  # read what it prints on the way out: a full pipe would stall it
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the pytest run did not exit within 60 s of SIGTERM; it was at:\n{stuck_at(run)}")
+        code = run.returncode
         assert gone(server, within=5)
         torn_down = (tmp_path / "torn-down").exists()
         if plugins:
@@ -161,5 +177,6 @@ def test_sigterm_lets_the_fixtures_stop_their_servers(tmp_path, plugins):
     finally:
         run.kill()
         run.wait(10)
-        run.stdout.close()
+        if run.stdout and not run.stdout.closed:
+            run.stdout.close()
         kill_if_running(server)
