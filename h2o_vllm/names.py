@@ -11,12 +11,13 @@
              | chunked          prefill="chunked": compressed after every prefill chunk
              | stagedN          prefill="staged", working_set=N: N budgets kept while prefilling,
                                 then the budget, ranked by the prompt's last rows
-             | keys             prefill_score="key_norm": the staged working set ranked by key norms
+             | keys | attn      prefill_score="key_norm" or "attention": what ranks the staged
+                                working set (unset: "auto", key norms wherever they can)
              | bN               blocks of N tokens
              | layer | head     transformers only: per-layer, or per-layer-and-KV-head decisions
 
 Examples: ``h2o_20%``, ``h2o_20%_window8_max``, ``streaming_256``, ``keynorm_20%``,
-``h2o_1024_sink32_recent64``, ``h2o_20%_window8_max_staged2``, ``h2o_20%_window8_max_staged2_keys``.
+``h2o_1024_sink32_recent64``, ``h2o_20%_window8_max_staged2``, ``h2o_20%_window8_max_staged2_attn``.
 A name without a budget (``h2o_window8_max``) is a *family*: the evaluation
 crosses families with budgets. What a name leaves out comes from a base
 configuration (the server's defaults, or a benchmark's).
@@ -51,6 +52,7 @@ _OPTIONS = (
     ("chunked", r"chunked"),
     ("staged", r"staged(\d+)"),
     ("keys", r"keys"),
+    ("attn", r"attn"),
     ("block", r"b(\d+)"),
     ("layer", r"layer"),
     ("head", r"head"),
@@ -143,6 +145,7 @@ def format_name(named: NamedConfig, budget: bool = True) -> str:
         "chunked": ("prefill" in named.named and c.prefill == "chunked") or None,
         "staged": c.working_set if "prefill" in named.named and c.prefill == "staged" else None,
         "keys": ("prefill_score" in named.named and c.prefill_score == "key_norm") or None,
+        "attn": ("prefill_score" in named.named and c.prefill_score == "attention") or None,
         "block": c.block_size if "block_size" in named.named else None,
         "layer": (named.per_layer and not named.per_head) or None,
         "head": named.per_head or None,
@@ -213,12 +216,18 @@ def parse_name(name: str, base: PolicyConfig | None = None, *, window: int = DEF
     if "staged" in found:
         changes["prefill"] = "staged"
         changes["working_set"] = int(found["staged"])
+    if "keys" in found and "attn" in found:
+        raise ConfigNameError(f"configuration {name!r}: keys and attn both set what ranks the working set")
     if "keys" in found:
         changes["prefill_score"] = "key_norm"
+    if "attn" in found:
+        changes["prefill_score"] = "attention"
     try:
         config = base.replace(**changes)
     except PolicyConfigError as exc:
         raise ConfigNameError(f"configuration {name!r}: {exc}") from None
+    if "attn" in found and config.prefill != "staged":
+        raise ConfigNameError(f"configuration {name!r}: attn ranks a staged working set; add stagedN")
     share = int(found["recent_share"]) / 100 if "recent_share" in found else None
     return NamedConfig(
         config,

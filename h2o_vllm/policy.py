@@ -55,8 +55,11 @@ PREFILL_MODES = ("whole", "chunked", "staged")
 ATTENTION, KEY_NORM = "attention", "key_norm"
 SCORE_SOURCES = (None, ATTENTION, KEY_NORM)
 # Prefill "staged": what ranks the working set before the question is in: the attention of each
-# chunk's last rows (ATTENTION), or the norms of the keys (KEY_NORM: lowest kept, no question needed).
-PREFILL_SCORES = (ATTENTION, KEY_NORM)
+# chunk's last rows (ATTENTION), or the norms of the keys (KEY_NORM: lowest kept, no question needed);
+# AUTO: KEY_NORM wherever it can rank (PolicyConfig.staging_score), which kept far more needles
+# (results/ruler/needle-survival).
+AUTO = "auto"
+PREFILL_SCORES = (AUTO, ATTENTION, KEY_NORM)
 
 
 class PolicyConfigError(ValueError):
@@ -147,7 +150,7 @@ class PolicyConfig:
     score_reduce: str = "sum"  # one of SCORE_REDUCE
     prefill: str = "whole"  # one of PREFILL_MODES
     working_set: int = 2  # prefill "staged": budgets kept while the prompt prefills
-    prefill_score: str = ATTENTION  # prefill "staged": what ranks the working set (one of PREFILL_SCORES)
+    prefill_score: str = AUTO  # prefill "staged": what ranks the working set (one of PREFILL_SCORES)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -210,8 +213,18 @@ class PolicyConfig:
     @property
     def uses_key_norms(self) -> bool:
         """Whether engines compute this policy's key norms at some point: it ranks by them, or its staged
-        working set does (``prefill_score="key_norm"``)."""
-        return self.needs_key_norms or self.prefill_score == KEY_NORM
+        working set does (:attr:`staging_score`)."""
+        return self.needs_key_norms or self.staging_score == KEY_NORM
+
+    @property
+    def staging_score(self) -> str:
+        """What ranks a "staged" working set before the prompt's last rows: ``prefill_score``, with
+        "auto" read as key norms where they can (prefill "staged", an attention policy, a prompt
+        window), attention elsewhere (where it ranks nothing but chunks, or nothing at all)."""
+        if self.prefill_score != AUTO:
+            return self.prefill_score
+        can_rank_by_keys = self.prefill == "staged" and self.needs_scores and self.prompt_window is not None
+        return KEY_NORM if can_rank_by_keys else ATTENTION
 
     @property
     def compresses_while_prefilling(self) -> bool:
@@ -269,11 +282,11 @@ class PolicyConfig:
         return max(chunk_start, min(chunk_end, num_prompt_tokens - self.prompt_window))
 
     def ranks_by_keys(self, num_tokens: int, num_prompt_tokens: int | None) -> bool:
-        """With ``prefill_score="key_norm"``: whether a sequence whose first ``num_tokens`` are computed
-        is ranked by its keys' norms (lowest kept), and a chunk ending there adds its keys' norms
-        instead of attention: until the chunk that holds the first of the prompt's scored rows,
-        which starts the scores from zero (:meth:`resets_scores`)."""
-        if self.prefill_score != KEY_NORM or num_prompt_tokens is None:
+        """With key norms ranking the working set (:attr:`staging_score`): whether a sequence whose
+        first ``num_tokens`` are computed is ranked by its keys' norms (lowest kept), and a chunk
+        ending there adds its keys' norms instead of attention: until the chunk that holds the
+        first of the prompt's scored rows, which starts the scores from zero (:meth:`resets_scores`)."""
+        if self.staging_score != KEY_NORM or num_prompt_tokens is None:
             return False
         return num_tokens <= max(0, num_prompt_tokens - self.prompt_window)
 

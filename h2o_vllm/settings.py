@@ -116,8 +116,9 @@ FIELDS = (
         "prefill_score",
         "prefill_score",
         _text,
-        "prefill staged: what ranks the working set before the prompt's last rows: attention (each chunk's "
-        "last rows) or key_norm (its keys' norms, lowest kept)",
+        "prefill staged: what ranks the working set before the prompt's last rows: auto (key_norm wherever "
+        "it can: an attention policy with a prompt window; else attention), attention (each chunk's last "
+        "rows) or key_norm (its keys' norms, lowest kept)",
     ),
 )
 _BY_ATTR = {f.attr: f for f in FIELDS}

@@ -71,20 +71,22 @@ RUN_ARGS = {
     # SnapKV: H2O whose votes come from the prompt alone (no decode row scores).
     f"prompt0-snapkv-window{WINDOW}": (0, {"h2o_policy": "snapkv", "h2o_prompt_window": WINDOW}),
     "long2-snapkv-chunked": (NUM_PROMPTS + 2, {"h2o_policy": "snapkv", "h2o_prefill": "chunked"}),
-    # Staged: two budgets while the 3,072-token prompt prefills, then its last 64 rows rank what was kept.
-    f"long0-staged-window{WINDOW}-max": (
-        NUM_PROMPTS,
-        {"h2o_prefill": "staged", "h2o_prompt_window": WINDOW, "h2o_score_reduce": "max"},
-    ),
-    # The same, its working set ranked by its keys' norms until those rows score (h2o_prefill_score).
-    f"long0-staged-keys-window{WINDOW}-max": (
+    # Staged: two budgets while the 3,072-token prompt prefills, ranked by each chunk's last rows
+    # (h2o_prefill_score "attention"), then the prompt's last 64 rows rank what was kept.
+    f"long0-staged-attn-window{WINDOW}-max": (
         NUM_PROMPTS,
         {
             "h2o_prefill": "staged",
-            "h2o_prefill_score": "key_norm",
+            "h2o_prefill_score": "attention",
             "h2o_prompt_window": WINDOW,
             "h2o_score_reduce": "max",
         },
+    ),
+    # The same with the working set ranked by its keys' norms until those rows score: what
+    # h2o_prefill_score "auto" (the default) does here.
+    f"long0-staged-keys-window{WINDOW}-max": (
+        NUM_PROMPTS,
+        {"h2o_prefill": "staged", "h2o_prompt_window": WINDOW, "h2o_score_reduce": "max"},
     ),
     # Room for the whole prompt (8 budgets of 8 blocks): nothing goes while it prefills.
     f"prompt0-roomy-staged8-window{WINDOW}": (
@@ -157,7 +159,7 @@ def test_staged_prefill_with_room_for_the_prompt_evicts_what_whole_evicts(refere
 def test_a_working_set_ranked_by_keys_is_not_the_one_attention_ranks(reference, engine):
     keys, attention = (
         RUNS.index(f"long0-staged-keys-window{WINDOW}-max"),
-        RUNS.index(f"long0-staged-window{WINDOW}-max"),
+        RUNS.index(f"long0-staged-attn-window{WINDOW}-max"),
     )
     assert reference[keys]["evicted_in_prefill"] > 0
     assert engine[keys]["evicted"][:24] != engine[attention]["evicted"][:24]

@@ -66,7 +66,8 @@ def test_the_engine_starts_with_a_pool_smaller_than_one_request(engine):
     assert type(group.kv_cache_spec) is BudgetedAttentionSpec
 
 
-STAGED = {"h2o_prefill": "staged", "h2o_budget": 512, "h2o_prompt_window": 8}  # 2 x 512 while prefilling
+# 2 x 512 while prefilling, ranked by key norms (h2o_prefill_score "auto") until the last 8 rows score.
+STAGED = {"h2o_prefill": "staged", "h2o_budget": 512, "h2o_prompt_window": 8}
 
 
 @pytest.mark.parametrize(
@@ -74,9 +75,9 @@ STAGED = {"h2o_prefill": "staged", "h2o_budget": 512, "h2o_prompt_window": 8}  #
     [
         (None, PEAK),
         (STAGED, 2 * 512 // BLOCK + CHUNK // BLOCK + 1),
-        ({**STAGED, "h2o_prefill_score": "key_norm"}, 2 * 512 // BLOCK + CHUNK // BLOCK + 1),  # ranked by keys
+        ({**STAGED, "h2o_prefill_score": "attention"}, 2 * 512 // BLOCK + CHUNK // BLOCK + 1),  # by each chunk's end
     ],
-    ids=["chunked", "staged", "staged-keys"],
+    ids=["chunked", "staged", "staged-attn"],
 )
 def test_a_7000_token_prompt_holds_its_budget_plus_one_chunk(engine, essay_ids, extra_args, peak):
     from h2o_vllm import settings

@@ -28,6 +28,12 @@ from h2o_vllm.profiles import SERVER
                 budget=Budget(fraction=0.2), prompt_window=8, prefill="staged", working_set=2, prefill_score="key_norm"
             ),
         ),
+        (
+            "h2o_20%_window8_staged2_attn",
+            dict(
+                budget=Budget(fraction=0.2), prompt_window=8, prefill="staged", working_set=2, prefill_score="attention"
+            ),
+        ),
         ("full", dict(policy="none")),
     ],
 )
@@ -67,6 +73,7 @@ def test_canonical_names_round_trip_and_families_drop_the_budget():
         "keynorm_20%_sink64_head",
         "h2o_20%_window8_max_staged2",
         "h2o_20%_window8_max_staged2_keys",
+        "h2o_20%_window8_max_staged2_attn",
     ]:
         assert names.parse_name(name).name == name
     named = names.parse_name("h2o_window8_max")
@@ -89,6 +96,8 @@ def test_canonical_names_round_trip_and_families_drop_the_budget():
         "h2o_20%_staged0",
         "h2o_20%_window8_keys",
         "h2o_20%_staged2_keys",
+        "h2o_20%_window8_staged2_keys_attn",
+        "h2o_20%_window8_attn",
     ],
 )
 def test_bad_names_are_refused_with_the_name(bad):
@@ -174,6 +183,8 @@ def test_a_name_becomes_server_options_that_serve_reads_back(monkeypatch):
         "keynorm_20%_chunked",
         "h2o_20%_staged3",
         "h2o_20%_window8_max_staged2_keys",
+        "h2o_20%_window8_max_staged2_attn",
+        "h2o_20%_window8_max_staged2",
         "full",
     ],
 )

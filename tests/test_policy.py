@@ -247,6 +247,25 @@ def test_a_working_set_ranked_by_keys_keeps_the_lowest_norms_until_the_question_
         cfg.replace(prefill_score="keys")
 
 
+def test_auto_ranks_a_staged_working_set_by_keys_wherever_it_can():
+    staged = PolicyConfig("h2o", prompt_window=8, prefill="staged")
+    assert staged.prefill_score == "auto" and PolicyConfig().prefill_score == "auto"  # the default
+    assert staged.staging_score == "key_norm" and staged.uses_key_norms and staged.ranks_by_keys(10, 100)
+    assert staged.replace(prefill_score="attention").staging_score == "attention"
+    assert not staged.replace(prefill_score="attention").uses_key_norms
+    for elsewhere in (
+        staged.replace(prefill="whole"),
+        staged.replace(prefill="chunked"),
+        staged.replace(prompt_window=None),  # every row scores: nothing resets the norms
+        staged.replace(policy="streaming"),
+        staged.replace(policy="keynorm"),  # ranks by key norms anyway, highest kept
+    ):
+        assert elsewhere.staging_score == "attention" and not elsewhere.ranks_by_keys(10, 100)
+    assert not staged.replace(prefill="whole").uses_key_norms
+    assert Footprint(staged).max_prefix_hit(4096, 4096) == 0  # key norms are not in the prefix cache
+    assert Footprint(staged.replace(prefill_score="attention")).max_prefix_hit(4096, 4096) != 0
+
+
 def test_staged_prefill_keeps_its_working_set_until_the_prompt_is_in():
     """Working set: ``working_set`` x the budget of the whole prompt; after the prompt, the budget."""
     cfg = PolicyConfig("h2o", budget=Budget(fraction=0.2), block_size=32, prefill="staged", working_set=3)

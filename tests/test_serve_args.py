@@ -122,7 +122,7 @@ def test_h2o_options_and_their_environment_variables(no_model_build):
         "score_reduce": "max",
         "prefill": "staged",
         "working_set": 3,
-        "prefill_score": "attention",
+        "prefill_score": "auto",
     }
     assert flag_values(argv, "--served-model-name") == ["smollm2-135m", "smollm2-135m@h2o-256", "smollm2-135m@full"]
     assert not any(a.startswith("--h2o") for a in argv)

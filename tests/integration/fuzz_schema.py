@@ -28,7 +28,7 @@ VALID_VALUES = {
     "score_reduce": ["sum", "max"],
     "prefill": ["whole", "chunked", "staged"],
     "working_set": [1, 2],
-    "prefill_score": ["attention", "key_norm"],
+    "prefill_score": ["auto", "attention", "key_norm"],
 }
 ANY_JSON = [
     {"type": "string"},
