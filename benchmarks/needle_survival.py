@@ -113,6 +113,54 @@ def plot_outcomes(path, summary: dict, configs: list[str], n: int) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
+def write_results(run, args, name: str, title: str, cases: list[dict], configs: list[str]) -> dict:
+    """OUT/NAME.{json,md,png} for the configurations measured so far; returns their summary."""
+    from h2o_vllm.evaluation.intervals import paired_difference, wilson
+
+    n = len(cases)
+    first = configs[0]
+    lines = [
+        f"| configuration | {' | '.join(OUTCOMES)} | found [95% CI] | found vs {first} | lost before the question, by needle depth (thirds) |",
+        "|" + " --- |" * (len(OUTCOMES) + 4),
+    ]
+    summary = {}
+
+    def by_depth(config: str) -> str:
+        thirds = [
+            [c for c in cases if t / 3 <= c["depth"] < (t + 1) / 3 or (t == 2 and c["depth"] == 1)] for t in range(3)
+        ]
+        return " / ".join(
+            f"{sum(c[config]['outcome'] == OUTCOMES[-1] for c in third)} of {len(third)}" for third in thirds
+        )
+
+    for config in configs:
+        counts = {o: sum(c[config]["outcome"] == o for c in cases) for o in OUTCOMES}
+        found = [c[config]["found"] for c in cases]
+        ci = wilson(int(sum(found)), n)
+        diff = paired_difference(found, [c[first]["found"] for c in cases])
+        summary[config] = {"counts": counts, "found": sum(found) / n, "found_ci": [ci.low, ci.high]}
+        vs = "" if config == first else f"{100 * diff.estimate:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]"
+        lines.append(
+            f"| {config} | "
+            + " | ".join(f"{counts[o]}" for o in OUTCOMES)
+            + f" | {100 * sum(found) / n:.1f}% [{100 * ci.low:.1f}, {100 * ci.high:.1f}] | {vs} | "
+            + f"{by_depth(config)} |"
+        )
+    body = (
+        f"{n} `niah_number` cases of {args.length} tokens (seed {args.seed}), {title} in {args.dtype} "
+        f"in the engine, prefill chunks of {args.chunk} tokens; cases by where the needle's value was evicted, "
+        "and answers that hold the value.\n\n" + "\n".join(lines) + "\n"
+    )
+    print(body, flush=True)
+
+    def plot(out_png):
+        plot_outcomes(out_png, summary, configs, n)
+
+    kept = [{k: v for k, v in case.items() if k != "prompt"} for case in cases]
+    run.write(args.out, name, {"summary": summary, "cases": kept}, body, plot=plot)
+    return summary
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a model h2o-vllm builds (default: the default model)")
@@ -131,7 +179,6 @@ def main(argv=None) -> int:
 
     from h2o_vllm import assets
     from h2o_vllm.datasets import essays_text
-    from h2o_vllm.evaluation.intervals import paired_difference, wilson
     from h2o_vllm.evaluation.ruler import case_score, ruler_items
     from h2o_vllm.profiles import ENGINE_BLOCK_SIZE
 
@@ -153,64 +200,22 @@ def main(argv=None) -> int:
             }
         )
     max_tokens = items[0].max_tokens
+    name = args.name or f"{spec.name}-{args.length}"
     t0 = time.perf_counter()
-    for name in args.configs:
-        print(f"[{name}] {len(cases)} prompts of {args.length} tokens ...", flush=True)
-        runs = run_config(model, name, [c["prompt"] for c in cases], max_tokens, args)
+    for i, config in enumerate(args.configs):
+        print(f"[{config}] {len(cases)} prompts of {args.length} tokens ...", flush=True)
+        runs = run_config(model, config, [c["prompt"] for c in cases], max_tokens, args)
         for case, result in zip(cases, runs):
             text = tokenizer.decode(result["answer_ids"], skip_special_tokens=True)
             where = outcome(result["evictions"], len(case["prompt"]), set(case["needle_blocks"]))
-            case[name] = {"outcome": where, "answer": text, "found": case_score(text, [case["value"]])}
-        counts = {o: sum(c[name]["outcome"] == o for c in cases) for o in OUTCOMES}
+            case[config] = {"outcome": where, "answer": text, "found": case_score(text, [case["value"]])}
+        counts = {o: sum(c[config]["outcome"] == o for c in cases) for o in OUTCOMES}
         print(
-            f"    {counts}, found {sum(c[name]['found'] for c in cases):.0f} ({time.perf_counter() - t0:.0f} s)",
+            f"    {counts}, found {sum(c[config]['found'] for c in cases):.0f} ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
-    for case in cases:
-        del case["prompt"]
-
-    n = len(cases)
-    first = args.configs[0]
-    lines = [
-        f"| configuration | {' | '.join(OUTCOMES)} | found [95% CI] | found vs {first} | lost before the question, by needle depth (thirds) |",
-        "|" + " --- |" * (len(OUTCOMES) + 4),
-    ]
-    summary = {}
-
-    def by_depth(name: str) -> str:
-        thirds = [
-            [c for c in cases if t / 3 <= c["depth"] < (t + 1) / 3 or (t == 2 and c["depth"] == 1)] for t in range(3)
-        ]
-        return " / ".join(
-            f"{sum(c[name]['outcome'] == OUTCOMES[-1] for c in third)} of {len(third)}" for third in thirds
-        )
-
-    for name in args.configs:
-        counts = {o: sum(c[name]["outcome"] == o for c in cases) for o in OUTCOMES}
-        found = [c[name]["found"] for c in cases]
-        ci = wilson(int(sum(found)), n)
-        diff = paired_difference(found, [c[first]["found"] for c in cases])
-        summary[name] = {"counts": counts, "found": sum(found) / n, "found_ci": [ci.low, ci.high]}
-        vs = "" if name == first else f"{100 * diff.estimate:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]"
-        lines.append(
-            f"| {name} | "
-            + " | ".join(f"{counts[o]}" for o in OUTCOMES)
-            + f" | {100 * sum(found) / n:.1f}% [{100 * ci.low:.1f}, {100 * ci.high:.1f}] | {vs} | "
-            + f"{by_depth(name)} |"
-        )
-    body = (
-        f"{n} `niah_number` cases of {args.length} tokens (seed {args.seed}), {spec.title} in {args.dtype} "
-        f"in the engine, prefill chunks of {args.chunk} tokens; cases by where the needle's value was evicted, "
-        "and answers that hold the value.\n\n" + "\n".join(lines) + "\n"
-    )
-    print(body)
-
-    def plot(out_png):
-        plot_outcomes(out_png, summary, args.configs, n)
-
-    name = args.name or f"{spec.name}-{args.length}"
-    data = {"summary": summary, "cases": cases}
-    run.write(args.out, name, data, body, plot=plot)
+        # Written after every configuration: a long run stopped early keeps what it measured.
+        summary = write_results(run, args, name, spec.title, cases, args.configs[: i + 1])
     print(json.dumps({k: v["counts"] for k, v in summary.items()}))
     return 0
 
