@@ -38,7 +38,11 @@ SECTIONS = {
     "ruler-table": ["results/ruler/smollm2/intro.md", "results/ruler/smollm2/eval.md"],
     "ruler-chunked-table": ["results/ruler/smollm2-chunked-4k/intro.md", "results/ruler/smollm2-chunked-4k/eval.md"],
     "ruler-qwen-table": ["results/ruler/qwen/intro.md", "results/ruler/qwen/eval.md"],
-    "ruler-staged-table": ["results/ruler/smollm2-staged-4k/intro.md"],
+    "ruler-staged-table": [
+        "results/ruler/smollm2-staged-4k/intro.md",
+        "results/ruler/smollm2-staged-keys-4k/intro.md",
+        "results/ruler/smollm2-staged-keys-4k/eval.md",
+    ],
     "needle-survival-table": [
         "results/ruler/needle-survival/intro.md",
         "results/ruler/needle-survival/smollm2-4096.md",
