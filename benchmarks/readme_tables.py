@@ -49,6 +49,8 @@ SECTIONS = {
         "results/ruler/needle-survival/smollm2-4096-keys.md",
         "results/ruler/needle-survival/qwen-4096.md",
         "results/ruler/needle-survival/qwen-4096-keys.md",
+        "results/ruler/needle-survival/smollm2-7168.md",
+        "results/ruler/needle-survival/smollm2-4096-budget1024.md",
     ],
     "fidelity-table": ["results/fidelity/smollm2/intro.md", "results/fidelity/smollm2/eval.md"],
     "eval-table": ["results/eval/eval-intro.md", "results/eval/eval.md"],
