@@ -43,7 +43,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from report import ROOT, Run
+from report import ROOT, Run, lscpu
 
 HELM_VERSION = "0.5.16"
 PROD_ENV = ROOT / "serving" / "helm" / "prod_env"
@@ -251,22 +251,6 @@ def package_versions(venv: Path) -> dict[str, str | None]:
         "torch": here("torch"),
         "python": sys.version.split()[0],
     }
-
-
-def lscpu() -> dict[str, str]:
-    """The :data:`LSCPU_FIELDS` that ``lscpu`` prints here (empty where there is no lscpu)."""
-    try:
-        text = subprocess.run(
-            ["lscpu"], capture_output=True, text=True, timeout=30, env={**os.environ, "LC_ALL": "C"}
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    fields = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() in LSCPU_FIELDS:
-            fields.setdefault(key.strip(), value.strip())
-    return fields
 
 
 # -- the server ---------------------------------------------------------------------------
@@ -549,7 +533,7 @@ def run_helm(args: argparse.Namespace, base_url: str, run: Run, server_how: str,
     copied = copy_group_tables(suite_dir, runs, args.out) if suite_dir.exists() else []
     data = {
         "versions": package_versions(args.helm_venv),
-        "lscpu": lscpu(),
+        "lscpu": lscpu(LSCPU_FIELDS),
         "server": {"how": server_how, "args": server_args, "served": sorted(served)},
         "settings": {
             "scenarios": args.scenarios,

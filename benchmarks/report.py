@@ -95,6 +95,22 @@ def _lscpu_model() -> str | None:
     return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name:")), None)
 
 
+def lscpu(fields: Sequence[str]) -> dict[str, str]:
+    """The ``fields`` that ``lscpu`` prints here, as it prints them (empty where there is no lscpu)."""
+    try:
+        text = subprocess.run(
+            ["lscpu"], capture_output=True, text=True, timeout=30, env={**os.environ, "LC_ALL": "C"}
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in fields:
+            found.setdefault(key.strip(), value.strip())
+    return found
+
+
 def cpu_summary() -> str:
     """``AMD EPYC 9654, 2 CPUs (avx2 fma avx512f ...)``: model name, CPUs usable here, the :data:`CPU_FLAGS` it has."""
     info = _cpuinfo()

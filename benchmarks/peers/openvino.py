@@ -372,22 +372,6 @@ def kv_prompts(tokenizer_dir: Path, num_prompts: int, input_len: int, output_len
 # -- results ------------------------------------------------------------------------------
 
 
-def lscpu() -> dict[str, str]:
-    """:data:`LSCPU_FIELDS` as ``lscpu`` prints them (empty where there is none)."""
-    try:
-        text = subprocess.run(
-            ["lscpu"], capture_output=True, text=True, timeout=30, env={**os.environ, "LC_ALL": "C"}
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    fields = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() in LSCPU_FIELDS:
-            fields.setdefault(key.strip(), value.strip())
-    return fields
-
-
 def _ms(row: dict, key: str, digits: int) -> str:
     p50, p99 = row.get(f"p50_{key}_ms"), row.get(f"p99_{key}_ms")
     return "" if p50 is None or p99 is None else f"{p50:.{digits}f} / {p99:.{digits}f}"
@@ -637,8 +621,10 @@ def main(argv: list[str] | None = None) -> int:
     seen = {block_size_seen(r["kv_cache_bytes"], args.pool_blocks, geometry, args.kv_cache_precision) for r in rows}
     import importlib.metadata as md
 
+    from report import lscpu  # benchmarks/ is on sys.path (run_record)
+
     data = {
-        "lscpu": lscpu(),
+        "lscpu": lscpu(LSCPU_FIELDS),
         "device": result["device"],
         "inference_precision": result["inference_precision"],
         "block_size_seen": seen.pop() if len(seen) == 1 else None,
