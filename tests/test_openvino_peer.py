@@ -1,26 +1,17 @@
 """benchmarks/peers/openvino.py without OpenVINO: its arguments, the budget it gives OpenVINO, its table."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peers" / "openvino.py"
+from benchmark_scripts import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def peer():
-    # Not under the name "openvino": that is OpenVINO's package.
-    spec = importlib.util.spec_from_file_location("bench_openvino_peer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    # Loaded as bench_peers/openvino, not "openvino" (OpenVINO's own package).
+    with benchmark_script("peers/openvino") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_defaults_are_load_py_kv(peer):
