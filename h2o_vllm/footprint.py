@@ -90,11 +90,12 @@ class Footprint:
           ``num_prompt_tokens - H`` would;
         - StreamingLLM ("whole"): no limit, its choice depends on positions only;
         - key norms (either prefill, or ranking a staged working set): no hit at all (0). A hit
-          skips computing its tokens' keys, so their norms would be missing from the ledger and the hit blocks would look the
-          least important of all; a hit decides as a miss does only if the request computes
-          every key itself. (Remembering each cached block's norms would need a store keyed
-          by block hash that lives as long as the prefix cache's blocks; the request still
-          offers its blocks to the prefix cache for requests of other policies.)
+          skips computing its tokens' keys, so their norms would be missing from the ledger and
+          the hit blocks would look the least important of all; a hit decides as a miss does only
+          if the request computes every key itself. (Remembering each cached block's norms
+          would need a store keyed by block hash that lives as long as the prefix cache's
+          blocks; the request still offers its blocks to the prefix cache for requests of
+          other policies.)
         Hits are whole blocks, so every limit is a multiple of ``block_size``.
         """
         bs = self.config.block_size

@@ -181,9 +181,7 @@ class PolicyConfig:
         if self.prefill_score not in PREFILL_SCORES:
             choices = ", ".join(repr(m) for m in PREFILL_SCORES)
             raise PolicyConfigError("prefill_score", f"must be one of {choices}, got {self.prefill_score!r}")
-        if self.prefill_score == KEY_NORM and not (
-            self.prefill == "staged" and self.needs_scores and self.prompt_window is not None
-        ):
+        if self.prefill_score == KEY_NORM and not self._staging_can_rank_by_keys:
             raise PolicyConfigError(
                 "prefill_score",
                 "'key_norm' ranks a staged working set until the prompt's last rows score it: it needs "
@@ -223,8 +221,12 @@ class PolicyConfig:
         window), attention elsewhere (where it ranks nothing but chunks, or nothing at all)."""
         if self.prefill_score != AUTO:
             return self.prefill_score
-        can_rank_by_keys = self.prefill == "staged" and self.needs_scores and self.prompt_window is not None
-        return KEY_NORM if can_rank_by_keys else ATTENTION
+        return KEY_NORM if self._staging_can_rank_by_keys else ATTENTION
+
+    @property
+    def _staging_can_rank_by_keys(self) -> bool:
+        """Prefill "staged" of an attention policy with a prompt window: its last rows reset the norms."""
+        return self.prefill == "staged" and self.needs_scores and self.prompt_window is not None
 
     @property
     def compresses_while_prefilling(self) -> bool:
