@@ -109,7 +109,9 @@ NO_PREFIX_CACHING = "+no-prefix-caching"
 def modifiers(name: str) -> tuple[str, list[str], dict[str, str]]:
     """A configuration's base name, extra server flags and environment from its ``+`` suffixes:
     ``+no-prefix-caching``; ``+pytorch-scoring`` (H2O scores with PyTorch operators, not the fused
-    operator); ``+march=TARGET`` (the fused operator built for ``-march=TARGET``, e.g. x86-64-v3)."""
+    operator); ``+march=TARGET`` (the fused operator built for ``-march=TARGET``, e.g. x86-64-v3);
+    ``+bind=CPUS`` (``VLLM_CPU_OMP_THREADS_BIND=CPUS``: the worker's OpenMP threads on those CPUs,
+    e.g. ``0-1``; vLLM's default ``auto`` keeps one CPU per rank for its other processes)."""
     base, *mods = name.split("+")
     flags, env = [], {}
     for mod in mods:
@@ -119,6 +121,8 @@ def modifiers(name: str) -> tuple[str, list[str], dict[str, str]]:
             env["H2O_VLLM_FUSED_SCORING"] = "0"
         elif mod.startswith("march="):
             env["H2O_VLLM_FUSED_MARCH"] = mod.removeprefix("march=")
+        elif mod.startswith("bind="):
+            env["VLLM_CPU_OMP_THREADS_BIND"] = mod.removeprefix("bind=")
         else:
             raise SystemExit(f"unknown configuration suffix +{mod} in {name}")
     return base, flags, env
