@@ -173,3 +173,45 @@ def test_table(peer):
     assert "|  | 60.0 / 70.0 |" in lines[3]  # a latency it has no value for is left blank
     assert lines[3].endswith("| start 32 / recent 160 / max 288 SUM |")
     assert "| x vanilla |" in peer.table([row("openvino:h2o_20%", 75.0)])  # without vanilla: the column stays, empty
+
+
+@pytest.fixture(scope="module")
+def side_by_side():
+    with benchmark_script("peers/side_by_side") as module:
+        yield module
+
+
+def _load_run(cpu="AMD EPYC, 2 CPUs"):
+    row = lambda name, tok_s: {  # noqa: E731
+        "config": name, "output_tok_s": tok_s, "max_running": 2, "p50_ttft_ms": 1.0, "p99_ttft_ms": 2.0,
+        "p50_tpot_ms": 3.0, "p99_tpot_ms": 4.0,
+    }  # fmt: skip
+    ours = {"command": "python benchmarks/load.py kv", "commit": "abc", "cpu": cpu, "num_prompts": 16,
+            "input_len": 1024, "output_len": 512, "pool_blocks": 96,
+            "rows": [row("vanilla", 40.0), row("h2o_20%", 100.0), row("vanilla+bind=0-1", 50.0),
+                     row("h2o_20%+bind=0-1", 150.0)]}  # fmt: skip
+    theirs = {"command": "python benchmarks/peers/openvino.py", "commit": "abc", "cpu": "AMD EPYC, 2 CPUs",
+              "versions": {"openvino-genai": "2026.4.1"},
+              "settings": {"num_prompts": 16, "input_len": 1024, "output_len": 512, "pool_blocks": 96},
+              "rows": [row("openvino:vanilla", 30.0), row("openvino:h2o_20%", 120.0)]}  # fmt: skip
+    return ours, theirs
+
+
+def test_side_by_side_rows_against_own_vanilla_and_openvino_eviction(side_by_side):
+    ours, theirs = _load_run()
+    rows = {(r["engine"], r["config"]): r for r in side_by_side.rows_of(ours, theirs)}
+    assert rows[("OpenVINO GenAI", "h2o_20%")]["x_vanilla"] == pytest.approx(4.0)
+    assert rows[("h2o-vllm", "h2o_20%")]["x_vanilla"] == pytest.approx(2.5)  # against vanilla, not +bind
+    assert rows[("h2o-vllm", "h2o_20%+bind=0-1")]["x_vanilla"] == pytest.approx(3.0)  # against vanilla+bind=0-1
+    assert rows[("h2o-vllm", "h2o_20%+bind=0-1")]["x_openvino_eviction"] == pytest.approx(1.25)
+    assert "| h2o-vllm | h2o_20%+bind=0-1 | 150.0 | 3.00 | 1.25 | 2 |" in side_by_side.table(list(rows.values()))
+
+
+def test_side_by_side_refuses_runs_of_different_workloads_or_cpus(side_by_side):
+    ours, theirs = _load_run()
+    assert side_by_side.workload(ours, theirs)["pool_blocks"] == 96
+    with pytest.raises(SystemExit, match="not the same CPU"):
+        side_by_side.workload(*_load_run(cpu="Intel Xeon, 2 CPUs"))
+    ours["pool_blocks"] = 192
+    with pytest.raises(SystemExit, match="pool_blocks 192 != 96"):
+        side_by_side.workload(ours, theirs)
