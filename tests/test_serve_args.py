@@ -251,3 +251,15 @@ def test_the_h2o_engines_own_flags_reach_vllm_as_given_with_no_h2o(no_model_buil
     assert argv[-4:] == ["--block-size", "16", "--additional-config", "{}"]
     with pytest.raises(serve.ServeArgumentError, match="--h2o-budget needs a value"):
         build(["--h2o-budget"])
+
+
+def test_a_one_rank_server_on_a_small_machine_computes_on_every_cpu():
+    """vLLM keeps one CPU per rank for its other processes; on 2 CPUs h2o-vllm keeps none (results/load-layout)."""
+    assert serve.reserved_cpus([], env={}, cpus=range(2), numa_nodes=1) == "0"
+    assert serve.reserved_cpus(["--no-h2o"], env={}, cpus=range(4), numa_nodes=1) == "0"  # vanilla alike
+    assert serve.reserved_cpus([], env={}, cpus=range(16), numa_nodes=1) is None  # a big machine: vLLM's default
+    assert serve.reserved_cpus([], env={}, cpus=range(2), numa_nodes=2) is None
+    assert serve.reserved_cpus(["-tp", "2"], env={}, cpus=range(2), numa_nodes=1) is None  # cpu_binding's case
+    assert serve.reserved_cpus(["--data-parallel-size=2"], env={}, cpus=range(2), numa_nodes=1) is None
+    assert serve.reserved_cpus([], env={"VLLM_CPU_OMP_THREADS_BIND": "0"}, cpus=range(2), numa_nodes=1) is None
+    assert serve.reserved_cpus([], env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, cpus=range(2), numa_nodes=1) is None
