@@ -111,7 +111,9 @@ def modifiers(name: str) -> tuple[str, list[str], dict[str, str]]:
     ``+no-prefix-caching``; ``+pytorch-scoring`` (H2O scores with PyTorch operators, not the fused
     operator); ``+march=TARGET`` (the fused operator built for ``-march=TARGET``, e.g. x86-64-v3);
     ``+bind=CPUS`` (``VLLM_CPU_OMP_THREADS_BIND=CPUS``: the worker's OpenMP threads on those CPUs,
-    e.g. ``0-1``; vLLM's default ``auto`` keeps one CPU per rank for its other processes)."""
+    e.g. ``0-1``); ``+reserve=N`` (``VLLM_CPU_NUM_OF_RESERVED_CPU=N``: CPUs kept from computing; vLLM
+    keeps one per rank, ``h2o-vllm serve`` none on a small machine); ``+dtype=DTYPE`` (``--dtype``,
+    e.g. ``float32`` where the CPU has no bfloat16 arithmetic)."""
     base, *mods = name.split("+")
     flags, env = [], {}
     for mod in mods:
@@ -123,6 +125,10 @@ def modifiers(name: str) -> tuple[str, list[str], dict[str, str]]:
             env["H2O_VLLM_FUSED_MARCH"] = mod.removeprefix("march=")
         elif mod.startswith("bind="):
             env["VLLM_CPU_OMP_THREADS_BIND"] = mod.removeprefix("bind=")
+        elif mod.startswith("reserve="):
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = mod.removeprefix("reserve=")
+        elif mod.startswith("dtype="):
+            flags += ["--dtype", mod.removeprefix("dtype=")]
         else:
             raise SystemExit(f"unknown configuration suffix +{mod} in {name}")
     return base, flags, env

@@ -17,6 +17,11 @@ def test_suffixes_become_server_flags_and_environment(load):
     assert env == {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "H2O_VLLM_FUSED_MARCH": "x86-64-v3"}
     assert load.modifiers("vanilla") == ("vanilla", [], {})
     assert load.modifiers("streaming_20%+pytorch-scoring")[2] == {"H2O_VLLM_FUSED_SCORING": "0"}
+    assert load.modifiers("vanilla+reserve=1+dtype=float32") == (
+        "vanilla",
+        ["--dtype", "float32"],
+        {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"},
+    )
 
 
 def test_an_unknown_suffix_is_refused(load):
