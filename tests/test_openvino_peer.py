@@ -30,7 +30,7 @@ def test_h2o_20_percent_of_1536_tokens(peer):
     eviction = peer.parse_args([]).evictions["h2o_20%"]
     assert (eviction["start_size"], eviction["recent_size"], eviction["max_cache_size"]) == (32, 160, 288)
     assert eviction["aggregation_mode"] == "SUM"
-    assert eviction["snapkv_window_size"] == 1024  # every prompt row scores, as in the paper
+    assert eviction["snapkv_window_size"] == 1536  # every prompt row scores (and the first token, as OpenVINO counts)
     assert eviction["apply_rotation"] is False
     assert eviction["clamped"] is False
     assert peer.describe_eviction(eviction) == "start 32 / recent 160 / max 288 SUM"

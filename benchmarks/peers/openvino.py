@@ -189,7 +189,11 @@ def eviction_budget(name: str, input_len: int, output_len: int, block: int = BLO
         "recent_size": recent * block,
         "max_cache_size": budget * block,
         "aggregation_mode": "SUM" if config.score_norm == "sum" else "NORM_SUM",
-        "snapkv_window_size": config.prompt_window or input_len,  # every prompt row scores, as in the paper
+        # Every prompt row scores, as in the paper. Not input_len: OpenVINO 2026.4 counts the first generated
+        # token with the last prompt chunk's rows and refuses a count above the window ("Total number of
+        # aggregated SnapKV scores during prefill phase may not be larger than the configured SnapKV window
+        # size", seen with 1,024); with the whole sequence it can never exceed it.
+        "snapkv_window_size": config.prompt_window or input_len + output_len,
         "apply_rotation": False,
         "clamped": budget != bounds.budget_blocks
         or start != bounds.sink_blocks
