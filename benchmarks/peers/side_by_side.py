@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmarks/: report.py
 
-from report import Run, pyplot  # noqa: E402
+from report import Run, cpu_summary, git_commit, pyplot  # noqa: E402
 
 OV_PREFIX = "openvino:"
 WORKLOAD_KEYS = ("num_prompts", "input_len", "output_len", "pool_blocks")
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         {k: ours[k] for k in ("command", "commit", "cpu")},
         {k: theirs[k] for k in ("command", "commit", "cpu")},
     ]
-    run = Run.start(__file__, argv)
+    command = ["python", "benchmarks/peers/side_by_side.py", *(sys.argv[1:] if argv is None else argv)]
+    run = Run(shlex.join(command), git_commit(), cpu_summary())
     data = {"workload": work, "runs": records, "rows": rows}
     text = run.write(
         out, "side-by-side", data, intro + "\n\n" + table(rows), records=[run.record(), *records],
