@@ -57,6 +57,7 @@ SECTIONS = {
     "eval-long-table": ["results/eval-long-prompts/eval-intro.md", "results/eval-long-prompts/eval.md"],
     "targets-table": ["results/load-targets/kv-intro.md", "results/load-targets/kv.md"],
     "layout-table": ["results/load-layout/kv-intro.md", "results/load-layout/kv.md"],
+    "peers-table": ["results/peers/intro.md", "results/peers/side-by-side.md"],
     "fp8-table": ["results/engine/capacity-fp8-intro.md", "results/engine/capacity-fp8.md"],
     "parallel-table": [
         "results/parallel/parallel.md",
@@ -98,6 +99,7 @@ PAGES = {
     "parallel-table": "results/README.md",
     "targets-table": "results/README.md",
     "layout-table": "results/README.md",
+    "peers-table": "results/README.md",
     "fp8-table": "results/README.md",
 }
 # ](target) of a Markdown link or image whose target is a relative path
