@@ -564,6 +564,13 @@ def key_pages(kv_cache):
     return kv_cache.view(num_blocks, kv_heads, 2, block_size * two_head_dim // 2)[:, :, 0]
 
 
+def value_pages(kv_cache):
+    """The value half of one layer's CPU KV cache, as :func:`key_pages` the key half (vLLM's vec kernels
+    write each value page [block_size, head_dim]: ``tests/test_fused_attention.py`` checks)."""
+    num_blocks, kv_heads, block_size, two_head_dim = kv_cache.shape
+    return kv_cache.view(num_blocks, kv_heads, 2, block_size * two_head_dim // 2)[:, :, 1]
+
+
 @functools.cache
 def detect_key_layout(isa: str, dtype, head_dim: int, block_size: int = 32, kv_cache_dtype: str = "auto"):
     """How ``cpu_attn_reshape_and_cache`` lays one key page out for ``isa``: a ``KeyLayout``.

@@ -203,6 +203,11 @@ def operator() -> Callable:
     return torch.ops.h2o_vllm.score_layer
 
 
+def attend_operator() -> Callable:
+    """The default build's ``attend_layer``: ``score_layer`` and the scored rows' attention output."""
+    return torch.ops.h2o_vllm.attend_layer
+
+
 def main() -> int:
     """Build (or find) the operator for this CPU; print where and for what, or the compiler's first error."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

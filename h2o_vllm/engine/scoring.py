@@ -160,6 +160,7 @@ class FusedBatch:
     max_out: torch.Tensor
     max_offsets: list[int]  # per request, its start in max_out
     op: Callable = field(default_factory=fused.operator)  # a build's score_layer (tests compare several targets)
+    attend_op: Callable = field(default_factory=fused.attend_operator)  # the same build's attend_layer
 
     @classmethod
     def of(cls, requests: list[ScoredRequest]) -> FusedBatch:
@@ -194,6 +195,18 @@ class FusedBatch:
         self.op(
             query, key_pages, scale, int(key_layout), block_size, self.seg_rows, self.seg_blocks, self.seg_reduce,
             self.block_ids, self.row_query, self.row_visible, self.row_out, self.sum_out, self.max_out,
+        )  # fmt: skip
+
+    def attend_layer(
+        self, query, key_pages, value_pages, scale, v_scale, key_layout: KeyLayout, block_size: int, output
+    ) -> None:
+        """:meth:`score_layer`, and each scored row's attention output into ``output`` ([tokens, heads,
+        head_dim], the query's dtype) from the same probabilities; other rows of ``output`` are left as they are.
+        ``value_pages``: strided as ``key_pages``, each page [block_size, head_dim] (vLLM's vec kernels)."""
+        self.attend_op(
+            query, key_pages, value_pages, scale, v_scale, int(key_layout), block_size, self.seg_rows,
+            self.seg_blocks, self.seg_reduce, self.block_ids, self.row_query, self.row_visible, self.row_out,
+            self.sum_out, self.max_out, output,
         )  # fmt: skip
 
     def totals(self, requests: list[ScoredRequest]) -> None:
@@ -328,6 +341,13 @@ class FusedScorer(StepScorer):
     def score_layer(self, query, key_pages, scale):
         self.num_layers += 1
         self.fused_batch.score_layer(query, key_pages, scale, self.key_layout, self.block_size)
+
+    def attend_layer(self, query, key_pages, value_pages, scale, v_scale, output):
+        """:meth:`score_layer` and the scored rows' attention output, in one pass (``FusedBatch.attend_layer``)."""
+        self.num_layers += 1
+        self.fused_batch.attend_layer(
+            query, key_pages, value_pages, scale, v_scale, self.key_layout, self.block_size, output
+        )
 
     def _hand_totals(self):
         self.fused_batch.totals(self.prompts + self.decodes)

@@ -10,6 +10,10 @@
 // logits and probabilities, whatever the cache's dtype), without its temporaries:
 // work items are (request, tile of rows), run on torch's own thread pool.
 //
+// torch.ops.h2o_vllm.attend_layer does the same and, from the same probabilities, each scored
+// row's attention output softmax(scale * q.K) V (value pages [block_size][head_dim], as vLLM's
+// vec kernels write them): one pass over the key pages for the scores and the attention.
+//
 // Built by h2o_vllm/engine/fused.py with the machine's g++ (no ninja, no pybind), for any target
 // GCC vectorises: x86-64 (SSE4.2, AVX2, AVX-512, the AVX512-BF16 dot products where the target has
 // them) and aarch64 (NEON). The register width is the target's (kLanes below); nothing else
@@ -345,7 +349,82 @@ struct Batch {
   float scale;
   double* sum_out;
   float* max_out;
+  // attend_layer only (null for score_layer): value pages, strided as the key pages, each [block_size][head_dim];
+  // their scale (fp8); and where each scored row's attention output goes, in the query's dtype.
+  const void* values = nullptr;
+  float v_scale = 1.0f;
+  void* out = nullptr;
+  int64_t out_stride_token = 0, out_stride_head = 0;
 };
+
+// attend_layer's output: out[g] = inv[g] * sum over the row's visible tokens t of x[g][t] * V[t] for the query
+// vectors g sharing one KV head (x[g]: the probabilities exp_row left), float32 sums in token order, rounded once
+// to the output's dtype. Each value row is read and widened once for up to kAttendHeads vectors, whose sums stay
+// in registers, kAttendRegs registers of dimensions at a time; a head_dim those do not divide goes one by one.
+constexpr int kAttendRegs = kLanes == 16 ? 4 : 2;
+constexpr int kAttendHeads = 4;
+
+template <typename P>
+inline vreg widen(const P* p) {
+  float f[kLanes];
+  for (int i = 0; i < kLanes; ++i) f[i] = to_float(p[i]);
+  return loadv(f);
+}
+
+template <int G, typename Q, typename P>
+void attend_heads_n(const float* const* x, const float* inv, int64_t visible, const P* values, const Layout& L,
+                    const int64_t* blocks, int64_t kv_head, float v_scale, Q* const* out) {
+  const int64_t hd = L.head_dim, bs = L.block_size;
+  for (int64_t d0 = 0; d0 < hd; d0 += kAttendRegs * kLanes) {
+    vreg acc[G][kAttendRegs] = {};
+    for (int64_t t0 = 0; t0 < visible; t0 += bs) {
+      const P* page = values + blocks[t0 / bs] * L.page_stride_block + kv_head * L.page_stride_head + d0;
+      const int64_t n = std::min(bs, visible - t0);
+      for (int64_t t = 0; t < n; ++t) {
+        vreg v[kAttendRegs];
+        for (int j = 0; j < kAttendRegs; ++j) v[j] = widen(page + t * hd + j * kLanes);
+        for (int g = 0; g < G; ++g) {
+          const float p = x[g][t0 + t];
+          for (int j = 0; j < kAttendRegs; ++j) acc[g][j] += p * v[j];
+        }
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      float sums[kAttendRegs * kLanes];
+      for (int j = 0; j < kAttendRegs; ++j) storev(sums + j * kLanes, acc[g][j] * (inv[g] * v_scale));
+      for (int i = 0; i < kAttendRegs * kLanes; ++i) out[g][d0 + i] = static_cast<Q>(sums[i]);
+    }
+  }
+}
+
+template <typename Q, typename P>
+void attend_one(const float* x, float inv, int64_t visible, const P* values, const Layout& L, const int64_t* blocks,
+                int64_t kv_head, float v_scale, Q* out) {
+  const int64_t hd = L.head_dim, bs = L.block_size;
+  std::vector<float> acc(hd, 0.0f);
+  for (int64_t t0 = 0; t0 < visible; t0 += bs) {
+    const P* page = values + blocks[t0 / bs] * L.page_stride_block + kv_head * L.page_stride_head;
+    for (int64_t t = 0; t < std::min(bs, visible - t0); ++t)
+      for (int64_t d = 0; d < hd; ++d) acc[d] += x[t0 + t] * to_float(page[t * hd + d]);
+  }
+  for (int64_t d = 0; d < hd; ++d) out[d] = static_cast<Q>(acc[d] * (inv * v_scale));
+}
+
+template <typename Q, typename P>
+void attend_heads(const float* const* x, const float* inv, int64_t group, int64_t visible, const P* values,
+                  const Layout& L, const int64_t* blocks, int64_t kv_head, float v_scale, Q* const* out) {
+  if (L.head_dim % (kAttendRegs * kLanes) != 0) {
+    for (int64_t g = 0; g < group; ++g) attend_one(x[g], inv[g], visible, values, L, blocks, kv_head, v_scale, out[g]);
+    return;
+  }
+  for (int64_t g = 0; g < group; g += kAttendHeads) {
+    const auto n = std::min<int64_t>(kAttendHeads, group - g);
+    if (n == 4) attend_heads_n<4>(x + g, inv + g, visible, values, L, blocks, kv_head, v_scale, out + g);
+    if (n == 3) attend_heads_n<3>(x + g, inv + g, visible, values, L, blocks, kv_head, v_scale, out + g);
+    if (n == 2) attend_heads_n<2>(x + g, inv + g, visible, values, L, blocks, kv_head, v_scale, out + g);
+    if (n == 1) attend_heads_n<1>(x + g, inv + g, visible, values, L, blocks, kv_head, v_scale, out + g);
+  }
+}
 
 template <typename Q, typename P, typename Kernel>
 void score(const Q* query, const P* pages, const Layout& L, const Batch& B) {
@@ -363,7 +442,9 @@ void score(const Q* query, const P* pages, const Layout& L, const Batch& B) {
     if (acc.empty()) acc.assign(B.total_blocks, 0.0);
     Kernel kernel(L);
     std::vector<const Q*> q_rows;
-    std::vector<float> logits, best, token_mass, head_mass;
+    std::vector<float> logits, best, token_mass, head_mass, invs(group);
+    std::vector<const float*> probs(group);
+    std::vector<Q*> outs(group);
     for (int64_t it = begin; it < end; ++it) {
       const Item& item = B.items[it];
       const int64_t rows = item.row_end - item.row_begin;
@@ -396,6 +477,8 @@ void score(const Q* query, const P* pages, const Layout& L, const Batch& B) {
           for (int64_t g = 0; g < group; ++g) {
             float* x = logits.data() + (r * group + g) * blocks * bs;
             const float inv = exp_row(x, visible, bs, Kernel::post_scale ? scale : 1.0f);
+            probs[g] = x;
+            invs[g] = inv;
             if (is_max) {  // this head's mass per block, then the best head so far
               block_sums(x, vis_blocks, bs, head_mass.data());
               float* row_best = best.data() + r * seg_num_blocks;
@@ -403,6 +486,13 @@ void score(const Q* query, const P* pages, const Layout& L, const Batch& B) {
             } else {  // probabilities token by token; per block once the item is done
               for (int64_t t = 0; t < vis_blocks * bs; ++t) token_mass[t] += x[t] * inv;
             }
+          }
+          if (B.out) {  // attend_layer: the row's output for this KV head's query vectors
+            const int64_t token = row_query[item.row_begin + r];
+            for (int64_t g = 0; g < group; ++g)
+              outs[g] = static_cast<Q*>(B.out) + token * B.out_stride_token + (kh * group + g) * B.out_stride_head;
+            attend_heads(probs.data(), invs.data(), group, visible, static_cast<const P*>(B.values), L,
+                         B.block_ids + first_block, kh, B.v_scale, outs.data());
           }
         }
       }
@@ -449,10 +539,13 @@ void dispatch_pages(const at::Tensor& query, const at::Tensor& pages, const Layo
 // seg_rows [S+1], seg_blocks [S+1]: offsets of each request's rows and blocks; seg_reduce [S]: 0 sum, 1 max;
 // block_ids [B]; row_query, row_visible, row_out [R]: each row's token in query, keys it sees, and
 // offset of its block scores in max_out (max requests only).
-void score_layer(const at::Tensor& query, const at::Tensor& pages, double scale, int64_t key_layout, int64_t block_size,
-                 const at::Tensor& seg_rows, const at::Tensor& seg_blocks, const at::Tensor& seg_reduce,
-                 const at::Tensor& block_ids, const at::Tensor& row_query, const at::Tensor& row_visible,
-                 const at::Tensor& row_out, at::Tensor& sum_out, at::Tensor& max_out) {
+// attend_layer: also value pages (strided as the key pages, [block_size][head_dim] each, the same dtype) and
+// their scale, and output [tokens, heads, head_dim] in the query's dtype; null for score_layer.
+void run_layer(const at::Tensor& query, const at::Tensor& pages, double scale, int64_t key_layout, int64_t block_size,
+               const at::Tensor& seg_rows, const at::Tensor& seg_blocks, const at::Tensor& seg_reduce,
+               const at::Tensor& block_ids, const at::Tensor& row_query, const at::Tensor& row_visible,
+               const at::Tensor& row_out, at::Tensor& sum_out, at::Tensor& max_out, const at::Tensor* values,
+               double v_scale, at::Tensor* output) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [tokens, heads, head_dim], dense rows");
   TORCH_CHECK(pages.dim() == 3 && pages.stride(2) == 1, "pages must be [blocks, kv_heads, page], dense pages");
   TORCH_CHECK(sum_out.scalar_type() == at::kDouble && sum_out.is_contiguous(), "sum_out: contiguous float64");
@@ -479,6 +572,19 @@ void score_layer(const at::Tensor& query, const at::Tensor& pages, double scale,
           static_cast<float>(scale),
           sum_out.data_ptr<double>(),
           max_out.data_ptr<float>()};
+  if (values != nullptr) {
+    TORCH_CHECK(values->scalar_type() == pages.scalar_type() && values->sizes() == pages.sizes() &&
+                    values->strides() == pages.strides(),
+                "value pages must be shaped, strided and typed as the key pages");
+    TORCH_CHECK(output->scalar_type() == query.scalar_type() && output->dim() == 3 && output->size(0) == query.size(0) &&
+                    output->size(1) == L.heads && output->size(2) == L.head_dim && output->stride(2) == 1,
+                "output must be [tokens, heads, head_dim] of the query's dtype, dense rows");
+    B.values = values->const_data_ptr();
+    B.v_scale = static_cast<float>(v_scale);
+    B.out = output->data_ptr();
+    B.out_stride_token = output->stride(0);
+    B.out_stride_head = output->stride(1);
+  }
   const int64_t* sr = seg_rows.const_data_ptr<int64_t>();
   for (int64_t s = 0; s < seg_reduce.numel(); ++s)
     for (int64_t r = sr[s]; r < sr[s + 1]; r += kTileRows) B.items.push_back({s, r, std::min(r + kTileRows, sr[s + 1])});
@@ -492,6 +598,25 @@ void score_layer(const at::Tensor& query, const at::Tensor& pages, double scale,
     default:
       TORCH_CHECK(false, "h2o_vllm::score_layer: unsupported query dtype ", query.scalar_type());
   }
+}
+
+void score_layer(const at::Tensor& query, const at::Tensor& pages, double scale, int64_t key_layout, int64_t block_size,
+                 const at::Tensor& seg_rows, const at::Tensor& seg_blocks, const at::Tensor& seg_reduce,
+                 const at::Tensor& block_ids, const at::Tensor& row_query, const at::Tensor& row_visible,
+                 const at::Tensor& row_out, at::Tensor& sum_out, at::Tensor& max_out) {
+  run_layer(query, pages, scale, key_layout, block_size, seg_rows, seg_blocks, seg_reduce, block_ids, row_query,
+            row_visible, row_out, sum_out, max_out, nullptr, 1.0, nullptr);
+}
+
+// score_layer, and the attention output of every scored row from the same probabilities: softmax(scale * q.K) V
+// over the keys the row sees, into output (one pass over the key pages for both).
+void attend_layer(const at::Tensor& query, const at::Tensor& pages, const at::Tensor& values, double scale,
+                  double v_scale, int64_t key_layout, int64_t block_size, const at::Tensor& seg_rows,
+                  const at::Tensor& seg_blocks, const at::Tensor& seg_reduce, const at::Tensor& block_ids,
+                  const at::Tensor& row_query, const at::Tensor& row_visible, const at::Tensor& row_out,
+                  at::Tensor& sum_out, at::Tensor& max_out, at::Tensor& output) {
+  run_layer(query, pages, scale, key_layout, block_size, seg_rows, seg_blocks, seg_reduce, block_ids, row_query,
+            row_visible, row_out, sum_out, max_out, &values, v_scale, &output);
 }
 
 // What this build's vector code uses, as compiled (logged by fused.py: the engine says what it runs).
@@ -540,7 +665,14 @@ H2O_LIBRARY(H2O_OPS_NAMESPACE, m) {
       "score_layer(Tensor query, Tensor pages, float scale, int key_layout, int block_size, Tensor seg_rows, "
       "Tensor seg_blocks, Tensor seg_reduce, Tensor block_ids, Tensor row_query, Tensor row_visible, "
       "Tensor row_out, Tensor(a!) sum_out, Tensor(b!) max_out) -> ()");
+  m.def(
+      "attend_layer(Tensor query, Tensor pages, Tensor values, float scale, float v_scale, int key_layout, "
+      "int block_size, Tensor seg_rows, Tensor seg_blocks, Tensor seg_reduce, Tensor block_ids, Tensor row_query, "
+      "Tensor row_visible, Tensor row_out, Tensor(a!) sum_out, Tensor(b!) max_out, Tensor(c!) output) -> ()");
   m.def("target() -> str", &target_name);
 }
 
-H2O_LIBRARY_IMPL(H2O_OPS_NAMESPACE, m) { m.impl("score_layer", &score_layer); }
+H2O_LIBRARY_IMPL(H2O_OPS_NAMESPACE, m) {
+  m.impl("score_layer", &score_layer);
+  m.impl("attend_layer", &attend_layer);
+}
