@@ -537,6 +537,23 @@ def attention_impl_scale(impl) -> float:
     return impl.scale
 
 
+def attention_is_plain(impl, layer) -> bool:
+    """Whether a ``CPUAttentionBackendImpl`` layer attends as the fused operator's ``attend_layer`` can: a
+    decoder layer on vLLM's ``vec`` kernels (value pages [block_size, head_dim]) with a bfloat16, float16 or
+    float32 cache, and none of sinks, ALiBi, a logits soft cap or a sliding window."""
+    from vllm.v1.attention.backend import AttentionType
+
+    return (
+        getattr(layer, "isa", None) == "vec"
+        and impl.attn_type == AttentionType.DECODER
+        and impl.kv_cache_dtype == "auto"
+        and impl.sinks is None
+        and impl.alibi_slopes is None
+        and not impl.logits_soft_cap
+        and impl.sliding_window in (-1, (-1, -1))
+    )
+
+
 def scored_key_pages(impl, layer, kv_cache):
     """One layer's key pages as the numbers they hold, and the scale that turns q.k into logits.
 

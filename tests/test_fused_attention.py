@@ -2,8 +2,8 @@
 
 Its scores are score_layer's, bit for bit; its output is softmax(scale * q.K) V over the keys each
 row sees, against a float64 reference (exact to float32 rounding in float32), and against vLLM's own
-CPU attention kernel on pages that kernel's writer wrote (within bfloat16 rounding). Not yet called
-by the engine: the next step is attending the scored decode rows with it instead of after vLLM's kernel.
+CPU attention kernel on pages that kernel's writer wrote (within bfloat16 rounding). The engine calls
+it on decode steps of requests that all evicted (``tests/test_engine_attends.py``).
 """
 
 import numpy as np

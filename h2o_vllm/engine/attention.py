@@ -5,6 +5,8 @@ the same environment never sees it. The kernel itself is untouched: the builder
 hands it a block table without holes and shorter sequence lengths (cached keys
 are already rotated, so RoPE does not care which tokens are missing), and the
 impl scores after the kernel ran, and sums the new keys' norms for key-norm requests.
+On a step of decodes that all evicted before (:func:`attends_itself`), the fused
+operator attends and scores in one pass instead of vLLM's kernel then the scorer.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from h2o_vllm.engine import scoring
 from h2o_vllm.engine.compaction import compact
 from h2o_vllm.engine.key_norms import KeyNormSums
+from h2o_vllm.engine.pages import KeyLayout
 from h2o_vllm.patches import engine_seams
 
 SCORER_ATTR = "h2o_scorer"  # on the attention metadata: the step's scorer, read by every layer
@@ -60,6 +63,8 @@ class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             step.scorer = scoring.StepScorer.for_step(
                 step, compaction, cm.query_start_loc_cpu, logical_lens, block_size, self.h2o_key_layout
             )
+            if step.scorer is not None:
+                step.scorer.attends = attends_itself(step, step.scorer, num_reqs, cm.num_actual_tokens)
             setattr(metadata, SCORER_ATTR, step.scorer)
         if step.key_norms:
             step.key_norm_sums = KeyNormSums.for_step(step, cm.query_start_loc_cpu, logical_lens, block_size)
@@ -67,18 +72,43 @@ class H2OCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         return metadata
 
 
+def attends_itself(step: scoring.StepContext, scorer: scoring.StepScorer, num_reqs: int, num_tokens: int) -> bool:
+    """Whether the step's scorer attends in place of vLLM's kernel (``attend_layer``: the scores and the
+    output from one pass over the keys): the fused operator's, on key pages it reads as K^T, for a step of
+    decodes only, each scored and each with holes. A request that never evicted keeps vLLM's kernel, so with
+    a budget at least the sequence the tokens stay vanilla vLLM's bit for bit."""
+    return (
+        isinstance(scorer, scoring.FusedScorer)
+        and scorer.key_layout is KeyLayout.DT
+        and not scorer.prompts
+        and len(scorer.decodes) == num_reqs == num_tokens
+        and all(d.req_id in step.with_holes for d in scorer.decodes)
+    )
+
+
 class H2OCPUAttentionBackendImpl(CPUAttentionBackendImpl):
     def forward(
         self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None
     ):
-        output = super().forward(
-            layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
-        )
+        scorer = getattr(attn_metadata, SCORER_ATTR, None) if attn_metadata is not None else None
+        if (
+            scorer is not None
+            and scorer.attends
+            and output_scale is None
+            and engine_seams.attention_is_plain(self, layer)
+        ):
+            n = attn_metadata.num_actual_tokens
+            pages, scale = engine_seams.scored_key_pages(self, layer, kv_cache)
+            out = output[:n].view(n, query.shape[1], query.shape[2])
+            scorer.attend_layer(query[:n], pages, engine_seams.value_pages(kv_cache), scale, 1.0, out)
+        else:
+            output = super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+            )
+            if scorer is not None:
+                scorer.score_layer(query, *engine_seams.scored_key_pages(self, layer, kv_cache))
         if attn_metadata is None:
             return output
-        scorer = getattr(attn_metadata, SCORER_ATTR, None)
-        if scorer is not None:
-            scorer.score_layer(query, *engine_seams.scored_key_pages(self, layer, kv_cache))
         key_norms = getattr(attn_metadata, KEY_NORMS_ATTR, None)
         if key_norms is not None and key is not None:  # the keys this layer writes (rotated, as cached)
             key_norms.add_layer(key)

@@ -234,6 +234,7 @@ class StepScorer(ABC):
         self.prompts: list[ScoredRequest] = prompts  # several query rows (prompt chunks)
         self.decodes: list[ScoredRequest] = decodes  # one query row each
         self.num_layers = 0
+        self.attends = False  # attend_layer in place of vLLM's kernel (set by the attention builder)
 
     @staticmethod
     def for_step(
