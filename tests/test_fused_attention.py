@@ -149,3 +149,13 @@ def test_attend_layer_equals_vllms_kernel_on_decodes(dtype):
     scorer.attend_layer(query, engine_seams.key_pages(cache), engine_seams.value_pages(cache), scale, 1.0, ours)
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_attend_cost_benchmark_measures_the_three_roads():
+    from benchmark_scripts import benchmark_script
+
+    with benchmark_script("attend_cost") as bench:
+        row = bench.measure(torch.bfloat16, requests=2, keys=100, repeats=2)
+        assert row["max_abs_diff"] < 2e-2 and row["equal_elements"] > 0.9
+        assert min(row["kernel_ms"], row["kernel_score_ms"], row["attend_ms"]) > 0
+        assert "| bfloat16 | 2 x 100 |" in bench.table([row])
