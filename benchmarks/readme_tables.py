@@ -78,6 +78,8 @@ SECTIONS = {
         "results/engine/overhead.md",
         "results/engine/scoring-cost-intro.md",
         "results/engine/scoring-cost.md",
+        "results/engine/attend-cost-intro.md",
+        "results/engine/attend-cost.md",
     ],
 }
 # section -> the page (relative to the repository root) that holds its markers
