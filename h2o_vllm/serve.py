@@ -38,6 +38,7 @@ read from ``H2O_VLLM_NAME`` (for containers); where none is set, the server's pr
 from __future__ import annotations
 
 import glob
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -226,6 +227,17 @@ BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 CPU_MEMORY_ENV = {"MALLOC_ARENA_MAX": "2", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}
 
 
+def parallel_ranks(args: Sequence[str]) -> int:
+    """TP x PP x DP of a ``vllm serve`` command line: the CPU workers it starts (vLLM binds each)."""
+    values = parse_args(args).values
+    sizes = ("--tensor-parallel-size", "--pipeline-parallel-size", "--data-parallel-size")
+    return math.prod(int(values.get(flag) or 1) for flag in sizes)
+
+
+def numa_node_count() -> int:
+    return len(glob.glob("/sys/devices/system/node/node[0-9]*")) or 1
+
+
 def cpu_binding(args: Sequence[str], env=os.environ, cpus=None, numa_nodes=None) -> str | None:
     """``VLLM_CPU_OMP_THREADS_BIND`` for a parallel CPU server on a machine with fewer NUMA nodes
     than ranks (TP x PP x DP), where vLLM's default ("auto": a node per rank) refuses to start
@@ -234,14 +246,10 @@ def cpu_binding(args: Sequence[str], env=os.environ, cpus=None, numa_nodes=None)
     rank, or vLLM's default works."""
     if env.get(BIND_ENV):
         return None
-    values = parse_args(args).values
-    ranks = int(values.get("--tensor-parallel-size") or 1)
-    ranks *= int(values.get("--pipeline-parallel-size") or 1)
-    ranks *= int(values.get("--data-parallel-size") or 1)  # vLLM slices the list per engine
+    ranks = parallel_ranks(args)
     if ranks <= 1:
         return None
-    if numa_nodes is None:
-        numa_nodes = len(glob.glob("/sys/devices/system/node/node[0-9]*")) or 1
+    numa_nodes = numa_node_count() if numa_nodes is None else numa_nodes
     if numa_nodes >= ranks:
         return None
     cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
@@ -264,14 +272,9 @@ def reserved_cpus(args: Sequence[str], env=os.environ, cpus=None, numa_nodes=Non
     """``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` for a one-rank CPU server on a small one-node machine, where
     vLLM's binding would keep one of few CPUs from computing; None where the user set either
     variable, there are several ranks (:func:`cpu_binding`'s case), several NUMA nodes, or many CPUs."""
-    if env.get(BIND_ENV) or env.get(RESERVED_ENV):
+    if env.get(BIND_ENV) or env.get(RESERVED_ENV) or parallel_ranks(args) > 1:
         return None
-    values = parse_args(args).values
-    for flag in ("--tensor-parallel-size", "--pipeline-parallel-size", "--data-parallel-size"):
-        if int(values.get(flag) or 1) > 1:
-            return None
-    if numa_nodes is None:
-        numa_nodes = len(glob.glob("/sys/devices/system/node/node[0-9]*")) or 1
+    numa_nodes = numa_node_count() if numa_nodes is None else numa_nodes
     cpus = os.sched_getaffinity(0) if cpus is None else cpus
     return "0" if numa_nodes == 1 and len(cpus) <= SMALL_MACHINE_CPUS else None
 

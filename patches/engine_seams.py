@@ -577,15 +577,19 @@ def key_pages(kv_cache):
     (block, head) holding its K page then its V page; how a K page is laid out is
     what ``detect_key_layout`` finds out.
     """
-    num_blocks, kv_heads, block_size, two_head_dim = kv_cache.shape
-    return kv_cache.view(num_blocks, kv_heads, 2, block_size * two_head_dim // 2)[:, :, 0]
+    return _kv_halves(kv_cache)[:, :, 0]
 
 
 def value_pages(kv_cache):
     """The value half of one layer's CPU KV cache, as :func:`key_pages` the key half (vLLM's vec kernels
     write each value page [block_size, head_dim]: ``tests/test_fused_attention.py`` checks)."""
+    return _kv_halves(kv_cache)[:, :, 1]
+
+
+def _kv_halves(kv_cache):
+    """[num_blocks, kv_heads, 2, block_size * head_dim]: each (block, head)'s key page, then its value page."""
     num_blocks, kv_heads, block_size, two_head_dim = kv_cache.shape
-    return kv_cache.view(num_blocks, kv_heads, 2, block_size * two_head_dim // 2)[:, :, 1]
+    return kv_cache.view(num_blocks, kv_heads, 2, block_size * two_head_dim // 2)
 
 
 @functools.cache
