@@ -43,11 +43,14 @@ def start(tiny_model_dir, tmp_path, *args) -> ServerProcess:
     return tiny_server(tiny_model_dir, tmp_path, *args).start()
 
 
-def wait_for_exit(server: ServerProcess, within: float) -> tuple[int, float]:
-    """(exit code, seconds taken) of the server's main process; fails if it outlives ``within``."""
-    t0 = time.monotonic()
+def wait_for_exit(server: ServerProcess, within: float, since: float | None = None) -> tuple[int, float]:
+    """(exit code, seconds taken) of the server's main process; fails if it outlives ``within``.
+
+    Both count from ``since`` (the signal's ``time.monotonic()``) when given, else from now: a
+    test that does more after the signal must not charge that time to the server."""
+    t0 = time.monotonic() if since is None else since
     try:
-        code = server.proc.wait(within)
+        code = server.proc.wait(max(0.0, within - (time.monotonic() - t0)))
     except Exception:
         pytest.fail(f"server still running {within:.0f} s after the signal; log: {server.log_path}")
     return code, time.monotonic() - t0
@@ -63,23 +66,28 @@ def assert_nothing_left(sid: int, within: float = 3.0) -> None:
 
 def stream(base_url: str, max_tokens: int, record: dict) -> None:
     """A streamed completion; ``record`` gets 'started' once the first token arrived, then the
-    finish reason and the number of chunks."""
+    finish reason and the number of tokens streamed.
+
+    Tokens are counted from vLLM's usage on every chunk, not from chunks: a server that falls
+    behind its client merges several tokens into one chunk."""
     body = {"model": MODEL, "prompt": "hello " * 20, "max_tokens": max_tokens, "temperature": 0}
     body |= {"ignore_eos": True, "stream": True}
-    chunks, finish = 0, None
+    body |= {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    tokens, finish = 0, None
     try:
         with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=120) as resp:
             record["status"] = resp.status_code
             for line in resp.iter_lines():
                 if not line.startswith("data: {"):
                     continue
-                choice = json.loads(line[6:])["choices"][0]
-                chunks += 1
-                record["started"] = True
-                finish = choice.get("finish_reason") or finish
+                chunk = json.loads(line[6:])
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+                for choice in chunk["choices"]:
+                    record["started"] = True
+                    finish = choice.get("finish_reason") or finish
     except httpx.HTTPError as exc:
         record["error"] = repr(exc)
-    record |= {"finish": finish, "chunks": chunks}
+    record |= {"finish": finish, "tokens": tokens}
 
 
 def wait_started(*records: dict, timeout: float = 60.0) -> None:
@@ -112,6 +120,7 @@ def test_sigterm_in_flight_drains_refuses_new_requests_and_exits_0(tiny_model_di
         t.start()
     wait_started(short, long)
     server.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
     time.sleep(0.5)
     late = httpx.post(
         server.base_url + "/v1/completions",
@@ -120,13 +129,13 @@ def test_sigterm_in_flight_drains_refuses_new_requests_and_exits_0(tiny_model_di
     )
     assert late.status_code == 503, late.text  # not admitted while draining
     assert "shutting down" in late.json()["error"]["message"]
-    code, took = wait_for_exit(server, GRACE + STOP_SLACK)
+    code, took = wait_for_exit(server, GRACE + STOP_SLACK, since=signalled)
     for t in threads:
         t.join(30)
     assert code == 0
-    assert short["finish"] == "length" and short["chunks"] == 400, short  # finished within the grace
-    assert long["finish"] == "abort" and 0 < long["chunks"] < 8000, long  # aborted at its end
-    assert took >= GRACE - 1  # the long request was given the grace period
+    assert short["finish"] == "length" and short["tokens"] == 400, short  # finished within the grace
+    assert long["finish"] == "abort" and 0 < long["tokens"] < 8000, long  # aborted at its end
+    assert took >= GRACE - 1  # the long request was given the grace period, counted from the signal
     assert_nothing_left(sid)
     server.stop()
 
