@@ -447,18 +447,17 @@ def latency_stats(start: float, arrivals: list[list[float]]) -> dict[str, float 
     return out
 
 
-def measure(job: dict, config: dict) -> dict:
-    import numpy as np
-    import openvino as ov
+def make_pipeline(job: dict, eviction: dict | None, pool_blocks: int, max_num_seqs: int):
+    """A fresh ``ContinuousBatchingPipeline`` on the CPU: ``pool_blocks`` KV blocks, ``job``'s batching,
+    threads and KV precision, and ``eviction`` (:func:`eviction_budget`'s fields; None: the full cache)."""
     import openvino_genai as ov_genai
 
     sched = ov_genai.SchedulerConfig()
-    sched.num_kv_blocks = job["pool_blocks"]
+    sched.num_kv_blocks = pool_blocks
     sched.max_num_batched_tokens = job["max_num_batched_tokens"]
-    sched.max_num_seqs = job["max_num_seqs"]
+    sched.max_num_seqs = max_num_seqs
     sched.dynamic_split_fuse = True
     sched.enable_prefix_caching = False
-    eviction = config["eviction"]
     if eviction:
         sched.use_cache_eviction = True
         sched.cache_eviction_config = ov_genai.CacheEvictionConfig(
@@ -472,8 +471,23 @@ def measure(job: dict, config: dict) -> dict:
     properties = {"INFERENCE_NUM_THREADS": job["threads"]}
     if job["kv_cache_precision"] != "default":
         properties["KV_CACHE_PRECISION"] = job["kv_cache_precision"]
+    return ov_genai.ContinuousBatchingPipeline(job["ir_dir"], sched, "CPU", properties)
+
+
+def token_tensor(ids: list[int]):
+    """One prompt's token ids as the pipeline takes them."""
+    import numpy as np
+    import openvino as ov
+
+    return ov.Tensor(np.array([ids], dtype=np.int64))
+
+
+def measure(job: dict, config: dict) -> dict:
+    import openvino_genai as ov_genai
+
+    eviction = config["eviction"]
     t0 = time.perf_counter()
-    pipe = ov_genai.ContinuousBatchingPipeline(job["ir_dir"], sched, "CPU", properties)
+    pipe = make_pipeline(job, eviction, job["pool_blocks"], job["max_num_seqs"])
     load_s = time.perf_counter() - t0
 
     def request(ids: list[int], new_tokens: int) -> tuple:
@@ -481,7 +495,7 @@ def measure(job: dict, config: dict) -> dict:
         gen.max_new_tokens = new_tokens
         gen.ignore_eos = True
         gen.do_sample = False
-        return ov.Tensor(np.array([ids], dtype=np.int64)), gen
+        return token_tensor(ids), gen
 
     warm = pipe.add_request(10**6, *request(job["prompts"][0][:BLOCK], 2))  # kernels compiled before the clock
     while pipe.has_non_finished_requests():
