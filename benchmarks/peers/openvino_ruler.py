@@ -1,6 +1,7 @@
 """Pass keys through OpenVINO GenAI's eviction and h2o-vllm's, on the same RULER-style cases.
 
     python benchmarks/peers/openvino_ruler.py --h2o-vllm results/peers/ruler-openvino/h2o-vllm
+    python benchmarks/peers/openvino_ruler.py --h2o-vllm results/peers/ruler-openvino/h2o-vllm --rescore
 
 ``--h2o-vllm DIR`` is an ``h2o-vllm eval --scenarios ruler`` run (its ``eval.json`` and
 ``answers.jsonl``). This script draws the same cases again (the run's tasks, lengths, samples and
@@ -44,6 +45,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 OV_PREFIX = "openvino:"
 DEFAULT_CONFIGS = ("full", "h2o_20%_window8", "h2o_20%")
+DEFAULT_AGAINST = ("h2o_20%_window8_max",)  # h2o-vllm's server default at 20%: max cannot run in OpenVINO
+ANSWERS = "openvino-answers.jsonl"
 MAX_NUM_BATCHED_TOKENS = 512  # the prefill chunk of the h2o-vllm run results/ruler describes
 
 
@@ -74,6 +77,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ir-dir", type=Path, help="the exported model (default: openvino.py's)")
     parser.add_argument(
         "--timeout", type=int, default=3600, help="seconds for OpenVINO's whole run (default %(default)s)"
+    )
+    parser.add_argument(
+        "--against",
+        nargs="+",
+        default=list(DEFAULT_AGAINST),
+        help="h2o-vllm configurations every OpenVINO eviction is also compared with (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rescore", action="store_true", help="score OpenVINO's answers saved in --out again; run nothing"
     )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: answer JOB in OpenVINO's venv
     args = parser.parse_args(argv)
@@ -237,10 +249,11 @@ def case_scores(items: list, answers: list[dict]) -> dict[str, dict[str, float]]
     return dict(scores)
 
 
-def compare(items: list, scores: dict[str, dict[str, float]], configs: list[str]) -> dict:
+def compare(items: list, scores: dict[str, dict[str, float]], configs: list[str], against=DEFAULT_AGAINST) -> dict:
     """Each configuration's rate per engine, per length, and the paired differences that say something:
-    OpenVINO minus h2o-vllm at the same configuration, each against its engine's full cache and against
-    h2o-vllm's StreamingLLM at the same budget."""
+    OpenVINO minus h2o-vllm at the same configuration and at each of ``against`` (h2o-vllm's server
+    default), each against its engine's full cache and against h2o-vllm's StreamingLLM at the same
+    budget."""
     from dataclasses import asdict
 
     from h2o_vllm.evaluation import intervals
@@ -265,6 +278,8 @@ def compare(items: list, scores: dict[str, dict[str, float]], configs: list[str]
         ov = OV_PREFIX + name
         pairs[f"{ov} - {name}"] = paired(ov, name)
         if name != "full":
+            for ours in against:
+                pairs[f"{ov} - {ours}"] = paired(ov, ours)
             pairs[f"{ov} - {OV_PREFIX}full"] = paired(ov, OV_PREFIX + "full")
             pairs[f"{name} - full"] = paired(name, "full")
             streaming = "streaming_" + name.split("_")[1]
@@ -338,33 +353,10 @@ def plot(result: dict, configs: list[str], path: Path) -> None:
 # -- the driver -----------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    # This file's folder holds openvino.py: take it off sys.path, or ``import openvino`` finds that file.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-    args = parse_args(argv)
-    if args.worker:
-        return worker(args.worker)
-    peer = peer_module()
-    try:
-        for name in args.configs:  # what OpenVINO cannot run is refused before any work
-            if name != "full":
-                peer.eviction_budget(name, 1024, 24)
-        settings, answers = saved_run(args.h2o_vllm)
-    except (OSError, ValueError, KeyError) as exc:
-        raise SystemExit(f"openvino_ruler.py: {exc}") from None
-    sys.path.insert(0, str(HERE.parent))
-    from report import Run, cpu_summary, git_commit, lscpu
-    from transformers import AutoTokenizer
+def run_openvino(args, peer, items: list, tokenizer, model_dir: Path) -> tuple[list[dict], dict]:
+    """OpenVINO's answers to ``items`` (in ``h2o-vllm eval``'s format) and how they were made."""
+    from h2o_vllm.assets import DEFAULT_MODEL_NAME
 
-    from h2o_vllm.assets import DEFAULT_MODEL_NAME, prepare_default_model
-    from h2o_vllm.datasets import essays_text
-
-    command = ["python", "benchmarks/peers/openvino_ruler.py", *(sys.argv[1:] if argv is None else argv)]
-    run = Run(shlex.join(command), git_commit(), cpu_summary())
-    model_dir = prepare_default_model(log=log).path
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    items = draw_cases(settings, tokenizer, essays_text())
-    check_same_cases(items, answers)
     versions = peer.ensure_venv(args.venv)
     ir_dir = args.ir_dir or ROOT / "results" / "tmp" / "openvino" / f"{DEFAULT_MODEL_NAME}-fp16"
     peer.ensure_ir(args.venv, model_dir, ir_dir, versions)
@@ -395,36 +387,86 @@ def main(argv: list[str] | None = None) -> int:
     done = subprocess.run(cmd, env=peer.offline_env(), timeout=args.timeout)
     if done.returncode != 0:
         raise SystemExit(f"OpenVINO's run failed ({done.returncode}); its job: {job_path}")
-    wall = time.monotonic() - t0
+    made = {
+        "versions": versions,
+        "openvino_runs": [{k: v for k, v in r.items() if k != "cases"} for r in runs],
+        "threads": job["threads"],
+        "kv_cache_precision": args.kv_cache_precision,
+        "wall_s": round(time.monotonic() - t0, 1),
+    }
     theirs = ov_answers(json.loads(Path(job["result"]).read_text()), items, tokenizer, stops)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "openvino-answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in theirs))
-    result = compare(items, case_scores(items, answers + theirs), args.configs)
-    eviction_lines = "\n".join(
-        f"- `{r['config']}` at {r['length']}: {peer.describe_eviction(r['eviction'])}" for r in runs if r["eviction"]
-    )
-    body = (
+    (args.out / ANSWERS).write_text("".join(json.dumps(a) + "\n" for a in theirs))
+    return theirs, made
+
+
+def saved_openvino(out: Path) -> tuple[list[dict], dict, dict]:
+    """(OpenVINO's answers, how they were made, the record of the run that made them) saved in ``out``."""
+    saved = json.loads((out / "ruler.json").read_text())
+    theirs = [json.loads(line) for line in (out / ANSWERS).open()]
+    made = {k: saved[k] for k in ("versions", "openvino_runs", "threads", "kv_cache_precision", "wall_s")}
+    return theirs, made, {k: saved[k] for k in ("command", "commit", "cpu")}
+
+
+def report_body(args, settings: dict, made: dict, result: dict, n: int, describe) -> str:
+    runs = made["openvino_runs"]
+    budgets = "\n".join(f"- `{r['config']}` at {r['length']}: {describe(r['eviction'])}" for r in runs if r["eviction"])
+    command = json.loads((args.h2o_vllm / "eval.json").read_text())["command"]
+    return (
         f"**RULER-style pass keys through two engines on the same cases** ({', '.join(settings['ruler_tasks'])}, "
         f"{settings['ruler_samples']} cases per length, seed {settings['ruler_seed']}). h2o-vllm: the run in "
-        f"`{args.h2o_vllm.name}/` (`{json.loads((args.h2o_vllm / 'eval.json').read_text())['command']}`). "
-        f"OpenVINO GenAI {versions.get('openvino-genai')}: ContinuousBatchingPipeline on the CPU, greedy, the "
-        f"same token ids, KV cache {args.kv_cache_precision}, prefill chunks of {MAX_NUM_BATCHED_TOKENS}, "
-        f"{job['threads']} threads, one pipeline per configuration and length ({wall:.0f} s in all). "
-        "OpenVINO's budgets, what h2o-vllm keeps of each length's sequence (prompt + new tokens):\n\n"
-        + eviction_lines
+        f"`{args.h2o_vllm.name}/` (`{command}`). OpenVINO GenAI {made['versions'].get('openvino-genai')}: "
+        f"ContinuousBatchingPipeline on the CPU, greedy, the same token ids, KV cache {made['kv_cache_precision']}, "
+        f"prefill chunks of {MAX_NUM_BATCHED_TOKENS}, {made['threads']} threads, one pipeline per configuration "
+        f"and length ({made['wall_s']:.0f} s in all). OpenVINO's budgets, what h2o-vllm keeps of each length's "
+        "sequence (prompt + new tokens):\n\n"
+        + budgets
         + "\n\n"
-        + tables(result, len(items))
+        + tables(result, n)
         + "\n\n![pass keys, both engines](ruler.png)"
     )
-    data = {
-        "lscpu": lscpu(peer.LSCPU_FIELDS),
-        "versions": versions,
-        "h2o_vllm_run": {"dir": str(args.h2o_vllm), "settings": settings},
-        "openvino_runs": [{k: v for k, v in r.items() if k != "cases"} for r in runs],
-        "wall_s": round(wall, 1),
-        **result,
-    }
-    text = run.write(args.out, "ruler", data, body, plot=lambda p: plot(result, args.configs, p))
+
+
+def main(argv: list[str] | None = None) -> int:
+    # This file's folder holds openvino.py: take it off sys.path, or ``import openvino`` finds that file.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+    peer = peer_module()
+    try:
+        for name in args.configs:  # what OpenVINO cannot run is refused before any work
+            if name != "full":
+                peer.eviction_budget(name, 1024, 24)
+        settings, answers = saved_run(args.h2o_vllm)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"openvino_ruler.py: {exc}") from None
+    sys.path.insert(0, str(HERE.parent))
+    from report import Run, cpu_summary, git_commit, lscpu
+    from transformers import AutoTokenizer
+
+    from h2o_vllm.assets import prepare_default_model
+    from h2o_vllm.datasets import essays_text
+
+    command = ["python", "benchmarks/peers/openvino_ruler.py", *(sys.argv[1:] if argv is None else argv)]
+    run = Run(shlex.join(command), git_commit(), cpu_summary())
+    model_dir = prepare_default_model(log=log).path
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    items = draw_cases(settings, tokenizer, essays_text())
+    check_same_cases(items, answers)
+    records = None
+    if args.rescore:
+        theirs, made, first = saved_openvino(args.out)
+        check_same_cases(items, [a for a in theirs if a["config"] == OV_PREFIX + "full"])
+        args.configs = list(dict.fromkeys(r["config"] for r in made["openvino_runs"]))
+        records = [first, run.record()]
+    else:
+        theirs, made = run_openvino(args, peer, items, tokenizer, model_dir)
+    result = compare(items, case_scores(items, answers + theirs), args.configs, args.against)
+    data = {"lscpu": lscpu(peer.LSCPU_FIELDS), "h2o_vllm_run": {"dir": str(args.h2o_vllm), "settings": settings}}
+    data |= {**made, "against": args.against, **result}
+    body = report_body(args, settings, made, result, len(items), peer.describe_eviction)
+    text = run.write(args.out, "ruler", data, body, plot=lambda p: plot(result, args.configs, p), records=records)
     print(text)
     return 0
 
