@@ -318,7 +318,7 @@ def tables(result: dict, n: int) -> str:
     return "\n\n".join(out)
 
 
-def plot(result: dict, configs: list[str], path: Path) -> None:
+def plot(result: dict, configs: list[str], tasks: list[str], path: Path) -> None:
     sys.path.insert(0, str(HERE.parent))
     from report import pyplot
 
@@ -344,7 +344,7 @@ def plot(result: dict, configs: list[str], path: Path) -> None:
     ax.set_ylim(0, 105)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("niah_number pass keys, same cases, 95% intervals", fontsize=9)
+    ax.set_title(f"{', '.join(tasks)}: both engines on the same cases, 95% intervals", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -466,7 +466,14 @@ def main(argv: list[str] | None = None) -> int:
     data = {"lscpu": lscpu(peer.LSCPU_FIELDS), "h2o_vllm_run": {"dir": str(args.h2o_vllm), "settings": settings}}
     data |= {**made, "against": args.against, **result}
     body = report_body(args, settings, made, result, len(items), peer.describe_eviction)
-    text = run.write(args.out, "ruler", data, body, plot=lambda p: plot(result, args.configs, p), records=records)
+    text = run.write(
+        args.out,
+        "ruler",
+        data,
+        body,
+        plot=lambda p: plot(result, args.configs, settings["ruler_tasks"], p),
+        records=records,
+    )
     print(text)
     return 0
 
