@@ -401,11 +401,12 @@ def run_openvino(args, peer, items: list, tokenizer, model_dir: Path) -> tuple[l
 
 
 def saved_openvino(out: Path) -> tuple[list[dict], dict, dict]:
-    """(OpenVINO's answers, how they were made, the record of the run that made them) saved in ``out``."""
+    """(OpenVINO's answers, how they were made, the records of the runs that made and scored them) saved in
+    ``out``."""
     saved = json.loads((out / "ruler.json").read_text())
     theirs = [json.loads(line) for line in (out / ANSWERS).open()]
     made = {k: saved[k] for k in ("versions", "openvino_runs", "threads", "kv_cache_precision", "wall_s")}
-    return theirs, made, {k: saved[k] for k in ("command", "commit", "cpu")}
+    return theirs, made, saved.get("records") or [{k: saved[k] for k in ("command", "commit", "cpu")}]
 
 
 def report_body(args, settings: dict, made: dict, result: dict, n: int, describe) -> str:
@@ -456,15 +457,15 @@ def main(argv: list[str] | None = None) -> int:
     check_same_cases(items, answers)
     records = None
     if args.rescore:
-        theirs, made, first = saved_openvino(args.out)
+        theirs, made, earlier = saved_openvino(args.out)
         check_same_cases(items, [a for a in theirs if a["config"] == OV_PREFIX + "full"])
         args.configs = list(dict.fromkeys(r["config"] for r in made["openvino_runs"]))
-        records = [first, run.record()]
+        records = [*earlier, run.record()]
     else:
         theirs, made = run_openvino(args, peer, items, tokenizer, model_dir)
     result = compare(items, case_scores(items, answers + theirs), args.configs, args.against)
     data = {"lscpu": lscpu(peer.LSCPU_FIELDS), "h2o_vllm_run": {"dir": str(args.h2o_vllm), "settings": settings}}
-    data |= {**made, "against": args.against, **result}
+    data |= {**made, "against": args.against, "records": records or [run.record()], **result}
     body = report_body(args, settings, made, result, len(items), peer.describe_eviction)
     text = run.write(
         args.out,
