@@ -58,6 +58,7 @@ SECTIONS = {
     "targets-table": ["results/load-targets/kv-intro.md", "results/load-targets/kv.md"],
     "layout-table": ["results/load-layout/kv-intro.md", "results/load-layout/kv.md"],
     "peers-table": ["results/peers/intro.md", "results/peers/side-by-side.md"],
+    "peers-ruler-table": ["results/peers/ruler-openvino/intro.md", "results/peers/ruler-openvino/ruler.md"],
     "fp8-table": ["results/engine/capacity-fp8-intro.md", "results/engine/capacity-fp8.md"],
     "parallel-table": [
         "results/parallel/parallel.md",
@@ -102,6 +103,7 @@ PAGES = {
     "targets-table": "results/README.md",
     "layout-table": "results/README.md",
     "peers-table": "results/README.md",
+    "peers-ruler-table": "results/README.md",
     "fp8-table": "results/README.md",
 }
 # ](target) of a Markdown link or image whose target is a relative path
